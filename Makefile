@@ -1,0 +1,27 @@
+# `make test` and `make demo` each create .venv and install what they need.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# Local wheels on the build machines; users may install any torch >= 2.1.
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: test demo venv clean lint
+
+$(VENV)/.installed-%: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[$*]"
+	touch $@
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest tests -q
+
+demo: $(VENV)/.installed-demo
+	$(VENV)/bin/excelseg demo
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo_out

@@ -1,0 +1,175 @@
+"""CLIP dense forward with Static Visual Calibration (paper §3.3; EXCEL_SPEC §1, §1.1, §3.1).
+
+:class:`DenseEncoder` runs an open_clip ``VisionTransformer`` block by block with the module's own frozen
+weights and returns what ExCEL needs from one pass:
+
+* every block's output tokens of the ordinary ("original") stream;
+* the head-averaged attention softmax(q kᵀ) of the blocks asked for (refinement affinity, EXCEL_SPEC §3.3);
+* the SVC-calibrated features: from the first calibrated block on, a second residual stream starts from that
+  block's input and receives, in each calibrated block, ``W_o · (A_svc · V) + b_o`` (no LayerNorm, no MLP on that
+  stream), where q/k/v come from ``ln_1`` of the *original* stream and ``A_svc`` is the intra-correlation map of
+  :mod:`excelseg.calibration`. Its CLS token is replaced by the original stream's final CLS token, then
+  ``ln_post`` and the projection are applied to every token (the CLIP-Surgery dual path).
+
+The positional embedding is interpolated bilinearly (align_corners=False) to the input's patch grid on the fly
+and cached per grid; the stored parameter is never modified. With ``pos_via_grid`` the interpolation goes through
+an intermediate grid first, as the reference does (it resizes 14×14 → 20×20 once at construction, then to any
+other grid per forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .calibration import intra_correlation
+from .weights import check_supported
+
+
+@dataclass
+class DenseOutput:
+    """Outputs of one dense forward; T = N + 1 tokens (index 0 = CLS), N = grid[0] · grid[1] patches, row-major."""
+
+    features: Tensor  # (B, T, E) SVC-calibrated tokens after ln_post and projection
+    svc_stream: Tensor  # (B, T, D) calibrated residual stream before ln_post (CLS from the original stream)
+    tokens: list[Tensor]  # L × (B, T, D) block outputs of the original stream
+    attn: Tensor  # (B, len(attn_blocks), T, T) head-averaged softmax(q kᵀ) attention
+    attn_blocks: tuple[int, ...]  # block index of each attn map
+    svc_blocks: tuple[int, ...]  # calibrated block indices
+    grid: tuple[int, int]  # (h, w) patch grid
+    pooled: Tensor  # (B, E) ordinary CLIP image embedding (= open_clip encode_image)
+
+
+def interpolate_pos_embed(pos: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
+    """Resize a (1 + h·w, D) positional embedding from ``src_grid`` to ``dst_grid``; the CLS row is kept."""
+    if tuple(src_grid) == tuple(dst_grid):
+        return pos
+    cls_row, patch = pos[:1], pos[1:]
+    d = patch.shape[-1]
+    patch = patch.reshape(1, src_grid[0], src_grid[1], d).permute(0, 3, 1, 2)
+    patch = F.interpolate(patch, size=tuple(dst_grid), mode="bilinear", align_corners=False)
+    return torch.cat([cls_row, patch.permute(0, 2, 3, 1).reshape(-1, d)], dim=0)
+
+
+class DenseEncoder(nn.Module):
+    """Dense, SVC-calibrated forward of a frozen open_clip ViT image tower (no parameters of its own)."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        check_supported(visual)
+        self.visual = visual
+        self.patch_size = tuple(visual.patch_size)
+        self.base_grid = tuple(visual.grid_size)
+        self.num_blocks = len(visual.transformer.resblocks)
+        self.num_heads = visual.transformer.resblocks[0].attn.num_heads
+        self._pos_cache: dict[tuple, Tensor] = {}
+
+    def last_blocks(self, n: int) -> tuple[int, ...]:
+        """Indices of the last ``n`` blocks (paper: n = 5 → 7…11 for a 12-block ViT)."""
+        if not 0 <= n <= self.num_blocks:
+            raise ValueError(f"cannot calibrate the last {n} blocks of a {self.num_blocks}-block ViT")
+        return tuple(range(self.num_blocks - n, self.num_blocks))
+
+    def grid_for(self, size: tuple[int, int]) -> tuple[int, int]:
+        return (size[0] // self.patch_size[0], size[1] // self.patch_size[1])
+
+    def pos_embed(self, grid: tuple[int, int], via: tuple[int, int] | None = None) -> Tensor:
+        pos = self.visual.positional_embedding
+        key = (grid, via, pos.device, pos.dtype, pos._version)
+        if key not in self._pos_cache:
+            src = self.base_grid
+            if via is not None:
+                pos, src = interpolate_pos_embed(pos, src, via), via
+            self._pos_cache = {key: interpolate_pos_embed(pos, src, grid).detach()}
+        return self._pos_cache[key]
+
+    def _qkv(self, block: nn.Module, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, t, d = y.shape
+        attn = block.attn
+        qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)
+        qkv = qkv.view(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    @staticmethod
+    def _merge(z: Tensor) -> Tensor:
+        b, h, t, dh = z.shape
+        return z.transpose(1, 2).reshape(b, t, h * dh)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        x: Tensor,
+        svc_blocks: Sequence[int] = (),
+        attn_blocks: Sequence[int] = (),
+        *,
+        head_sum: bool = True,
+        pos_via_grid: tuple[int, int] | None = None,
+    ) -> DenseOutput:
+        """Dense forward.
+
+        Args:
+            x: (B, 3, H, W) normalised images; H, W are cropped to multiples of the patch size by the conv.
+            svc_blocks: block indices to calibrate; must be a contiguous run ending at the last block
+                (the dual path starts at the first one). Empty: ``features`` are plain CLIP tokens.
+            attn_blocks: block indices whose head-averaged attention maps are returned.
+            head_sum: SVC map summed over heads (reference) instead of averaged.
+            pos_via_grid: intermediate grid for positional-embedding interpolation (reference quirk).
+        """
+        vis = self.visual
+        svc = tuple(sorted(svc_blocks))
+        if svc and svc != tuple(range(svc[0], self.num_blocks)):
+            raise ValueError(f"svc_blocks must be the last blocks in order, got {svc}")
+        want_attn = set(attn_blocks)
+        bad = [i for i in want_attn | set(svc) if not 0 <= i < self.num_blocks]
+        if bad:
+            raise ValueError(f"block indices {bad} out of range for a {self.num_blocks}-block ViT")
+
+        weight = vis.conv1.weight
+        x = x.to(device=weight.device, dtype=weight.dtype)
+        feat = vis.conv1(x)
+        grid = (feat.shape[-2], feat.shape[-1])
+        feat = feat.flatten(2).transpose(1, 2)
+        cls = vis.class_embedding.to(feat.dtype).expand(feat.shape[0], 1, -1)
+        h = torch.cat([cls, feat], dim=1) + self.pos_embed(grid, pos_via_grid).to(feat.dtype)
+        h = vis.ln_pre(h)
+
+        scale = (h.shape[-1] // self.num_heads) ** -0.5
+        tokens: list[Tensor] = []
+        attn_maps: list[Tensor] = []
+        stream = None
+        for i, block in enumerate(vis.transformer.resblocks):
+            need_qkv = i in want_attn or (svc and i >= svc[0])
+            if not need_qkv:
+                h = block(h)
+                tokens.append(h)
+                continue
+            q, k, v = self._qkv(block, block.ln_1(h))
+            if i in want_attn:
+                a = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
+                attn_maps.append(a.mean(dim=1))
+                o = torch.matmul(a, v)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v)
+            if svc and i >= svc[0]:
+                if stream is None:
+                    stream = h
+                a_svc = intra_correlation(q, k, v, scale, head_sum=head_sum)
+                delta = F.linear(torch.matmul(a_svc, self._merge(v)), block.attn.out_proj.weight,
+                                 block.attn.out_proj.bias)
+                stream = stream + block.ls_1(delta)
+            h = h + block.ls_1(F.linear(self._merge(o), block.attn.out_proj.weight, block.attn.out_proj.bias))
+            h = h + block.ls_2(block.mlp(block.ln_2(h)))
+            tokens.append(h)
+
+        if stream is None:
+            stream = h
+        stream = torch.cat([h[:, :1], stream[:, 1:]], dim=1)
+        features = vis.ln_post(stream) @ vis.proj
+        pooled = vis.ln_post(h[:, 0]) @ vis.proj
+        b = x.shape[0]
+        attn = torch.stack(attn_maps, dim=1) if attn_maps else h.new_zeros(b, 0, h.shape[1], h.shape[1])
+        return DenseOutput(features, stream, tokens, attn, tuple(sorted(want_attn)), svc, grid, pooled)

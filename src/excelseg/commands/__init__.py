@@ -1,0 +1,1 @@
+"""Subcommands of the ``excelseg`` CLI; each module has ``register(subparsers)`` and a ``run(args)``."""

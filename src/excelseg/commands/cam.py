@@ -1,0 +1,113 @@
+"""``excelseg cam``: training-free CAMs and pseudo-labels for any images and class names."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..cli import CliError, add_model_args, config_from_args
+
+EXAMPLES = """examples:
+  excelseg cam photos/ --classes "cat,dog,sofa" --out out/
+  excelseg cam 'shots/*.jpg' --classes classes.txt --clip ~/weights/ViT-B-16.pt --save-cams
+  excelseg cam img.jpg --vocabulary voc --classes "cat,sofa" --bank voc_bank.pth --out out/
+
+Outputs per image: <stem>.png (palette pseudo-label: 0 = background, i = i-th class of the vocabulary),
+<stem>_overlay.jpg (label overlay with legend + one heat-map per class), and with --save-cams <stem>_cams.npz.
+Finished images are skipped on a re-run (--overwrite redoes them); files are written atomically.
+Exit status: 0 all done, 1 some images failed (listed at the end), 2 usage/setup error."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("cam", help="training-free CAMs + pseudo-labels for images and class names",
+                       description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="image files, directories or glob patterns")
+    p.add_argument("--classes", default=None,
+                   help="classes present in the images: comma list or a .txt/.json file "
+                        "(required unless --vocabulary is given, in which case all its classes compete)")
+    p.add_argument("--vocabulary", default=None,
+                   help="texts the alignment is computed against: voc, coco, a comma list or a file "
+                        "(default: the --classes themselves plus the paper's background words)")
+    p.add_argument("--out", default="excelseg_out", help="output directory (default: excelseg_out)")
+    p.add_argument("--save-cams", action="store_true", help="also write float16 <stem>_cams.npz")
+    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    p.add_argument("--recursive", action="store_true", help="search directories recursively")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove a file can be written there, or raise a one-line CliError."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise CliError(f"output directory {out_dir} is not writable ({exc.strerror or exc})") from None
+
+
+def unique_stems(paths: list[Path]) -> list[str]:
+    """Output stems; inputs sharing a file stem get their parent folder names prefixed."""
+    stems = [p.stem for p in paths]
+    dupes = {s for s in stems if stems.count(s) > 1}
+    return [f"{p.parent.name}_{p.stem}" if p.stem in dupes else p.stem for p in paths]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..io import ImageReadError, collect_images, read_image, to_rgb_array
+    from ..predictor import CamPredictor
+    from ..vocab import Vocabulary, parse_class_list
+    from ..writer import is_done, write_result
+
+    cfg = config_from_args(args)
+    if args.classes is None and args.vocabulary is None:
+        raise CliError("give --classes (e.g. --classes 'cat,dog') or --vocabulary")
+    classes = parse_class_list(args.classes) if args.classes is not None else None
+    vocab = Vocabulary.from_spec(args.vocabulary) if args.vocabulary is not None else Vocabulary.from_names(classes)
+    if classes is not None:
+        vocab.indices(classes)  # unknown names fail here, before any model is loaded
+    paths = collect_images(args.inputs, recursive=args.recursive)
+    out_dir = Path(args.out)
+    check_writable(out_dir)
+    stems = unique_stems(paths)
+    todo = [(p, s) for p, s in zip(paths, stems) if args.overwrite or not is_done(out_dir, s, args.save_cams)]
+    skipped = len(paths) - len(todo)
+    if skipped:
+        print(f"{skipped} of {len(paths)} images already done in {out_dir} (use --overwrite to redo)")
+    if not todo:
+        return 0
+    predictor = CamPredictor(args.clip, vocabulary=vocab, bank=args.bank, config=cfg, device=args.device)
+    failures: list[tuple[Path, str]] = []
+    written = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(todo), unit="img", desc="cam", disable=None)
+    for i in range(0, len(todo), args.batch_size):
+        batch = []
+        for path, stem in todo[i:i + args.batch_size]:
+            try:
+                batch.append((path, stem, to_rgb_array(read_image(path))))
+            except (ImageReadError, ValueError) as exc:
+                failures.append((path, str(exc)))
+                bar.update(1)
+        if not batch:
+            continue
+        states = predictor.encode_batch([rgb for _, _, rgb in batch])
+        for (path, stem, rgb), state in zip(batch, states):
+            try:
+                write_result(out_dir, stem, rgb, predictor.predict_state(state, classes), args.save_cams)
+                written += 1
+            except OSError as exc:
+                failures.append((path, f"cannot write outputs: {exc}"))
+            bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    print(f"done: {written} written, {skipped} skipped, {len(failures)} failed in {elapsed:.1f} s -> {out_dir}")
+    for path, reason in failures:
+        print(f"failed: {path}: {reason}", file=sys.stderr)
+    return 1 if failures else 0
+

@@ -1,0 +1,930 @@
+"""Images in; masks, arrays, JSON and overlays out — every writer atomic.
+
+Reading
+    :func:`read_image` opens any file Pillow can decode, forces the full decode (so truncated or corrupt files fail
+    here, with one clear :class:`ImageReadError`, not later inside a model), applies the EXIF orientation and
+    converts every Pillow mode to 8-bit RGB (rules in :func:`to_rgb_array`). :func:`collect_images` turns the
+    files / directories / glob patterns a user typed into a sorted, de-duplicated list of image paths.
+
+Writing
+    Masks are palette ("P" mode) PNGs with the PASCAL VOC palette (:data:`VOC_PALETTE`; index = class id,
+    255 = ignore). Every writer goes through :func:`atomic_write`: the data is written to a hidden temporary file in
+    the destination directory, fsynced and renamed over the destination, so an interrupted batch never leaves a
+    half-written output (DESIGN.md, Conventions).
+
+Overlays
+    :func:`overlay` (label colours + legend), :func:`heatmap` (CAM in a jet colour map + title) and
+    :func:`overlay_sheet` (both, tiled, each panel bounded by ``max_side``) return uint8 RGB arrays; all pixel work
+    is vectorised numpy, text is drawn with Pillow's default font.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+import struct
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "VOC_PALETTE",
+    "ImageReadError",
+    "atomic_path",
+    "atomic_write",
+    "collect_images",
+    "heatmap",
+    "jet_colormap",
+    "overlay",
+    "overlay_sheet",
+    "read_image",
+    "read_label_png",
+    "save_jpeg",
+    "save_json",
+    "save_label_png",
+    "save_npz",
+    "save_png",
+    "to_rgb_array",
+    "voc_palette",
+]
+
+IGNORE_INDEX = 255
+
+#: Largest image (width × height) :func:`read_image` accepts by default: 200 megapixels. Pillow's own
+#: decompression-bomb guard (89 MP warning, 179 MP error) is raised to this value only while excelseg reads.
+MAX_PIXELS = 200_000_000
+
+#: File suffixes (lower case, with the dot) that :func:`collect_images` picks up from directories and globs.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+
+# what a malformed EXIF block can make Pillow raise
+_EXIF_ERRORS = (OSError, ValueError, SyntaxError, KeyError, TypeError, IndexError, struct.error)
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_WHITE = (255, 255, 255)
+
+
+class ImageReadError(ValueError):
+    """An image file that cannot be used; the message names the file and the reason on one line."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# palette
+
+
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map, ``(n, 3)`` uint8.
+
+    Colour of index ``i``: the bits of ``i`` are dealt out three at a time (bit 0 → red, bit 1 → green,
+    bit 2 → blue, then the next three bits, …), each triple landing one bit lower in the colour bytes, starting
+    at bit 7. Index 1 → (128, 0, 0), 15 → (192, 128, 128), 255 → (224, 224, 192), VOC's boundary colour.
+    """
+    idx = np.arange(n, dtype=np.int64)
+    pal = np.zeros((n, 3), dtype=np.int64)
+    for j in range(8):  # up to 24 bits of the index, 3 per round
+        shift = 3 * j
+        for ch in range(3):
+            bit = (idx >> (shift + ch)) & 1
+            pal[:, ch] |= bit << (7 - j)
+    return pal.astype(np.uint8)
+
+
+#: The standard 256-entry PASCAL VOC palette, ``(256, 3)`` uint8 (read-only).
+VOC_PALETTE: np.ndarray = voc_palette(256)
+VOC_PALETTE.setflags(write=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading
+
+
+_bomb_lock = threading.Lock()
+_bomb_users = 0
+_bomb_saved: int | None = None
+
+
+@contextlib.contextmanager
+def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Raise Pillow's decompression-bomb limit to at least ``max_pixels`` while the block runs.
+
+    Only raised, never lowered or disabled, and restored when the last concurrent reader leaves. Images above
+    ``max_pixels`` are refused by :func:`read_image` itself.
+    """
+    global _bomb_users, _bomb_saved
+    with _bomb_lock:
+        if _bomb_users == 0:
+            _bomb_saved = Image.MAX_IMAGE_PIXELS
+            if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+                Image.MAX_IMAGE_PIXELS = max_pixels
+        _bomb_users += 1
+    try:
+        yield
+    finally:
+        with _bomb_lock:
+            _bomb_users -= 1
+            if _bomb_users == 0:
+                Image.MAX_IMAGE_PIXELS = _bomb_saved
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def read_image(path: PathLike, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read an image file as a fully decoded 8-bit RGB :class:`PIL.Image.Image`.
+
+    The EXIF orientation is applied (a portrait phone photo comes back portrait) and every mode is converted to
+    RGB by the rules of :func:`to_rgb_array` (alpha composited over white, 16-bit scaled by its bit depth, …).
+
+    Raises:
+        ImageReadError: the path does not exist or is a directory, the file is empty, not an image, truncated or
+            corrupt, in a mode that cannot be converted, or larger than ``max_pixels`` (default 200 MP).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"cannot read image {p}: no such file")
+    if p.is_dir():
+        raise ImageReadError(f"cannot read image {p}: it is a directory")
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise ImageReadError(f"cannot read image {p}: {_one_line(exc)}") from exc
+    if size == 0:
+        raise ImageReadError(f"cannot read image {p}: empty file (0 bytes)")
+    try:
+        with _pillow_pixel_limit(max_pixels), warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(p, "rb") as fh:
+                try:
+                    img = Image.open(fh)
+                except Image.UnidentifiedImageError as exc:
+                    raise ImageReadError(f"cannot read image {p}: not an image format Pillow recognises") from exc
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise ImageReadError(
+                        f"cannot read image {p}: {w}x{h} = {w * h:,} pixels is more than the limit of "
+                        f"{max_pixels:,} (read_image(max_pixels=...))"
+                    )
+                img.load()  # full decode now: truncation / corruption surfaces here
+            return _pil_to_rgb(img, source=p)
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(
+            f"cannot read image {p}: larger than the {max_pixels:,}-pixel limit ({_one_line(exc)})"
+        ) from exc
+    except MemoryError as exc:
+        raise ImageReadError(f"cannot read image {p}: out of memory while decoding") from exc
+    except Exception as exc:  # decoders raise OSError, SyntaxError, struct.error, EOFError, ... on bad data
+        reason = _one_line(exc)
+        if "truncated" in reason.lower():
+            reason = f"truncated file ({reason})"
+        raise ImageReadError(f"cannot read image {p}: {reason}") from exc
+
+
+def _apply_exif_orientation(img: Image.Image) -> Image.Image:
+    try:
+        orientation = img.getexif().get(0x0112, 1)  # 0x0112 = Orientation
+    except _EXIF_ERRORS:  # malformed EXIF: keep the pixels as stored
+        return img
+    if orientation in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def _composite_over_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _pil_to_rgb(img: Image.Image, source: object = None) -> Image.Image:
+    """Any Pillow image → RGB image (EXIF orientation applied). ``source`` only names the file in errors."""
+    try:
+        img.load()
+    except OSError as exc:
+        where = source if source is not None else getattr(img, "filename", "") or "<image>"
+        raise ImageReadError(f"cannot read image {where}: {_one_line(exc)}") from exc
+    img = _apply_exif_orientation(img)
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        grey = _high_depth_to_uint8(np.asarray(img), mode, source)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if mode in _ALPHA_MODES or "transparency" in img.info:
+        return _composite_over_white(img)
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as exc:
+        where = f" {source}" if source is not None else ""
+        raise ValueError(f"cannot convert image{where} of mode {mode!r} to RGB ({_one_line(exc)})") from exc
+
+
+@lru_cache(maxsize=1)
+def _u16_lut() -> np.ndarray:
+    """uint16 → uint8 rounding table: ``round(v · 255 / 65535)``."""
+    v = np.arange(65536, dtype=np.uint32)
+    lut = ((v * 255 + 32767) // 65535).astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
+
+
+def _high_depth_to_uint8(arr: np.ndarray, mode: str, source: object = None) -> np.ndarray:
+    """16/32-bit integer or float greyscale → uint8, scaled by the bit depth (never clipped).
+
+    * ``I;16*`` (16-bit): ``v · 255 / 65535``.
+    * ``I`` (32-bit signed): data in [0, 65535] is 16-bit data (how Pillow opens 16-bit PGM/PNG/TIFF) and scaled
+      as such; larger non-negative data is scaled by 2³¹ − 1; data with negative values maps
+      [−2³¹, 2³¹ − 1] → [0, 255].
+    * ``F``: values in [0, 1] are scaled by 255, values in [0, 255] are taken as 8-bit levels; anything else
+      (or NaN/inf) is a ``ValueError``.
+    """
+    where = f" {source}" if source is not None else ""
+    if mode.startswith("I;16"):
+        a = arr.astype(np.int64, copy=False) if arr.dtype.kind == "i" else arr
+        if a.dtype.kind == "i":  # signed 16-bit variants: negative values are below black
+            a = np.clip(a, 0, 65535)
+        return _u16_lut()[a.astype(np.uint16, copy=False)]
+    if mode == "I":
+        if arr.size == 0:
+            return arr.astype(np.uint8)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo >= 0 and hi <= 65535:
+            return _u16_lut()[arr.astype(np.uint16)]
+        if lo >= 0:
+            return np.rint(arr.astype(np.float64) * (255.0 / 2147483647.0)).astype(np.uint8)
+        return np.rint((arr.astype(np.float64) + 2147483648.0) * (255.0 / 4294967295.0)).astype(np.uint8)
+    if mode == "F":
+        return _float_to_uint8(arr, allow_255=True, what=f"float image{where}")
+    raise ValueError(f"cannot convert image{where} of mode {mode!r} to RGB")
+
+
+def _float_to_uint8(arr: np.ndarray, allow_255: bool, what: str) -> np.ndarray:
+    if arr.size == 0:
+        return arr.astype(np.uint8)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return np.rint(arr * np.float32(255.0)).astype(np.uint8)
+    if allow_255 and lo >= 0.0 and hi <= 255.0:
+        return np.rint(arr).astype(np.uint8)
+    expected = "[0, 1] (or [0, 255])" if allow_255 else "[0, 1]"
+    raise ValueError(f"{what} has values in [{lo:g}, {hi:g}]; expected {expected}")
+
+
+_LAYOUT_HINT = "expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) — channels last"
+
+
+def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Numpy image of any accepted dtype → uint8 of the same shape."""
+    kind = arr.dtype.kind
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:
+        return _u16_lut()[arr]
+    if kind == "b":
+        return arr.view(np.uint8) * np.uint8(255)
+    if kind == "f":
+        return _float_to_uint8(arr, allow_255=False, what="float image array")
+    raise ValueError(
+        f"unsupported image dtype {arr.dtype}; expected uint8, uint16, bool or float in [0, 1]"
+    )
+
+
+def _check_layout(shape: tuple[int, ...]) -> None:
+    if len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4)):
+        if shape[0] < 1 or shape[1] < 1:
+            raise ValueError(f"empty image of shape {shape}; images must be at least 1x1")
+        return
+    hint = ""
+    if len(shape) == 3 and shape[0] in (1, 3, 4):
+        hint = " (a channel-first array needs arr.transpose(1, 2, 0))"
+    raise ValueError(f"unsupported image array shape {shape}; {_LAYOUT_HINT}{hint}")
+
+
+def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Any image → ``(H, W, 3)`` uint8 RGB array.
+
+    Pillow images: EXIF orientation applied; L/1/P/CMYK/YCbCr/… converted by Pillow; alpha (RGBA, LA, PA,
+    ``transparency``) composited **over white**; 16-bit ``I;16`` scaled ``v·255/65535``; ``I`` and ``F`` by the
+    rules of the module (16-bit data in ``I`` is scaled as 16-bit; ``F`` in [0, 1] ×255, in [0, 255] as is).
+
+    Numpy arrays (channels last): ``(H, W)`` grey, ``(H, W, 1)``, ``(H, W, 3)`` RGB, ``(H, W, 4)`` RGBA (alpha
+    over white); dtype uint8, uint16 (×255/65535, rounded), bool (0/255) or float in [0, 1] (other values →
+    ``ValueError``). A contiguous ``(H, W, 3)`` uint8 input is returned as is (no copy).
+
+    Raises:
+        ValueError: unsupported shape (e.g. channel-first), dtype, value range, mode, or an empty image.
+    """
+    if isinstance(image, Image.Image):
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"empty image of size {image.width}x{image.height}; images must be at least 1x1")
+        return np.array(_pil_to_rgb(image))
+    if not isinstance(image, np.ndarray):
+        if hasattr(image, "__array__") or hasattr(image, "__array_interface__"):
+            image = np.asarray(image)
+        else:
+            raise TypeError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    _check_layout(image.shape)
+    arr = _array_to_uint8(image)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    channels = arr.shape[2]
+    if channels == 1:
+        return np.repeat(arr, 3, axis=2)
+    if channels == 3:
+        return np.ascontiguousarray(arr)
+    rgb = arr[:, :, :3].astype(np.uint16)
+    alpha = arr[:, :, 3:4].astype(np.uint16)
+    out = (rgb * alpha + np.uint16(255) * (np.uint16(255) - alpha) + np.uint16(127)) // np.uint16(255)
+    return out.astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# finding images
+
+
+def _is_image_file(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+
+
+def _has_glob_magic(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def collect_images(inputs: Sequence[PathLike] | PathLike, recursive: bool = False) -> list[Path]:
+    """Expand files, directories and glob patterns into a list of image paths.
+
+    * an existing **file** is taken as given (whatever its suffix — reading it will tell if it is no image);
+    * a **directory** contributes its files with an image suffix (:data:`IMAGE_EXTENSIONS`, any case), sorted;
+      sub-directories only with ``recursive=True``; hidden files (``.name``) are skipped;
+    * anything else containing ``*``, ``?`` or ``[`` is a **glob** pattern (``**`` matches across directories);
+      its matching image files, sorted.
+
+    The expansions are concatenated in the order the inputs were given; a file reached twice (same resolved
+    path) is kept at its first place only.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, a glob that matches no image, or a directory without
+            images — the message names the input.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    suffixes = ", ".join(sorted(IMAGE_EXTENSIONS))
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for raw in inputs:
+        text = os.fspath(raw)
+        p = Path(text).expanduser()
+        if p.is_file():
+            found = [p]
+        elif p.is_dir():
+            candidates = p.rglob("*") if recursive else p.iterdir()
+            found = sorted(
+                c for c in candidates
+                if _is_image_file(c) and not any(part.startswith(".") for part in c.relative_to(p).parts)
+            )
+            if not found:
+                where = " (recursively)" if recursive else ""
+                raise FileNotFoundError(f"no images in {p}{where} (looked for {suffixes})")
+        elif _has_glob_magic(text):
+            matches = glob.glob(os.path.expanduser(text), recursive=True)
+            found = sorted(Path(m) for m in matches if _is_image_file(Path(m)))
+            if not found:
+                what = "nothing" if not matches else "no image files"
+                raise FileNotFoundError(f"glob pattern {text!r} matched {what} (looked for {suffixes})")
+        else:
+            raise FileNotFoundError(f"no such file or directory: {text}")
+        for f in found:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(f)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# atomic writing
+
+
+_umask_cache: list[int] = []
+
+
+def _umask() -> int:
+    if not _umask_cache:
+        value = None
+        try:
+            with open("/proc/self/status", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("Umask:"):
+                        value = int(line.split()[1], 8)
+                        break
+        except (OSError, ValueError):
+            value = None
+        if value is None:  # no procfs: read it the only portable way (set and restore)
+            value = os.umask(0o022)
+            os.umask(value)
+        _umask_cache.append(value)
+    return _umask_cache[0]
+
+
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Context manager yielding a temporary path to write instead of ``path``.
+
+    The temporary file lives in the destination's directory (created if missing), is hidden (``.name.XXXX``)
+    and keeps the destination's suffix, so writers that choose the format from the suffix still work. When the
+    block ends normally the file is fsynced and atomically renamed onto ``path`` (replacing an existing file);
+    if the block raises (anything, KeyboardInterrupt included) the temporary file is removed, the destination is
+    left untouched and the exception propagates. The final file gets the usual permissions (0666 & ~umask, or
+    those of the file it replaces).
+    """
+    final = Path(path)
+    directory = final.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        dir=directory, prefix=f".{final.name}.", suffix=final.suffix, delete=False
+    ) as fh:
+        tmp = Path(fh.name)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"the writer for {final} did not create its temporary file {tmp}")
+        with open(tmp, "r+b") as fh:
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            mode = final.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, mode)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(directory)
+
+
+def atomic_write(path: PathLike, writer: Callable[[Path], Any]) -> Path:
+    """Write ``path`` atomically: ``writer(tmp_path)`` writes a temporary file that replaces ``path`` on success.
+
+    See :func:`atomic_path` for the guarantees. Returns ``Path(path)``.
+
+    Example::
+
+        atomic_write("out/mask.png", lambda tmp: image.save(tmp, format="PNG"))
+    """
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def _label_image(label: np.ndarray) -> Image.Image:
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"label must be a 2-D (H, W) array, got shape {label.shape}")
+    if label.shape[0] < 1 or label.shape[1] < 1:
+        raise ValueError(f"empty label of shape {label.shape}")
+    if label.dtype != np.uint8:
+        if label.dtype.kind not in "biu":
+            raise ValueError(f"label must hold integer class ids, got dtype {label.dtype}")
+        if label.size and (label.min() < 0 or label.max() > 255):
+            raise ValueError(
+                f"label values must lie in [0, 255] to fit a palette PNG; got [{label.min()}, {label.max()}]"
+            )
+        label = label.astype(np.uint8)
+    img = Image.fromarray(np.ascontiguousarray(label))  # mode "L"
+    img.putpalette(VOC_PALETTE.tobytes())  # → mode "P", indices unchanged
+    return img
+
+
+def save_label_png(path: PathLike, label: np.ndarray) -> Path:
+    """Save an ``(H, W)`` class-id map (uint8; 255 = ignore) as a palette PNG with :data:`VOC_PALETTE`."""
+    img = _label_image(label)
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def save_jpeg(path: PathLike, rgb_array: np.ndarray | Image.Image, quality: int = 90) -> Path:
+    """Save an image (anything :func:`to_rgb_array` accepts) as a JPEG of the given quality (1–95)."""
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"JPEG quality must lie in [1, 100], got {quality}")
+    img = Image.fromarray(to_rgb_array(rgb_array))
+    return atomic_write(path, lambda tmp: img.save(tmp, format="JPEG", quality=int(quality)))
+
+
+def save_png(path: PathLike, rgb_array: np.ndarray | Image.Image) -> Path:
+    """Save an image (anything :func:`to_rgb_array` accepts) as an RGB PNG."""
+    img = Image.fromarray(to_rgb_array(rgb_array))
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def save_npz(path: PathLike, **arrays: Any) -> Path:
+    """Save arrays with ``np.savez_compressed`` under exactly ``path`` (no ``.npz`` appended)."""
+
+    def _write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    return atomic_write(path, _write)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "tolist"):  # torch tensors and similar
+        return _jsonable(obj.tolist())
+    raise TypeError(f"cannot write an object of type {type(obj).__name__} as JSON")
+
+
+def save_json(path: PathLike, obj: Any, indent: int | None = 1) -> Path:
+    """Save ``obj`` as strict JSON (UTF-8, trailing newline).
+
+    numpy scalars/arrays, torch tensors and paths are converted; NaN and ±inf are written as ``null``.
+    """
+    text = json.dumps(_jsonable(obj), indent=indent, ensure_ascii=False, allow_nan=False) + "\n"
+
+    def _write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    return atomic_write(path, _write)
+
+
+def read_label_png(path: PathLike) -> np.ndarray:
+    """Read a class-id mask: ``(H, W)`` uint8 palette indices ("P" PNG) or grey values ("L").
+
+    Raises:
+        ImageReadError: the file is missing or unreadable.
+        ValueError: the mask is a colour (RGB/RGBA) or high-bit-depth image rather than an index image.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ImageReadError(f"cannot read label {p}: {'it is a directory' if p.is_dir() else 'no such file'}")
+    try:
+        with open(p, "rb") as fh, Image.open(fh) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("P", "L"):
+                return np.array(img, dtype=np.uint8)
+            if mode == "1":
+                return np.array(img, dtype=np.uint8)
+    except Exception as exc:
+        raise ImageReadError(f"cannot read label {p}: {_one_line(exc)}") from exc
+    raise ValueError(
+        f"label {p} is a {mode!r} image; class masks must be palette (P) or greyscale (L) PNGs holding class ids"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# overlays
+
+
+@lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _font_size(width: int) -> int:
+    return int(min(40, max(10, round(width / 40))))
+
+
+def _text_size(font: Any, text: str) -> tuple[int, int]:
+    left, _top, right, bottom = font.getbbox(text)
+    return math.ceil(right - min(left, 0)), math.ceil(bottom)
+
+
+def jet_colormap(values: np.ndarray) -> np.ndarray:
+    """Jet-like colour map: values in [0, 1] → ``(..., 3)`` uint8 (dark blue → cyan → yellow → dark red).
+
+    Piecewise linear: ``channel = clip(1.5 − |4x − c|, 0, 1)`` with ``c`` = 3 (red), 2 (green), 1 (blue).
+    Values outside [0, 1] are clipped.
+    """
+    x = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)[..., None]
+    centres = np.array([3.0, 2.0, 1.0], dtype=np.float32)
+    rgb = np.clip(1.5 - np.abs(4.0 * x - centres), 0.0, 1.0)
+    return np.rint(rgb * 255.0).astype(np.uint8)
+
+
+_JET_LUT = jet_colormap(np.arange(256, dtype=np.float32) / 255.0)
+_JET_LUT.setflags(write=False)
+
+
+def _blend(base: np.ndarray, colour: np.ndarray, alpha: float) -> np.ndarray:
+    """``(1 − α)·base + α·colour`` on uint8 arrays, rounded (integer arithmetic)."""
+    a = np.uint16(round(min(max(alpha, 0.0), 1.0) * 255))
+    mixed = (base.astype(np.uint16) * (np.uint16(255) - a) + colour.astype(np.uint16) * a + np.uint16(127))
+    return (mixed // np.uint16(255)).astype(np.uint8)
+
+
+def _names_lookup(names: Mapping[int, str] | Sequence[str] | None, value: int) -> str:
+    if names is None:
+        return f"class {value}"
+    if isinstance(names, Mapping):
+        return str(names.get(value, f"class {value}"))
+    return str(names[value]) if 0 <= value < len(names) else f"class {value}"
+
+
+def _legend_strip(width: int, entries: list[tuple[tuple[int, int, int], str]]) -> np.ndarray:
+    font = _font(_font_size(width))
+    _, text_h = _text_size(font, "Ag")
+    sw = max(8, text_h)  # swatch side
+    pad = max(3, sw // 3)
+    if not entries:
+        entries_text = [(None, "(no labelled classes)")]
+    else:
+        entries_text = list(entries)
+    # flow layout
+    positions: list[tuple[int, int]] = []
+    x, y = pad, pad
+    row_h = max(sw, text_h) + pad
+    for colour, name in entries_text:
+        tw, _ = _text_size(font, name)
+        ew = (sw + pad if colour is not None else 0) + tw + 2 * pad
+        if x > pad and x + ew > width:
+            x, y = pad, y + row_h
+        positions.append((x, y))
+        x += ew
+    height = y + row_h + pad
+    strip = Image.new("RGB", (width, height), _WHITE)
+    draw = ImageDraw.Draw(strip)
+    for (colour, name), (ex, ey) in zip(entries_text, positions):
+        tx = ex
+        if colour is not None:
+            draw.rectangle([ex, ey, ex + sw - 1, ey + sw - 1], fill=tuple(int(c) for c in colour),
+                           outline=(64, 64, 64))
+            tx = ex + sw + pad
+        draw.text((tx, ey), name, fill=(0, 0, 0), font=font)
+    return np.array(strip)
+
+
+def _title_strip(width: int, title: str) -> np.ndarray:
+    font = _font(_font_size(width))
+    text_h = max(_text_size(font, "Ag")[1], _text_size(font, title)[1])  # same height for every title
+    pad = max(3, text_h // 3)
+    strip = Image.new("RGB", (width, text_h + 2 * pad), _WHITE)
+    ImageDraw.Draw(strip).text((pad, pad), title, fill=(0, 0, 0), font=font)
+    return np.array(strip)
+
+
+def _check_label(label: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    label = np.asarray(label)
+    if label.ndim != 2 or label.shape != hw:
+        raise ValueError(f"label shape {label.shape} does not match the image's (H, W) = {hw}")
+    if label.dtype.kind not in "biu":
+        raise ValueError(f"label must hold integer class ids, got dtype {label.dtype}")
+    return label
+
+
+def overlay(
+    image_rgb: np.ndarray | Image.Image,
+    label: np.ndarray,
+    names: Mapping[int, str] | Sequence[str] | None = None,
+    alpha: float = 0.5,
+    background_index: int | None = 0,
+    legend: bool = True,
+) -> np.ndarray:
+    """Label colours blended over the image, with a legend strip underneath.
+
+    Args:
+        image_rgb: ``(H, W, 3)`` uint8 (or anything :func:`to_rgb_array` accepts).
+        label: ``(H, W)`` integer class ids; each id ``c`` is painted in ``VOC_PALETTE[c]`` with opacity
+            ``alpha``. ``background_index`` (default 0) and 255 (ignore) are left untinted.
+        names: class id → name for the legend (a mapping, or a sequence indexed by id); missing ids are shown
+            as ``class <id>``.
+        legend: append the legend strip (one swatch + name per tinted id present, in id order).
+
+    Returns:
+        ``(H + legend height, W, 3)`` uint8.
+    """
+    img = to_rgb_array(image_rgb)
+    lab = _check_label(label, img.shape[:2])
+    tinted = lab != IGNORE_INDEX
+    if background_index is not None:
+        tinted &= lab != background_index
+    tinted &= (lab >= 0) & (lab <= 255)
+    out = img.copy()
+    if tinted.any():
+        ids = lab[tinted].astype(np.int64)
+        out[tinted] = _blend(img[tinted], VOC_PALETTE[ids], alpha)
+    if not legend:
+        return out
+    present = np.unique(lab[tinted]).tolist() if tinted.any() else []
+    entries = [(tuple(VOC_PALETTE[int(v)].tolist()), _names_lookup(names, int(v))) for v in present]
+    return np.concatenate([out, _legend_strip(out.shape[1], entries)], axis=0)
+
+
+def _resize_float(cam: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a 2-D float map to ``hw`` (huge maps are strided down to ≤ 2× first)."""
+    h, w = hw
+    cam = _stride_down(np.asarray(cam), (h, w))
+    cam = np.ascontiguousarray(cam, dtype=np.float32)
+    if cam.shape == (h, w):
+        return cam
+    resized = Image.fromarray(cam).resize((w, h), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def heatmap(
+    image_rgb: np.ndarray | Image.Image,
+    cam: np.ndarray,
+    title: str = "",
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """A CAM in the jet colour map blended over the image, with a title strip on top.
+
+    Args:
+        image_rgb: ``(H, W, 3)`` uint8 (or anything :func:`to_rgb_array` accepts).
+        cam: ``(h, w)`` float in [0, 1] (a 1e-3 tolerance is clipped); resized bilinearly when not ``(H, W)``.
+        title: text of the title strip ("" draws an empty strip of the same height).
+
+    Returns:
+        ``(title height + H, W, 3)`` uint8.
+
+    Raises:
+        ValueError: ``cam`` is not 2-D, holds NaN, or leaves [0, 1].
+    """
+    img = to_rgb_array(image_rgb)
+    cam = np.asarray(cam)
+    if cam.ndim != 2 or cam.shape[0] < 1 or cam.shape[1] < 1:
+        raise ValueError(f"cam must be a 2-D (H, W) map, got shape {cam.shape}")
+    cam = _resize_float(cam, img.shape[:2])
+    if not np.isfinite(cam).all():
+        raise ValueError("cam contains NaN or infinite values")
+    lo, hi = float(cam.min()), float(cam.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"cam values must lie in [0, 1], got [{lo:g}, {hi:g}] (normalise the CAM first)")
+    levels = np.rint(np.clip(cam, 0.0, 1.0) * 255.0).astype(np.uint8)
+    out = _blend(img, _JET_LUT[levels], alpha)
+    return np.concatenate([_title_strip(out.shape[1], title), out], axis=0)
+
+
+def _nearest_index(n_src: int, n_dst: int) -> np.ndarray:
+    idx = ((np.arange(n_dst, dtype=np.float64) + 0.5) * (n_src / n_dst)).astype(np.int64)
+    return np.minimum(idx, n_src - 1)
+
+
+def _stride_down(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour subsample of the first two axes to at most 2× ``hw`` (reads only the kept pixels)."""
+    h, w = hw
+    H, W = arr.shape[:2]
+    hh, ww = min(H, 2 * h), min(W, 2 * w)
+    if (hh, ww) == (H, W):
+        return arr
+    return arr[np.ix_(_nearest_index(H, hh), _nearest_index(W, ww))]
+
+
+def _fit(hw: tuple[int, int], max_side: int) -> tuple[int, int]:
+    H, W = hw
+    scale = min(1.0, max_side / max(H, W))
+    return max(1, round(H * scale)), max(1, round(W * scale))
+
+
+def _downscale_rgb(image: np.ndarray | Image.Image, hw: tuple[int, int]) -> np.ndarray:
+    h, w = hw
+    if isinstance(image, Image.Image):
+        rgb = _pil_to_rgb(image)
+        if rgb.size != (w, h):
+            rgb = rgb.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return np.array(rgb)
+    arr = np.asarray(image)
+    _check_layout(arr.shape)
+    small = to_rgb_array(np.ascontiguousarray(_stride_down(arr, hw)))
+    if small.shape[:2] == (h, w):
+        return small
+    return np.array(Image.fromarray(small).resize((w, h), Image.Resampling.BOX))
+
+
+def _pad_to(panel: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    h, w = hw
+    out = np.full((h, w, 3), 255, dtype=np.uint8)
+    out[: panel.shape[0], : panel.shape[1]] = panel
+    return out
+
+
+def overlay_sheet(
+    image_rgb: np.ndarray | Image.Image,
+    label: np.ndarray,
+    names: Mapping[int, str] | Sequence[str] | None,
+    cams: np.ndarray,
+    cam_titles: Sequence[str],
+    max_side: int = 768,
+    alpha: float = 0.5,
+    columns: int | None = None,
+    gap: int = 4,
+    label_title: str = "labels",
+) -> np.ndarray:
+    """One picture: the label :func:`overlay` followed by one :func:`heatmap` per CAM, tiled in a grid.
+
+    Everything is shrunk **before** blending so that each panel's image part has its longer side ≤
+    ``max_side`` (a 12000×9000 photo costs no more than a 768×576 one; arrays are subsampled by indexing, so
+    even lazily broadcast inputs are never materialised). Labels are resized nearest-neighbour, CAMs bilinearly
+    (CAMs of any resolution are accepted).
+
+    Args:
+        image_rgb: ``(H, W, 3)`` uint8 (or anything :func:`to_rgb_array` accepts).
+        label: ``(H, W)`` class ids.
+        cams: ``(K, h, w)`` float maps in [0, 1]; ``cam_titles`` has K entries.
+        columns: grid columns (default ``ceil(sqrt(K + 1))``).
+        label_title: title above the label panel (keeps its image aligned with the titled heat-maps).
+
+    Returns:
+        ``(rows·cell_h + gaps, cols·cell_w + gaps, 3)`` uint8 on a white background.
+    """
+    if max_side < 1:
+        raise ValueError(f"max_side must be ≥ 1, got {max_side}")
+    if isinstance(image_rgb, Image.Image):
+        H, W = image_rgb.height, image_rgb.width
+        if _apply_exif_orientation_needed(image_rgb):
+            H, W = W, H
+    else:
+        shape = np.shape(image_rgb)
+        _check_layout(tuple(shape))
+        H, W = shape[:2]
+    label = np.asarray(label)
+    if label.shape != (H, W):
+        raise ValueError(f"label shape {label.shape} does not match the image's (H, W) = {(H, W)}")
+    cams = np.asarray(cams)
+    if cams.ndim == 2:
+        cams = cams[None]
+    if cams.ndim != 3:
+        raise ValueError(f"cams must be (K, H, W), got shape {cams.shape}")
+    if len(cam_titles) != cams.shape[0]:
+        raise ValueError(f"{cams.shape[0]} CAMs but {len(cam_titles)} titles")
+    hw = _fit((H, W), max_side)
+    small_img = _downscale_rgb(image_rgb, hw)
+    small_label = label[np.ix_(_nearest_index(H, hw[0]), _nearest_index(W, hw[1]))]
+    labelled = overlay(small_img, small_label, names, alpha=alpha)
+    panels = [np.concatenate([_title_strip(labelled.shape[1], label_title), labelled], axis=0)]
+    for k, title in enumerate(cam_titles):
+        panels.append(heatmap(small_img, _resize_float(cams[k], hw), str(title), alpha=alpha))
+    n = len(panels)
+    cols = columns if columns is not None else math.ceil(math.sqrt(n))
+    cols = max(1, min(cols, n))
+    rows = math.ceil(n / cols)
+    cell_h = max(p.shape[0] for p in panels)
+    cell_w = max(p.shape[1] for p in panels)
+    sheet = np.full((rows * cell_h + (rows - 1) * gap, cols * cell_w + (cols - 1) * gap, 3), 255, np.uint8)
+    for i, panel in enumerate(panels):
+        r, c = divmod(i, cols)
+        y, x = r * (cell_h + gap), c * (cell_w + gap)
+        sheet[y : y + cell_h, x : x + cell_w] = _pad_to(panel, (cell_h, cell_w))
+    return sheet
+
+
+def _apply_exif_orientation_needed(img: Image.Image) -> bool:
+    """True when the EXIF orientation swaps width and height (orientations 5–8)."""
+    try:
+        return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except _EXIF_ERRORS:
+        return False

@@ -1,0 +1,227 @@
+"""Training-free ExCEL: CAMs and pseudo-labels for any image and any class names (paper §3.2–3.3).
+
+:class:`CamPredictor` is the façade (in the spirit of segment-anything's ``SamPredictor``): ``set_image`` runs the
+CLIP dense forward once (every scale/flip view, plus the attention affinity, which does not depend on the
+classes); ``predict(class_names)`` then only encodes text (cached), aligns patches with it and refines, so asking
+about other classes does not re-run the image tower.
+
+Protocol (EXCEL_SPEC §3.2): the alignment is computed against a *vocabulary* — in the paper all dataset classes
+plus background words — and CAMs/labels are kept for the classes *present* in the image. With only class names,
+they are both the vocabulary (plus the paper's background words) and the present classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backbone import DenseEncoder
+from .cam import surgery_cams
+from .config import PAPER_VOC, PipelineConfig
+from .io import to_rgb_array
+from .preprocess import network_input
+from .refine import box_mask, labels_from_cams, refine_cams, transition_matrix
+from .text import AttributeBank, TextEncoder, class_text_features
+from .vocab import Vocabulary, parse_class_list
+from .weights import LoadedClip, load_clip
+
+_logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"`` → CUDA when available, else CPU; a clear error for an unavailable device."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    return device
+
+
+@dataclass
+class ImageState:
+    """What ``set_image`` keeps: one image's backbone outputs, independent of the classes asked about."""
+
+    size: tuple[int, int]  # original (H, W)
+    net_input: Tensor  # (3, h_in, w_in) normalised scale-1 input; guides PAR
+    views: list[tuple[Tensor, tuple[int, int], bool]]  # per scale/flip view: features (T, E), grid, flipped
+    trans: Tensor | None  # (N, N) refinement transition matrix of the scale-1 view
+
+
+@dataclass
+class CamResult:
+    """Training-free result for one image; K = number of present classes."""
+
+    class_names: list[str]  # present classes, in the order asked
+    class_ids: list[int]  # label value of each class (vocabulary index + 1)
+    image_size: tuple[int, int]  # (H, W)
+    pseudo_label: np.ndarray  # (H, W) uint8: 0 = background, class_ids[i] for class i
+    grid_cams: Tensor  # (K, h, w) refined CAMs on the patch grid, min–max normalised to [0, 1]
+    raw_cams: np.ndarray  # (K, h, w) alignment CAMs before refinement, [0, 1]
+
+    @property
+    def cams(self) -> np.ndarray:
+        """(K, H, W) float32 CAMs in [0, 1] at the original image size (bilinear upsampling on access)."""
+        return self.cams_at(self.image_size)
+
+    def cams_at(self, size: tuple[int, int]) -> np.ndarray:
+        """(K, size[0], size[1]) float32 CAMs in [0, 1] at any size (e.g. a thumbnail of a huge image)."""
+        if self.grid_cams.shape[0] == 0:
+            return np.zeros((0, *size), np.float32)
+        up = F.interpolate(self.grid_cams[None].float(), size=tuple(size), mode="bilinear", align_corners=False)
+        return up[0].clamp_(0, 1).cpu().numpy()
+
+
+def _normalize_maps(maps: Tensor) -> Tensor:
+    """Per-map ``(m − min) / (max(m − min) + 1e-7)`` over the last two axes (EXCEL_SPEC §3.4)."""
+    shifted = maps - maps.amin(dim=(-2, -1), keepdim=True)
+    return shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + 1e-7)
+
+
+class CamPredictor:
+    """Training-free ExCEL predictor.
+
+    Args:
+        clip: a :class:`~excelseg.weights.LoadedClip`, or a spec for :func:`~excelseg.weights.load_clip`
+            (open_clip tag, weight file, ``hf-hub:`` id; ``None`` → ``EXCELSEG_CLIP`` → ``ViT-B-16``).
+        vocabulary: default vocabulary (``"voc"``, ``"coco"``, a list or file of names); ``None``: the class names
+            given to :meth:`predict`.
+        bank: TSE attribute bank (path or :class:`~excelseg.text.AttributeBank`); ``None``: plain prompts.
+        config: pipeline settings (:data:`~excelseg.config.PAPER_VOC` by default).
+        device: ``"cpu"``, ``"cuda"``, ``"auto"``/``None``.
+    """
+
+    def __init__(self, clip: LoadedClip | str | Path | None = None, *, vocabulary=None,
+                 bank: AttributeBank | str | Path | None = None, config: PipelineConfig = PAPER_VOC,
+                 device: str | torch.device | None = None):
+        self.device = resolve_device(device)
+        self.clip = clip if isinstance(clip, LoadedClip) else load_clip(clip, device=self.device)
+        self.clip.model.to(self.device)
+        self.encoder = DenseEncoder(self.clip.model.visual)
+        self.text_encoder = TextEncoder(self.clip.model, self.clip.tokenizer, self.clip.identity)
+        self.vocabulary = None if vocabulary is None else Vocabulary.from_spec(vocabulary)
+        self.bank = bank if bank is None or isinstance(bank, AttributeBank) else AttributeBank.load(bank)
+        self.config = config
+        self._state: ImageState | None = None
+        self._text_cache: dict = {}
+
+    # ---- image side -------------------------------------------------------------------------------------
+    def _views(self) -> list[tuple[float, bool]]:
+        cfg = self.config.cam
+        scales = [1.0] + [s for s in cfg.scales if s != 1.0]
+        views = [(s, False) for s in scales]
+        return views + [(s, True) for s in scales] if cfg.flip else views
+
+    @torch.no_grad()
+    def encode_batch(self, images: Sequence) -> list[ImageState]:
+        """Run the dense forward for a batch of images (any PIL/numpy input); one state per image."""
+        cfg_cam, cfg_ref = self.config.cam, self.config.refine
+        rgbs = [to_rgb_array(im) for im in images]
+        base_size = tuple(cfg_cam.size)
+        via = self.encoder.grid_for(base_size) if cfg_cam.pos_two_step else None
+        svc = self.encoder.last_blocks(cfg_cam.svc_last_blocks)
+        n_aff = min(cfg_ref.affinity_layers, self.encoder.num_blocks)
+        aff_blocks = self.encoder.last_blocks(n_aff)
+        states = [ImageState(rgb.shape[:2], None, [], None) for rgb in rgbs]
+        for scale, flipped in self._views():
+            size = (int(base_size[0] * scale), int(base_size[1] * scale))
+            x = torch.stack([network_input(rgb, size, cfg_cam.normalization, flipped) for rgb in rgbs])
+            base = scale == 1.0 and not flipped
+            out = self.encoder(x.to(self.device), svc, aff_blocks if base and cfg_ref.refine else (),
+                               head_sum=cfg_cam.svc_head_sum, pos_via_grid=via)
+            for i, st in enumerate(states):
+                st.views.append((out.features[i], out.grid, flipped))
+            if base:
+                for i, st in enumerate(states):
+                    st.net_input = x[i].to(self.device)
+                if cfg_ref.refine:
+                    trans = transition_matrix(self._affinity(out.attn, out.attn_blocks, svc), cfg_ref.sinkhorn_iters)
+                    for i, st in enumerate(states):
+                        st.trans = trans[i]
+        return states
+
+    def _affinity(self, attn: Tensor, blocks: tuple[int, ...], svc: tuple[int, ...]) -> Tensor:
+        """(B, N, N) mean patch×patch attention of the affinity layers (EXCEL_SPEC §3.3 step 1).
+
+        With ``head_sum_on_svc_blocks`` the calibrated blocks' maps are scaled by the head count, reproducing the
+        reference's mix of head-mean (ordinary blocks) and head-sum (surgery blocks) attention weights.
+        """
+        scale = [float(self.encoder.num_heads) if (b in svc and self.config.refine.head_sum_on_svc_blocks) else 1.0
+                 for b in blocks]
+        w = torch.tensor(scale, device=attn.device, dtype=attn.dtype).view(1, -1, 1, 1)
+        return (attn[:, :, 1:, 1:] * w).mean(dim=1)
+
+    def set_image(self, image) -> "CamPredictor":
+        """Encode one image (PIL image in any mode, or numpy (H, W[, C]) array); returns self."""
+        self._state = self.encode_batch([image])[0]
+        return self
+
+    # ---- text side --------------------------------------------------------------------------------------
+    def text_features(self, vocab: Vocabulary) -> Tensor:
+        """(C + M, E) (enriched) text features of a vocabulary, cached."""
+        key = (vocab, self.config.text, id(self.bank))
+        if key not in self._text_cache:
+            self._text_cache[key] = class_text_features(self.text_encoder, vocab, self.config.text, self.bank)
+        return self._text_cache[key]
+
+    def _resolve(self, classes, vocabulary) -> tuple[Vocabulary, list[int], list[str]]:
+        vocab = Vocabulary.from_spec(vocabulary) if vocabulary is not None else self.vocabulary
+        if classes is None:
+            if vocab is None:
+                raise ValueError("give the class names to look for, e.g. predict(['cat', 'dog'])")
+            return vocab, list(range(vocab.num_classes)), list(vocab.names)
+        names = parse_class_list(classes)
+        if vocab is None:
+            vocab = Vocabulary.from_names(names)
+        idx = vocab.indices(names)
+        return vocab, idx, [vocab.names[i] for i in idx]
+
+    # ---- prediction -------------------------------------------------------------------------------------
+    def predict(self, classes: Sequence[str] | str | None = None, *, vocabulary=None) -> CamResult:
+        """CAMs and pseudo-label of the current image for the present ``classes``.
+
+        Args:
+            classes: class names present in the image (list, or comma list). ``None``: every vocabulary class.
+            vocabulary: overrides the predictor's vocabulary for this call.
+        """
+        if self._state is None:
+            raise RuntimeError("call set_image(image) before predict()")
+        return self.predict_state(self._state, classes, vocabulary=vocabulary)
+
+    @torch.no_grad()
+    def predict_state(self, state: ImageState, classes=None, *, vocabulary=None) -> CamResult:
+        """:meth:`predict` for a state from :meth:`encode_batch` (batch pipelines)."""
+        vocab, present, names = self._resolve(classes, vocabulary)
+        text = self.text_features(vocab)
+        cfg_cam, cfg_ref = self.config.cam, self.config.refine
+        base_grid = state.views[0][1]
+        agg = None
+        for feats, grid, flipped in state.views:
+            cams = surgery_cams(feats[None], text, vocab.num_classes, cfg_cam.feature_norm,
+                                cfg_cam.cls_weight_scale)[0][present].view(len(present), *grid)
+            if flipped:
+                cams = cams.flip(-1)
+            if grid != base_grid:
+                cams = F.interpolate(cams[None], size=base_grid, mode="bilinear", align_corners=False)[0]
+            agg = cams if agg is None else agg + cams
+        if len(state.views) > 1:
+            agg = _normalize_maps(agg)
+        raw = agg
+        if cfg_ref.refine and len(present):
+            box = box_mask(raw[None], cfg_ref.box_threshold)
+            refined = refine_cams(raw[None], state.trans[None], box)[0]
+        else:
+            refined = raw
+        _, label = labels_from_cams(refined, state.net_input, state.size, values=[0] + [i + 1 for i in present],
+                                    use_par=cfg_ref.use_par, par_iters=cfg_ref.par_iters,
+                                    par_dilations=cfg_ref.par_dilations, par_max_side=cfg_ref.par_max_side)
+        label = label.cpu().numpy()
+        return CamResult(names, [i + 1 for i in present], tuple(state.size), label, _normalize_maps(refined),
+                         raw.cpu().numpy())

@@ -1,0 +1,39 @@
+"""Image → network input (EXCEL_SPEC §1 "input normalisation", parity README §3.2).
+
+The reference normalises at the original size with the ImageNet/mmseg constants (0–255 space) and resizes to
+320×320 with bilinear interpolation, align_corners=False, no antialiasing, aspect ratio not kept. Bilinear
+resizing commutes with a per-channel affine normalisation, so excelseg resizes first (cheaper) and normalises the
+small tensor. Very large images are first shrunk by an integer box filter (Pillow ``reduce``) to at most
+``MAX_PRE_SIDE`` so memory stays bounded; images up to that size follow the reference exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from .config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+
+MAX_PRE_SIDE = 4096
+
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+
+
+def network_input(rgb: np.ndarray, size: tuple[int, int], normalization: str = "imagenet",
+                  flip: bool = False) -> Tensor:
+    """(H, W, 3) uint8 RGB → (3, size[0], size[1]) float32 normalised tensor (optionally mirrored)."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}")
+    h, w = rgb.shape[:2]
+    factor = int(np.ceil(max(h, w) / MAX_PRE_SIDE))
+    if factor > 1:
+        rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in NORMALIZATIONS[normalization])
+    x = (x - mean) / std
+    return x[0].flip(-1) if flip else x[0]

@@ -1,0 +1,358 @@
+"""Affinity refinement, box masks and pixel-adaptive refinement (PAR) of CAMs (EXCEL_SPEC §3.3–§3.4).
+
+Pipeline for one image with ``K`` present classes on an ``h × w`` patch grid (``N = h·w`` tokens, row-major):
+
+1. :func:`transition_matrix` — Sinkhorn-style normalisation of the layer-averaged patch×patch attention,
+   symmetrised and squared (EXCEL_SPEC §3.3 step 2).
+2. :func:`box_mask` — union of the bounding boxes of the 8-connected components of the thresholded CAM, with the
+   reference's exclusive, clipped box end (EXCEL_SPEC §3.3 step 3; parity README §5 quirk 7).
+3. :func:`refine_cams` — the transition matrix applied to the box-masked CAM (EXCEL_SPEC §3.3 step 4).
+4. :func:`par` — pixel-adaptive refinement with 48 dilated neighbours (EXCEL_SPEC §3.4).
+5. :func:`labels_from_cams` — min–max, bilinear resize, background ``1 − max``, PAR, argmax (EXCEL_SPEC §3.4;
+   parity README §5 quirk 8).
+
+Everything is vectorised torch and runs on whatever device the inputs live on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["box_mask", "labels_from_cams", "par", "refine_cams", "transition_matrix"]
+
+PAR_DILATIONS = (1, 2, 4, 8, 12, 24)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# §3.3 affinity refinement
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def transition_matrix(attn: Tensor, iters: int = 3) -> Tensor:
+    """Transition matrix from a patch×patch affinity (EXCEL_SPEC §3.3 step 2).
+
+    Args:
+        attn: (B, N, N) non-negative affinity (already averaged over layers by the caller).
+        iters: number of (column-normalise, row-normalise) rounds.
+
+    Returns:
+        (B, N, N): ``S @ S`` with ``S = (T + Tᵀ) / 2`` and ``T`` the Sinkhorn-normalised ``attn``.
+    """
+    if attn.dim() != 3 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(f"attn must be (B, N, N), got {tuple(attn.shape)}")
+    t = attn
+    for _ in range(iters):
+        t = t / t.sum(dim=-2, keepdim=True)  # every column sums to 1
+        t = t / t.sum(dim=-1, keepdim=True)  # every row sums to 1
+    t = (t + t.transpose(-1, -2)) / 2
+    return t @ t
+
+
+def _components(fg: Tensor) -> Tensor:
+    """8-connected component labels of boolean maps.
+
+    Args:
+        fg: (M, h, w) bool foreground.
+
+    Returns:
+        (M, h·w) int64 labels: 0 on background; on a component, ``1 + `` the largest flat index of its pixels.
+    """
+    m, h, w = fg.shape
+    n = h * w
+    # float labels for max-pooling; float32 is exact up to 2**24 pixels.
+    dtype = torch.float32 if n < 2**24 else torch.float64
+    idx = torch.arange(1, n + 1, device=fg.device, dtype=dtype).view(1, 1, h, w)
+    mask = fg.view(m, 1, h, w)
+    lab = torch.where(mask, idx, torch.zeros((), device=fg.device, dtype=dtype))
+    while True:
+        new = torch.where(mask, F.max_pool2d(lab, 3, stride=1, padding=1), lab)
+        # pointer jumping: the pixel a label points to carries a label at least as large and is in the same
+        # component, so taking it only speeds up convergence.
+        flat = new.view(m, n)
+        jumped = flat.gather(1, (flat.long() - 1).clamp_(min=0))
+        new = torch.where(mask, torch.maximum(flat, jumped).view(m, 1, h, w), lab)
+        if torch.equal(new, lab):
+            return lab.view(m, n).long()
+        lab = new
+
+
+def box_mask(cams: Tensor, threshold: float) -> Tensor:
+    """Column mask from the bounding boxes of thresholded CAMs (EXCEL_SPEC §3.3 step 3, parity quirk 7).
+
+    Per map: ``u = floor(255·cam)`` (the reference's uint8 truncation, computed in float32 like the reference's
+    numpy array), ``thr = int(threshold · max(u))``, foreground ``u > thr``. Every 8-connected foreground
+    component (= what OpenCV ``findContours`` traces; hole contours lie inside their outer contour) gives a box
+    with inclusive extents ``[x0..xmax] × [y0..ymax]``; the reference marks ``[y0, min(ymax+1, h−1)) ×
+    [x0, min(xmax+1, w−1))``, so the last row and column are never inside a box. No foreground → empty mask.
+
+    Args:
+        cams: (B, K, h, w) float CAMs in [0, 1]; K may be 0.
+        threshold: τ_box.
+
+    Returns:
+        (B, K, h, w) bool mask (union of the boxes).
+    """
+    if cams.dim() != 4:
+        raise ValueError(f"cams must be (B, K, h, w), got {tuple(cams.shape)}")
+    b, k, h, w = cams.shape
+    out = torch.zeros(cams.shape, dtype=torch.bool, device=cams.device)
+    if cams.numel() == 0:
+        return out
+    m, n = b * k, h * w
+    u = (cams.detach().to(torch.float32) * 255).clamp_(0, 255).floor_().view(m, n)
+    thr = (u.amax(dim=1, keepdim=True).double() * float(threshold)).floor_()
+    fg = u.double() > thr  # (M, N)
+    labels = _components(fg.view(m, h, w))  # (M, N), 0 = background
+
+    dev = cams.device
+    rows = torch.arange(h, device=dev).repeat_interleave(w).expand(m, n)
+    cols = torch.arange(w, device=dev).repeat(h).expand(m, n)
+    # per label slot (0 = background, discarded): inclusive extents of the component
+    y0 = torch.full((m, n + 1), h, device=dev, dtype=torch.long).scatter_reduce(1, labels, rows, "amin")
+    ymax = torch.full((m, n + 1), -1, device=dev, dtype=torch.long).scatter_reduce(1, labels, rows, "amax")
+    x0 = torch.full((m, n + 1), w, device=dev, dtype=torch.long).scatter_reduce(1, labels, cols, "amin")
+    xmax = torch.full((m, n + 1), -1, device=dev, dtype=torch.long).scatter_reduce(1, labels, cols, "amax")
+    valid = ymax >= 0
+    valid[:, 0] = False
+    y0, x0 = y0.clamp(max=h - 1), x0.clamp(max=w - 1)
+    y1 = (ymax + 1).clamp(max=h - 1).clamp(min=0)
+    x1 = (xmax + 1).clamp(max=w - 1).clamp(min=0)
+
+    # rasterise all boxes at once with a 2-D difference array: +1/−1 at the corners, then 2-D prefix sums.
+    one = valid.to(torch.int32)
+    wd = w + 1
+    diff = torch.zeros(m, (h + 1) * wd, device=dev, dtype=torch.int32)
+    diff.scatter_add_(1, y0 * wd + x0, one)
+    diff.scatter_add_(1, y0 * wd + x1, -one)
+    diff.scatter_add_(1, y1 * wd + x0, -one)
+    diff.scatter_add_(1, y1 * wd + x1, one)
+    cover = diff.view(m, h + 1, wd).cumsum(1).cumsum(2)[:, :h, :w]
+    return (cover > 0).view(b, k, h, w)
+
+
+def refine_cams(cams: Tensor, trans: Tensor, box: Tensor) -> Tensor:
+    """Affinity-refined, box-masked CAMs (EXCEL_SPEC §3.3 step 4).
+
+    ``cam'_c[i] = Σ_j T[i, j] · 1[j inside a box of c] · cam_c[j]``, i.e. the box mask selects the *columns* of
+    ``T`` (``(T ⊙ 1[column j in box]) · vec(cam_c)``), matching the reference's ``refined_static`` golden.
+
+    Args:
+        cams: (B, K, h, w) CAMs.
+        trans: (B, N, N) transition matrix, N = h·w in row-major token order.
+        box: (B, K, h, w) bool box mask.
+
+    Returns:
+        (B, K, h, w) refined CAMs.
+    """
+    b, k, h, w = cams.shape
+    if trans.shape != (b, h * w, h * w):
+        raise ValueError(f"trans must be {(b, h * w, h * w)}, got {tuple(trans.shape)}")
+    masked = (cams * box.to(cams.dtype)).reshape(b, k, h * w)
+    return (masked @ trans.to(cams.dtype).transpose(-1, -2)).view(b, k, h, w)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# §3.4 pixel-adaptive refinement
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int, bool]]:
+    """The 8 neighbour offsets ``(dy, dx, diagonal)`` of every dilation, in dilation order."""
+    offs = []
+    for d in dilations:
+        for dy in (-d, 0, d):
+            for dx in (-d, 0, d):
+                if dy or dx:
+                    offs.append((dy, dx, dy != 0 and dx != 0))
+    return offs
+
+
+def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float, w_pos: float) -> Tensor:
+    """Per-pixel PAR neighbour weights.
+
+    Args:
+        img: (B, 3, H, W) image already at the mask size.
+
+    Returns:
+        (B, Nn, 1, H, W) weights (Nn = len(offs)); each pixel's weights sum to ``1 + w_pos``.
+    """
+    bsz, _, h, w = img.shape
+    nn_ = len(offs)
+    pad = max(max(abs(dy), abs(dx)) for dy, dx, _ in offs)
+    padded = F.pad(img, (pad, pad, pad, pad), mode="replicate")
+
+    def nb(dy: int, dx: int) -> Tensor:
+        return padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+
+    # unbiased std over the neighbours (two-pass), streamed so no (B, 3, Nn, H, W) tensor is ever built
+    mean = torch.zeros_like(img)
+    for dy, dx, _ in offs:
+        mean += nb(dy, dx)
+    mean /= nn_
+    var = torch.zeros_like(img)
+    for dy, dx, _ in offs:
+        var.add_((nb(dy, dx) - mean).square_())
+    denom = (var / (nn_ - 1)).sqrt_().add_(1e-8).mul_(w_color)
+
+    logits = torch.empty(bsz, nn_, h, w, dtype=img.dtype, device=img.device)
+    for i, (dy, dx, _) in enumerate(offs):
+        logits[:, i] = (nb(dy, dx) - img).abs_().div_(denom).square_().mean(1).neg_()
+    aff = logits.softmax(dim=1)
+
+    pos = torch.tensor(
+        [abs(dy) * math.sqrt(2.0) if diag else float(max(abs(dy), abs(dx))) for dy, dx, diag in offs],
+        dtype=img.dtype,
+        device=img.device,
+    )
+    pos_aff = (-(pos / pos.std() / w_color).square()).softmax(dim=0)
+    aff += w_pos * pos_aff.view(1, nn_, 1, 1)
+    return aff.unsqueeze(2)
+
+
+def par(
+    image: Tensor,
+    masks: Tensor,
+    iters: int = 20,
+    dilations: Sequence[int] = PAR_DILATIONS,
+    w_color: float = 0.3,
+    w_pos: float = 0.01,
+) -> Tensor:
+    """Pixel-adaptive refinement (EXCEL_SPEC §3.4).
+
+    The image is bilinearly resized (align_corners=True) to the mask size. Every pixel has 8 neighbours per
+    dilation d at offsets (±d, 0), (0, ±d), (±d, ±d), with replicate padding (coordinates clamped to the image).
+    Weights: ``softmax_n(mean_rgb −(|I_n − I| / (std_n(I_n) + 1e-8) / w_color)²)
+    + w_pos · softmax_n(−(p_n / std(p) / w_color)²)`` with p = d (axis) or d√2 (diagonal) and unbiased stds;
+    then ``iters`` steps of ``masks ← Σ_n aff_n · masks_n``.
+
+    Args:
+        image: (B, 3, Hi, Wi) image (any per-channel affine normalisation; PAR is invariant to it).
+        masks: (B, C, H, W) score maps.
+
+    Returns:
+        (B, C, H, W) refined maps (same dtype as ``masks``).
+    """
+    if image.dim() != 4 or masks.dim() != 4 or image.shape[0] != masks.shape[0]:
+        raise ValueError(f"image (B,3,Hi,Wi) / masks (B,C,H,W) expected, got {image.shape} / {masks.shape}")
+    h, w = masks.shape[-2:]
+    img = F.interpolate(image.to(masks), size=(h, w), mode="bilinear", align_corners=True)
+    offs = _neighbour_offsets(dilations)
+    aff = _par_affinity(img, offs, w_color, w_pos)  # (B, Nn, 1, H, W)
+    pad = max(dilations)
+    out = masks
+    for _ in range(iters):
+        padded = F.pad(out, (pad, pad, pad, pad), mode="replicate")
+        acc = torch.empty_like(masks)
+        for i, (dy, dx, _) in enumerate(offs):
+            nb = padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+            if i == 0:
+                torch.mul(nb, aff[:, 0], out=acc)
+            else:
+                acc.addcmul_(nb, aff[:, i])
+        out = acc
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# §3.4 refined CAMs → label map
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _working_size(out_size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    h, w = int(out_size[0]), int(out_size[1])
+    if max(h, w) <= max_side:
+        return h, w
+    s = max_side / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def _upsample_argmax(scores: Tensor, out_size: tuple[int, int], lut: Tensor, chunk_rows: int = 256) -> Tensor:
+    """uint8 ``lut[argmax_c upsample(scores)]`` at ``out_size`` without holding the upsampled scores.
+
+    Separable bilinear interpolation with the exact align_corners=False source coordinates of ``F.interpolate``
+    (``src = (dst + 0.5) · in/out − 0.5``, clamped at 0), columns first, then rows in chunks; so a 12000×9000
+    output needs memory for C × h × W plus one chunk, not C × H × W.
+    """
+    c, h, w = scores.shape
+    out_h, out_w = out_size
+    dev = scores.device
+
+    def taps(n_out: int, n_in: int) -> tuple[Tensor, Tensor, Tensor]:
+        src = ((torch.arange(n_out, device=dev, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_(min=0)
+        i0 = src.floor().long().clamp_(max=n_in - 1)
+        i1 = (i0 + 1).clamp_(max=n_in - 1)
+        return i0, i1, (src - i0).to(scores.dtype)
+
+    x0, x1, lx = taps(out_w, w)
+    cols = scores[:, :, x0] * (1 - lx) + scores[:, :, x1] * lx  # (C, h, W)
+    y0, y1, ly = taps(out_h, h)
+    out = torch.empty(out_h, out_w, dtype=torch.uint8, device=dev)
+    for r in range(0, out_h, chunk_rows):
+        sl = slice(r, r + chunk_rows)
+        wy = ly[sl].view(1, -1, 1)
+        rows = cols[:, y0[sl]] * (1 - wy) + cols[:, y1[sl]] * wy
+        out[sl] = lut[rows.argmax(dim=0)]
+    return out
+
+
+def labels_from_cams(
+    refined: Tensor,
+    image: Tensor,
+    out_size: tuple[int, int],
+    *,
+    values: Sequence[int] | None = None,
+    use_par: bool = True,
+    par_iters: int = 20,
+    par_dilations: Sequence[int] = PAR_DILATIONS,
+    par_max_side: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Refined CAMs of one image → per-pixel scores and label map (EXCEL_SPEC §3.4, parity quirk 8).
+
+    Per class ``(c − min) / (max(c − min) + 1e-7)``; bilinear resize (align_corners=False, no antialias, equal to
+    ``cv2.resize`` INTER_LINEAR) to the working size; background ``1 − max_c`` (all ones when K = 0); stack
+    ``[bg, classes]``; PAR with ``image``; argmax over channels; channel i → ``values[i]``.
+
+    Memory bound: when ``max(out_size) > par_max_side`` the working size is ``out_size`` scaled so that its longer
+    side equals ``par_max_side``; PAR runs there and the scores are then bilinearly upsampled to ``out_size``
+    (in row chunks) before the argmax. For ``max(out_size) ≤ par_max_side`` (all VOC/COCO images with the
+    default 1024) this is exactly the reference computation.
+
+    Args:
+        refined: (K, h, w) refined CAMs of the K ≥ 0 present classes.
+        image: (3, Hi, Wi) normalised network input (only used by PAR).
+        out_size: (H, W) output size.
+        values: label value of each channel (length K + 1, each 0…255); default ``0…K``.
+
+    Returns:
+        scores (K+1, h', w') at the working size and the label map (H, W) uint8.
+    """
+    if refined.dim() != 3:
+        raise ValueError(f"refined must be (K, h, w), got {tuple(refined.shape)}")
+    k = refined.shape[0]
+    out_h, out_w = int(out_size[0]), int(out_size[1])
+    values = list(range(k + 1)) if values is None else list(values)
+    if len(values) != k + 1 or not all(0 <= v <= 255 for v in values):
+        raise ValueError(f"values must be K + 1 = {k + 1} label values in 0…255, got {values}")
+    work = _working_size((out_h, out_w), par_max_side)
+    dtype = refined.dtype if refined.is_floating_point() else torch.float32
+    cams = refined.to(dtype)
+    if k > 0:
+        cams = cams - cams.amin(dim=(1, 2), keepdim=True)
+        cams = cams / (cams.amax(dim=(1, 2), keepdim=True) + 1e-7)
+        cams = F.interpolate(cams[None], size=work, mode="bilinear", align_corners=False)[0]
+        bg = 1 - cams.amax(dim=0, keepdim=True)
+    else:
+        cams = cams.new_zeros((0, *work))
+        bg = cams.new_ones((1, *work))
+    scores = torch.cat([bg, cams], dim=0)
+    if use_par:
+        scores = par(image[None].to(scores), scores[None], iters=par_iters, dilations=par_dilations)[0]
+    lut = torch.tensor(values, dtype=torch.uint8, device=scores.device)
+    if work != (out_h, out_w):
+        return scores, _upsample_argmax(scores, (out_h, out_w), lut)
+    return scores, lut[scores.argmax(dim=0)]

@@ -1,0 +1,156 @@
+"""Prompts, text features and Text Semantic Enrichment (paper §3.2; EXCEL_SPEC §2.2–2.3).
+
+Each vocabulary entry becomes one prompt (paper template ``"a clean origami {}."``), encoded by the CLIP text
+tower and L2-normalised. TSE then adds to every foreground class embedding ``t_c`` a softmax-weighted sum of the
+attribute bank's cluster centres ``a_k`` (implicit attributes from K-means over LLM-written class descriptions):
+``s_c = t_c · A`` → keep the largest ⌈ratio·B⌉-ish logits (the lowest ⌊(1 − ratio)·B⌋ become −∞) →
+``w_c = softmax(s_c / τ)`` → ``T_c = normalize(t_c + λ Σ_k w_ck a_k)``. Background prompts are only re-normalised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import TextConfig
+from .vocab import Vocabulary
+
+_logger = logging.getLogger(__name__)
+
+
+def build_prompts(vocab: Vocabulary, template: str) -> list[str]:
+    """One prompt per vocabulary text: foreground prompt names, then background words."""
+    if "{}" not in template:
+        raise ValueError(f"prompt template {template!r} must contain '{{}}' where the class name goes")
+    return [template.format(name) for name in vocab.prompt_texts]
+
+
+class TextEncoder:
+    """CLIP text tower with a per-prompt feature cache (the tower is frozen, so features never change)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, identity: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self._cache: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], batch_size: int = 256) -> Tensor:
+        """(n, E) float32 unit-norm text features, on the model's device.
+
+        Mirrors the reference's one-template "integral" features: encode, L2-normalise, mean over the single
+        template, L2-normalise again.
+        """
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        device = next(self.model.parameters()).device
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            tokens = self.tokenizer(chunk).to(device)
+            feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+            feats = F.normalize(feats, dim=-1)
+            self._cache.update(zip(chunk, feats))
+        return torch.stack([self._cache[p] for p in prompts]) if prompts else torch.zeros(0, 0, device=device)
+
+
+@dataclass
+class AttributeBank:
+    """TSE attribute bank: B cluster centres in CLIP text space and the class→cluster membership flags."""
+
+    attributes: Tensor  # (B, E) cluster centres (not re-normalised, as in the reference)
+    flags: Tensor | None = None  # (C, B) 0/1: class c has a description in cluster k (unused by enrichment)
+    meta: dict = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def num_attributes(self) -> int:
+        return self.attributes.shape[0]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttributeBank":
+        """Load a bank from the reference ``.pth`` (a list ``[centres E×B, flags C×B]``), excelseg's
+        ``.safetensors`` (``attributes`` B×E or ``centres`` E×B, optional ``flags``, string metadata) or ``.npz``
+        (``centres`` E×B as in the parity kit, or ``attributes`` B×E).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"attribute bank not found: {path}")
+        suffix = path.suffix.lower()
+        meta: dict = {}
+        try:
+            if suffix in (".pth", ".pt"):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+                if not (isinstance(obj, (list, tuple)) and len(obj) == 2 and all(torch.is_tensor(t) for t in obj)):
+                    raise ValueError("expected the reference format: a list [centres (E, B), flags (C, B)]")
+                arrays = {"centres": obj[0], "flags": obj[1]}
+            elif suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    arrays = {k: f.get_tensor(k) for k in f.keys()}
+                    meta = dict(f.metadata() or {})
+            elif suffix == ".npz":
+                with np.load(path) as z:
+                    arrays = {k: torch.from_numpy(z[k]) for k in z.files}
+            else:
+                raise ValueError(f"unknown bank format {suffix!r} (use .pth, .safetensors or .npz)")
+        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+            raise ValueError(f"cannot read attribute bank {path}: {exc}") from None
+        if "attributes" in arrays:
+            attrs = arrays["attributes"]
+        elif "centres" in arrays:
+            attrs = arrays["centres"].T
+        else:
+            raise ValueError(f"attribute bank {path} has neither 'attributes' nor 'centres': {sorted(arrays)}")
+        if attrs.ndim != 2 or attrs.shape[0] == 0:
+            raise ValueError(f"attribute bank {path}: attributes must be a non-empty 2-D array, got {tuple(attrs.shape)}")
+        flags = arrays.get("flags")
+        return cls(attrs.float().contiguous(), None if flags is None else flags.float(), meta, str(path))
+
+
+def enrich(text: Tensor, attributes: Tensor, keep_ratio: float = 0.9, temperature: float = 1.0,
+           weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """TSE enrichment of class embeddings.
+
+    Args:
+        text: (C, E) unit class embeddings.
+        attributes: (B, E) attribute centres.
+    Returns:
+        (enriched (C, E) unit rows, logits (C, B), weights (C, B) with zeros at the dropped attributes).
+    """
+    if attributes.shape[1] != text.shape[1]:
+        raise ValueError(f"attribute bank dimension {attributes.shape[1]} does not match the text embedding "
+                         f"dimension {text.shape[1]}: the bank was built with another CLIP")
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    attributes = attributes.to(text)
+    logits = text @ attributes.T
+    num = attributes.shape[0]
+    n_drop = int(math.floor((1.0 - keep_ratio) * num + 1e-9))
+    masked = logits
+    if n_drop > 0:
+        drop = logits.topk(n_drop, dim=1, largest=False).indices
+        masked = logits.scatter(1, drop, float("-inf"))
+    weights = torch.softmax(masked / temperature, dim=1)
+    enriched = F.normalize(text + weight * (weights @ attributes), dim=-1)
+    return enriched, logits, weights
+
+
+def class_text_features(encoder: TextEncoder, vocab: Vocabulary, cfg: TextConfig,
+                        bank: AttributeBank | None = None) -> Tensor:
+    """(C + M, E) text features of a vocabulary: TSE-enriched foreground rows (when a bank is given), then
+    background rows; all unit norm."""
+    feats = encoder.encode(build_prompts(vocab, cfg.template))
+    if bank is None:
+        return F.normalize(feats, dim=-1)
+    n_enrich = len(feats) if cfg.enrich_background else vocab.num_classes
+    enriched, _, _ = enrich(feats[:n_enrich], bank.attributes, cfg.keep_ratio, cfg.temperature, cfg.weight)
+    return torch.cat([enriched, F.normalize(feats[n_enrich:], dim=-1)], dim=0)

@@ -1,0 +1,167 @@
+"""Class vocabularies: which texts the patch–text alignment is computed against (EXCEL_SPEC §2.3, §3.2).
+
+The ExCEL alignment compares every patch with a *vocabulary*: all foreground classes of a dataset plus a list of
+background words. The class weights (softmax of the CLS similarity) and the class-mean subtraction of the
+CLIP-Surgery step depend on the whole vocabulary, while CAMs and labels are kept only for the classes *present*
+in an image. A :class:`Vocabulary` holds the foreground display names, the names used inside prompts (the
+reference uses CLIP-ES synonyms such as ``"bird avian"``), and the background words.
+
+Label convention everywhere in excelseg: 0 = background, ``i + 1`` = the i-th foreground class of the vocabulary,
+255 = ignore.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+MAX_CLASSES = 200  # guard against a pasted list of thousands of names (one text forward per name)
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",
+    "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+# Prompt names of the reference (``new_class_names``, after CLIP-ES); order = VOC_CLASSES.
+VOC_PROMPT_NAMES = (
+    "aeroplane", "bicycle", "bird avian", "boat", "bottle", "bus", "car", "cat", "chair seat", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person with clothes,people,human", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor screen",
+)
+VOC_BACKGROUND = (
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea", "railway",
+    "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock", "street", "valley",
+    "bridge", "sign",
+)
+
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)
+# Prompt names of the reference (``new_class_names_coco``, typo "sknowboard" included); order = COCO_CLASSES.
+COCO_PROMPT_NAMES = (
+    "person with clothes,people,human", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck",
+    "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird avian", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack,bag", "umbrella,parasol",
+    "handbag,purse", "necktie", "suitcase", "frisbee", "skis", "sknowboard", "sports ball", "kite",
+    "baseball bat", "glove", "skateboard", "surfboard", "tennis racket", "bottle", "wine glass", "cup", "fork",
+    "knife", "dessertspoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog",
+    "pizza", "donut", "cake", "chair seat", "sofa", "pottedplant", "bed", "diningtable", "toilet",
+    "tvmonitor screen", "laptop", "mouse", "remote control", "keyboard", "cell phone", "microwave", "oven",
+    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hairdrier,blowdrier",
+    "toothbrush",
+)
+COCO_BACKGROUND = tuple(w for w in VOC_BACKGROUND if w not in ("keyboard", "sign"))
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").split())
+
+
+def parse_class_list(spec: str | Sequence[str]) -> list[str]:
+    """Class names from a comma list (``"cat,dog"``), a text file (one per line), a JSON list, or a sequence.
+
+    Raises ``ValueError`` for empty or duplicate names and for more than ``MAX_CLASSES`` names.
+    """
+    if isinstance(spec, str):
+        path = Path(spec)
+        if path.suffix.lower() in (".txt", ".json") or (path.is_file() and "," not in spec):
+            if not path.is_file():
+                raise FileNotFoundError(f"class list file not found: {spec}")
+            text = path.read_text(encoding="utf-8")
+            names = json.loads(text) if path.suffix.lower() == ".json" else text.splitlines()
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{spec}: expected a JSON list of class-name strings")
+            names = [n.strip() for n in names if n.strip() and not n.lstrip().startswith("#")]
+        else:
+            names = [n.strip() for n in spec.split(",")]
+    else:
+        names = [str(n).strip() for n in spec]
+    if not names or any(not n for n in names):
+        raise ValueError(f"empty class name in {spec!r}: give names like 'cat,dog'")
+    seen: dict[str, str] = {}
+    for n in names:
+        if _norm(n) in seen:
+            raise ValueError(f"duplicate class name {n!r} (also given as {seen[_norm(n)]!r})")
+        seen[_norm(n)] = n
+    if len(names) > MAX_CLASSES:
+        raise ValueError(f"{len(names)} class names given; at most {MAX_CLASSES} are supported per run")
+    return names
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Foreground classes (display + prompt names) and background words.
+
+    ``names[i]`` is the display name of label ``i + 1``; ``prompt_names[i]`` is what goes into the prompt
+    template. Texts are ordered foreground first, then background (``prompts``).
+    """
+
+    names: tuple[str, ...]
+    prompt_names: tuple[str, ...]
+    background: tuple[str, ...]
+    key: str = "custom"  # "voc", "coco" or "custom"
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.prompt_names):
+            raise ValueError("names and prompt_names must have the same length")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def prompt_texts(self) -> tuple[str, ...]:
+        """Foreground prompt names followed by the background words (length C + M)."""
+        return self.prompt_names + self.background
+
+    @classmethod
+    def from_names(cls, names: Sequence[str], background: Sequence[str] | None = VOC_BACKGROUND) -> "Vocabulary":
+        """A vocabulary of user class names, used as-is in prompts.
+
+        Background words equal to a class name are dropped so a class such as ``"sky"`` is not also background.
+        """
+        names = tuple(parse_class_list(list(names)))
+        taken = {_norm(n) for n in names}
+        bg = tuple(w for w in (background or ()) if _norm(w) not in taken)
+        return cls(names, names, bg)
+
+    @classmethod
+    def named(cls, key: str) -> "Vocabulary":
+        key = key.lower()
+        if key in ("voc", "pascal_voc", "voc2012"):
+            return cls(VOC_CLASSES, VOC_PROMPT_NAMES, VOC_BACKGROUND, "voc")
+        if key in ("coco", "mscoco", "coco2014"):
+            return cls(COCO_CLASSES, COCO_PROMPT_NAMES, COCO_BACKGROUND, "coco")
+        raise ValueError(f"unknown vocabulary {key!r}: use 'voc', 'coco', a comma list or a file")
+
+    @classmethod
+    def from_spec(cls, spec: "str | Sequence[str] | Vocabulary") -> "Vocabulary":
+        """``"voc"``, ``"coco"``, a comma list, a ``.txt``/``.json`` file of names, or a sequence of names."""
+        if isinstance(spec, Vocabulary):
+            return spec
+        if isinstance(spec, str) and spec.lower() in ("voc", "pascal_voc", "voc2012", "coco", "mscoco", "coco2014"):
+            return cls.named(spec)
+        return cls.from_names(parse_class_list(spec))
+
+    def index(self, name: str) -> int:
+        """0-based foreground index of ``name`` (display or prompt name, case-insensitive)."""
+        target = _norm(name)
+        for i, (n, p) in enumerate(zip(self.names, self.prompt_names)):
+            if target in (_norm(n), _norm(p)):
+                return i
+        close = difflib.get_close_matches(target, [_norm(n) for n in self.names], n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"class {name!r} is not in the {self.key} vocabulary{hint}")
+
+    def indices(self, names: Sequence[str]) -> list[int]:
+        return [self.index(n) for n in parse_class_list(list(names))]

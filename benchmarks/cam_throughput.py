@@ -75,13 +75,13 @@ def main() -> None:
         predictor = CamPredictor(clip, vocabulary="voc", config=cfg, device=device)
         x_all = torch.randn(8, 3, size, size, device=device)
 
-        def run_bare(start: int, batch: int) -> None:
+        def run_bare(start: int, batch: int, bare=bare, x_all=x_all) -> None:
             with torch.no_grad():
                 bare.encode_image(x_all[:batch])
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        def run_full(start: int, batch: int) -> None:
+        def run_full(start: int, batch: int, predictor=predictor) -> None:
             chunk = [images[(start + i) % len(images)] for i in range(batch)]
             states = predictor.encode_batch([rgb for rgb, _ in chunk])
             for state, (_, classes) in zip(states, chunk):

@@ -123,3 +123,15 @@ def test_bad_block_requests(model):
         enc(torch.randn(1, 3, 32, 32), svc_blocks=(1, 3))
     with pytest.raises(ValueError, match="out of range"):
         enc(torch.randn(1, 3, 32, 32), attn_blocks=(7,))
+
+
+@pytest.mark.parametrize("n_svc", [0, 2])
+def test_return_tokens_false_gives_the_same_features(model, n_svc):
+    enc = DenseEncoder(model.visual)
+    x = torch.randn(2, 3, 32, 48)
+    full = enc(x, svc_blocks=enc.last_blocks(n_svc), attn_blocks=(2, 3))
+    lean = enc(x, svc_blocks=enc.last_blocks(n_svc), attn_blocks=(2, 3), return_tokens=False)
+    assert lean.tokens == []
+    torch.testing.assert_close(lean.features, full.features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lean.pooled, full.pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lean.attn, full.attn)

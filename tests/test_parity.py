@@ -13,8 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from parity_kit import (DETAIL_IMAGES, GOLDEN, REF_BANK, golden, gt_mask, image_names, image_path,
-                        random_clip_weights, require_kit)
+from parity_kit import (
+    DETAIL_IMAGES,
+    GOLDEN,
+    REF_BANK,
+    golden,
+    gt_mask,
+    image_names,
+    image_path,
+    random_clip_weights,
+    require_kit,
+)
 
 NAMES = image_names()
 

@@ -2,8 +2,17 @@ from __future__ import annotations
 
 import pytest
 
-from excelseg.vocab import (COCO_BACKGROUND, COCO_CLASSES, COCO_PROMPT_NAMES, MAX_CLASSES, VOC_BACKGROUND,
-                            VOC_CLASSES, VOC_PROMPT_NAMES, Vocabulary, parse_class_list)
+from excelseg.vocab import (
+    COCO_BACKGROUND,
+    COCO_CLASSES,
+    COCO_PROMPT_NAMES,
+    MAX_CLASSES,
+    VOC_BACKGROUND,
+    VOC_CLASSES,
+    VOC_PROMPT_NAMES,
+    Vocabulary,
+    parse_class_list,
+)
 
 
 def test_paper_vocabularies():

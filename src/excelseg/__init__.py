@@ -18,6 +18,17 @@ from .vocab import Vocabulary
 from .weights import LoadedClip, load_clip
 
 __all__ = [
-    "AttributeBank", "CamConfig", "CamPredictor", "CamResult", "LoadedClip", "PAPER_COCO", "PAPER_VOC", "PRESETS",
-    "PipelineConfig", "RefineConfig", "TextConfig", "Vocabulary", "load_clip",
+    "PAPER_COCO",
+    "PAPER_VOC",
+    "PRESETS",
+    "AttributeBank",
+    "CamConfig",
+    "CamPredictor",
+    "CamResult",
+    "LoadedClip",
+    "PipelineConfig",
+    "RefineConfig",
+    "TextConfig",
+    "Vocabulary",
+    "load_clip",
 ]

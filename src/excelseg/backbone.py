@@ -19,14 +19,14 @@ other grid per forward).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibration import intra_correlation
+from .calibration import head_chunks, intra_correlation
 from .weights import check_supported
 
 
@@ -95,6 +95,19 @@ class DenseEncoder(nn.Module):
         return qkv[0], qkv[1], qkv[2]
 
     @staticmethod
+    def _attention_with_map(q: Tensor, k: Tensor, v: Tensor, scale: float, rows: int) -> tuple[Tensor, Tensor]:
+        """softmax(q kᵀ) attention output for the first ``rows`` queries, (B, H, rows, d), and the head-mean
+        map (B, T, T); built a few heads at a time (see :data:`excelseg.calibration.CHUNK_ELEMENTS`)."""
+        b, h, t, _ = q.shape
+        out = q.new_empty(b, h, rows, v.shape[-1])
+        mean = q.new_zeros(b, t, t)
+        for i, hs in head_chunks(b, h, t):
+            a = torch.softmax(torch.matmul(q[i, hs], k[i, hs].transpose(-1, -2)) * scale, dim=-1)
+            mean[i] += a.sum(dim=0)
+            out[i, hs] = torch.matmul(a[:, :rows], v[i, hs])
+        return out, mean.div_(h)
+
+    @staticmethod
     def _merge(z: Tensor) -> Tensor:
         b, h, t, dh = z.shape
         return z.transpose(1, 2).reshape(b, t, h * dh)
@@ -108,6 +121,7 @@ class DenseEncoder(nn.Module):
         *,
         head_sum: bool = True,
         pos_via_grid: tuple[int, int] | None = None,
+        return_tokens: bool = True,
     ) -> DenseOutput:
         """Dense forward.
 
@@ -118,6 +132,9 @@ class DenseEncoder(nn.Module):
             attn_blocks: block indices whose head-averaged attention maps are returned.
             head_sum: SVC map summed over heads (reference) instead of averaged.
             pos_via_grid: intermediate grid for positional-embedding interpolation (reference quirk).
+            return_tokens: keep every block's tokens. False skips them and, in the last block, computes the
+                original stream's attention output and MLP for the CLS token only when SVC is on (all that the
+                SVC features and the pooled embedding need; ~5% of a ViT-B/16 forward); ``tokens`` is then empty.
         """
         vis = self.visual
         svc = tuple(sorted(svc_blocks))
@@ -141,19 +158,21 @@ class DenseEncoder(nn.Module):
         tokens: list[Tensor] = []
         attn_maps: list[Tensor] = []
         stream = None
+        last = self.num_blocks - 1
         for i, block in enumerate(vis.transformer.resblocks):
-            need_qkv = i in want_attn or (svc and i >= svc[0])
+            cls_only = i == last and not return_tokens and bool(svc)  # without SVC, features = last tokens
+            need_qkv = i in want_attn or (svc and i >= svc[0]) or cls_only
             if not need_qkv:
                 h = block(h)
-                tokens.append(h)
+                if return_tokens:
+                    tokens.append(h)
                 continue
             q, k, v = self._qkv(block, block.ln_1(h))
             if i in want_attn:
-                a = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
-                attn_maps.append(a.mean(dim=1))
-                o = torch.matmul(a, v)
+                o, a_mean = self._attention_with_map(q, k, v, scale, 1 if cls_only else q.shape[2])
+                attn_maps.append(a_mean)
             else:
-                o = F.scaled_dot_product_attention(q, k, v)
+                o = F.scaled_dot_product_attention(q[:, :, :1] if cls_only else q, k, v)
             if svc and i >= svc[0]:
                 if stream is None:
                     stream = h
@@ -161,9 +180,12 @@ class DenseEncoder(nn.Module):
                 delta = F.linear(torch.matmul(a_svc, self._merge(v)), block.attn.out_proj.weight,
                                  block.attn.out_proj.bias)
                 stream = stream + block.ls_1(delta)
+            if cls_only:
+                h = h[:, :1]
             h = h + block.ls_1(F.linear(self._merge(o), block.attn.out_proj.weight, block.attn.out_proj.bias))
             h = h + block.ls_2(block.mlp(block.ln_2(h)))
-            tokens.append(h)
+            if return_tokens:
+                tokens.append(h)
 
         if stream is None:
             stream = h
@@ -171,5 +193,6 @@ class DenseEncoder(nn.Module):
         features = vis.ln_post(stream) @ vis.proj
         pooled = vis.ln_post(h[:, 0]) @ vis.proj
         b = x.shape[0]
-        attn = torch.stack(attn_maps, dim=1) if attn_maps else h.new_zeros(b, 0, h.shape[1], h.shape[1])
+        t = stream.shape[1]
+        attn = torch.stack(attn_maps, dim=1) if attn_maps else h.new_zeros(b, 0, t, t)
         return DenseOutput(features, stream, tokens, attn, tuple(sorted(want_attn)), svc, grid, pooled)

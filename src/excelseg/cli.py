@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
-from typing import Sequence
 
 from . import __version__
 
 _logger = logging.getLogger("excelseg")
+
+
+COMMAND_ORDER = ("cam", "pseudo_label", "prepare", "bank", "describe", "train", "eval", "segment", "demo")
 
 
 class CliError(Exception):
@@ -83,8 +85,10 @@ def config_from_args(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import cam as cam_cmd
-    from .commands import demo as demo_cmd
+    import importlib
+    import pkgutil
+
+    from . import commands
 
     parser = argparse.ArgumentParser(
         prog="excelseg",
@@ -96,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (cam_cmd, demo_cmd):
-        module.register(sub)
+    # every module of excelseg.commands is a subcommand (``register(subparsers)``), listed in COMMAND_ORDER first
+    names = [m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")]
+    for name in sorted(names, key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else 99, n)):
+        importlib.import_module(f"{commands.__name__}.{name}").register(sub)
     return parser
 
 

@@ -65,7 +65,7 @@ class PipelineConfig:
     cam: CamConfig = field(default_factory=CamConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
 
-    def with_(self, **sections) -> "PipelineConfig":
+    def with_(self, **sections) -> PipelineConfig:
         """Return a copy with whole sections replaced, e.g. ``cfg.with_(cam=replace(cfg.cam, flip=True))``."""
         return replace(self, **sections)
 

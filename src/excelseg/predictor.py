@@ -13,9 +13,9 @@ they are both the vocabulary (plus the paper's background words) and the present
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -135,7 +135,7 @@ class CamPredictor:
             x = torch.stack([network_input(rgb, size, cfg_cam.normalization, flipped) for rgb in rgbs])
             base = scale == 1.0 and not flipped
             out = self.encoder(x.to(self.device), svc, aff_blocks if base and cfg_ref.refine else (),
-                               head_sum=cfg_cam.svc_head_sum, pos_via_grid=via)
+                               head_sum=cfg_cam.svc_head_sum, pos_via_grid=via, return_tokens=False)
             for i, st in enumerate(states):
                 st.views.append((out.features[i], out.grid, flipped))
             if base:
@@ -158,7 +158,7 @@ class CamPredictor:
         w = torch.tensor(scale, device=attn.device, dtype=attn.dtype).view(1, -1, 1, 1)
         return (attn[:, :, 1:, 1:] * w).mean(dim=1)
 
-    def set_image(self, image) -> "CamPredictor":
+    def set_image(self, image) -> CamPredictor:
         """Encode one image (PIL image in any mode, or numpy (H, W[, C]) array); returns self."""
         self._state = self.encode_batch([image])[0]
         return self

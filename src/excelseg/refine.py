@@ -197,11 +197,12 @@ def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float
     var = torch.zeros_like(img)
     for dy, dx, _ in offs:
         var.add_((nb(dy, dx) - mean).square_())
-    denom = (var / (nn_ - 1)).sqrt_().add_(1e-8).mul_(w_color)
+    inv = (var / (nn_ - 1)).sqrt_().add_(1e-8).mul_(w_color).reciprocal_()  # 1 / ((std + 1e-8) · w_color)
 
     logits = torch.empty(bsz, nn_, h, w, dtype=img.dtype, device=img.device)
     for i, (dy, dx, _) in enumerate(offs):
-        logits[:, i] = (nb(dy, dx) - img).abs_().div_(denom).square_().mean(1).neg_()
+        torch.sum((nb(dy, dx) - img).mul_(inv).square_(), dim=1, out=logits[:, i])
+    logits.mul_(-1.0 / img.shape[1])  # −mean over the colour channels
     aff = logits.softmax(dim=1)
 
     pos = torch.tensor(
@@ -278,7 +279,7 @@ def _upsample_argmax(scores: Tensor, out_size: tuple[int, int], lut: Tensor, chu
     (``src = (dst + 0.5) · in/out − 0.5``, clamped at 0), columns first, then rows in chunks; so a 12000×9000
     output needs memory for C × h × W plus one chunk, not C × H × W.
     """
-    c, h, w = scores.shape
+    _, h, w = scores.shape
     out_h, out_w = out_size
     dev = scores.device
 
@@ -296,7 +297,7 @@ def _upsample_argmax(scores: Tensor, out_size: tuple[int, int], lut: Tensor, chu
         sl = slice(r, r + chunk_rows)
         wy = ly[sl].view(1, -1, 1)
         rows = cols[:, y0[sl]] * (1 - wy) + cols[:, y1[sl]] * wy
-        out[sl] = lut[rows.argmax(dim=0)]
+        out[sl] = lut[rows.max(dim=0).indices]  # max(dim).indices: same first-max rule, ~10x faster than argmax(0)
     return out
 
 
@@ -355,4 +356,4 @@ def labels_from_cams(
     lut = torch.tensor(values, dtype=torch.uint8, device=scores.device)
     if work != (out_h, out_w):
         return scores, _upsample_argmax(scores, (out_h, out_w), lut)
-    return scores, lut[scores.argmax(dim=0)]
+    return scores, lut[scores.max(dim=0).indices]

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ class AttributeBank:
         return self.attributes.shape[0]
 
     @classmethod
-    def load(cls, path: str | Path) -> "AttributeBank":
+    def load(cls, path: str | Path) -> AttributeBank:
         """Load a bank from the reference ``.pth`` (a list ``[centres E×B, flags C×B]``), excelseg's
         ``.safetensors`` (``attributes`` B×E or ``centres`` E×B, optional ``flags``, string metadata) or ``.npz``
         (``centres`` E×B as in the parity kit, or ``attributes`` B×E).
@@ -95,7 +95,7 @@ class AttributeBank:
                 from safetensors import safe_open
 
                 with safe_open(str(path), framework="pt") as f:
-                    arrays = {k: f.get_tensor(k) for k in f.keys()}
+                    arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
                     meta = dict(f.metadata() or {})
             elif suffix == ".npz":
                 with np.load(path) as z:
@@ -134,7 +134,7 @@ def enrich(text: Tensor, attributes: Tensor, keep_ratio: float = 0.9, temperatur
     attributes = attributes.to(text)
     logits = text @ attributes.T
     num = attributes.shape[0]
-    n_drop = int(math.floor((1.0 - keep_ratio) * num + 1e-9))
+    n_drop = math.floor((1.0 - keep_ratio) * num + 1e-9)
     masked = logits
     if n_drop > 0:
         drop = logits.topk(n_drop, dim=1, largest=False).indices

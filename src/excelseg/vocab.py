@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 MAX_CLASSES = 200  # guard against a pasted list of thousands of names (one text forward per name)
 
@@ -125,7 +125,7 @@ class Vocabulary:
         return self.prompt_names + self.background
 
     @classmethod
-    def from_names(cls, names: Sequence[str], background: Sequence[str] | None = VOC_BACKGROUND) -> "Vocabulary":
+    def from_names(cls, names: Sequence[str], background: Sequence[str] | None = VOC_BACKGROUND) -> Vocabulary:
         """A vocabulary of user class names, used as-is in prompts.
 
         Background words equal to a class name are dropped so a class such as ``"sky"`` is not also background.
@@ -136,7 +136,7 @@ class Vocabulary:
         return cls(names, names, bg)
 
     @classmethod
-    def named(cls, key: str) -> "Vocabulary":
+    def named(cls, key: str) -> Vocabulary:
         key = key.lower()
         if key in ("voc", "pascal_voc", "voc2012"):
             return cls(VOC_CLASSES, VOC_PROMPT_NAMES, VOC_BACKGROUND, "voc")
@@ -145,7 +145,7 @@ class Vocabulary:
         raise ValueError(f"unknown vocabulary {key!r}: use 'voc', 'coco', a comma list or a file")
 
     @classmethod
-    def from_spec(cls, spec: "str | Sequence[str] | Vocabulary") -> "Vocabulary":
+    def from_spec(cls, spec: str | Sequence[str] | Vocabulary) -> Vocabulary:
         """``"voc"``, ``"coco"``, a comma list, a ``.txt``/``.json`` file of names, or a sequence of names."""
         if isinstance(spec, Vocabulary):
             return spec

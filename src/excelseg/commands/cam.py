@@ -1,4 +1,4 @@
-"""``excelseg cam``: training-free CAMs and pseudo-labels for any images and class names."""
+"""Training-free CAMs and pseudo-labels for any images and class names (excelseg cam)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``excelseg demo``: the training-free pipeline on a few real photographs every installation can have.
+"""Run the training-free pipeline on a few real photographs every installation can have (excelseg demo).
 
 The photos are scikit-image's bundled samples (``pip install 'excelseg[demo]'``), each with fitting class names.
 It needs real CLIP weights: without them (and without network) it stops with the weight-resolution error that

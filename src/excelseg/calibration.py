@@ -9,7 +9,7 @@ ratio between the accumulated calibration and the residual it is added to.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor

@@ -30,7 +30,9 @@ def network_input(rgb: np.ndarray, size: tuple[int, int], normalization: str = "
     h, w = rgb.shape[:2]
     factor = int(np.ceil(max(h, w) / MAX_PRE_SIDE))
     if factor > 1:
-        rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
+        rgb = np.array(Image.fromarray(rgb).reduce(factor))
+    if not rgb.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
+        rgb = rgb.copy()
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)

@@ -67,6 +67,13 @@ def _norm(name: str) -> str:
     return " ".join(name.lower().replace("_", " ").split())
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a long comma-free class name is not a valid path
+        return False
+
+
 def parse_class_list(spec: str | Sequence[str]) -> list[str]:
     """Class names from a comma list (``"cat,dog"``), a text file (one per line), a JSON list, or a sequence.
 
@@ -74,7 +81,7 @@ def parse_class_list(spec: str | Sequence[str]) -> list[str]:
     """
     if isinstance(spec, str):
         path = Path(spec)
-        if path.suffix.lower() in (".txt", ".json") or (path.is_file() and "," not in spec):
+        if spec.lower().endswith((".txt", ".json")) or ("," not in spec and _is_file(path)):
             if not path.is_file():
                 raise FileNotFoundError(f"class list file not found: {spec}")
             text = path.read_text(encoding="utf-8")

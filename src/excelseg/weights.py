@@ -175,7 +175,32 @@ def _downloads(download: bool | None) -> tuple[bool, str]:
     for var in (ENV_OFFLINE, ENV_HF_OFFLINE):
         if _env_flag(var):
             return False, f"{var}={os.environ[var]} is set"
+    if not _hub_resolvable():
+        return False, f"no network: {HUB_HOST} cannot be resolved (pass download=True to try anyway)"
     return True, "no offline switch is set"
+
+
+HUB_HOST = "huggingface.co"
+
+
+def _hub_resolvable(timeout: float = 3.0) -> bool:
+    """Quick DNS probe so an offline machine fails at once instead of after minutes of download retries."""
+    import socket
+    import threading
+
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.getaddrinfo(HUB_HOST, 443)
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
 
 
 # --------------------------------------------------------------------------------------------------- sha256

@@ -1,0 +1,595 @@
+"""Class descriptions from a large language model, for ExCEL's Text Semantic Enrichment (``excelseg describe``).
+
+ExCEL enriches every class name with LLM-written visual descriptions. This module asks any OpenAI-compatible
+chat-completions server (OpenAI, vLLM, llama.cpp server, ollama, ...) for them and writes a knowledge base::
+
+    {"format": "excelseg-knowledge/1",
+     "classes": {"forklift": {"descriptions": ["...", ...], "synonyms": []}, ...}}
+
+Endpoint
+    ``endpoint`` is the API base URL, the one that ends in ``/v1`` (``http://localhost:11434/v1`` for ollama,
+    ``http://localhost:8000/v1`` for vLLM, ``https://api.openai.com/v1``). ``/chat/completions`` is appended;
+    a trailing slash, or a URL that already ends in ``/chat/completions``, is tolerated. Each request is a
+    ``POST`` of ``{"model", "messages", "temperature", "max_tokens"}`` with ``Content-Type: application/json``
+    and, only when an API key is given, ``Authorization: Bearer <key>``. Redirects are not followed (the key
+    would travel elsewhere); the key never appears in logs, messages or files, and is redacted from any response
+    text that is quoted in an error.
+
+Prompt (``build_prompt``; ``{n}`` = number asked for, ``{name}`` = class name)
+    system: ``You write short visual descriptions of object categories for an image recognition system.
+    You answer with the requested list only.``
+
+    user: ``Write {n} short, distinct, visual descriptions of "{name}" as it appears in photographs.
+    Each description is one sentence of 5 to 25 words about its appearance: its parts, colour, shape,
+    material, or the typical setting it is seen in. Never name any other kind of object: describe only
+    the {name} itself and its surroundings as a place. Put one description per line, numbered or
+    bulleted. Write no other text: no title, no introduction, no closing remark.``
+
+    When some descriptions are already known (a top-up request), the user message says ``Write {n} more ...``
+    and appends ``Do not repeat or rephrase these descriptions, which are already known:`` followed by them,
+    one ``- `` line each (at most 40).
+
+Parsing (``parse_descriptions``)
+    ``<think>`` blocks, code fences, blank lines, markdown (``**``, ``__``, backticks, ``#`` headings, ``>``)
+    and list markers (``1.``, ``1)``, ``(1)``, ``-``, ``*``, ``•``, ...) are removed, as are surrounding quotes;
+    lines ending with ``:`` (a preamble) are dropped, and when most lines carry a list marker the unmarked ones
+    (introductions, closing remarks) are dropped too. Sentences shorter than 3 or longer than 60 words are
+    dropped; duplicates are removed ignoring case, punctuation and whitespace. When the answer was cut off
+    (``finish_reason == "length"``) its last line is discarded.
+
+Retries
+    Every class has ``1 + retries`` requests. An answer with fewer than ``n`` new valid sentences uses one of
+    them to ask again for the missing number (keeping what it has). HTTP 429 and 5xx, connection errors,
+    timeouts (``timeout`` seconds per connect / read), HTML or non-JSON bodies and bodies without
+    ``choices[0].message.content`` are failed attempts, retried after ``backoff · 2^k`` seconds (or the
+    server's ``Retry-After``), capped at 60 s. Any other 4xx (401 bad key, 404 wrong URL or model, ...) or a
+    redirect stops the run at once with :class:`EndpointError`; a server that never answered at all for a whole
+    class stops it with :class:`EndpointUnreachable`. A class still short after its requests is kept with what
+    was obtained (a warning is logged and the summary says ``short``), so a later run tops it up.
+
+Resume
+    With ``out_path``, an existing file (this format, or the reference's plain ``{"class": ["sentence", ...]}``)
+    is read first: requested classes that already have ≥ ``n`` descriptions are not asked again, those with
+    fewer get only the missing ones, other classes in the file are kept. The file is rewritten atomically
+    (:func:`excelseg.io.save_json`) after every class, so an interrupted run loses at most the class in
+    progress. ``overwrite=True`` re-asks every requested class.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import logging
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "KNOWLEDGE_FORMAT",
+    "DescribeError",
+    "EndpointError",
+    "EndpointUnreachable",
+    "build_prompt",
+    "chat_url",
+    "describe_classes",
+    "parse_descriptions",
+]
+
+_logger = logging.getLogger(__name__)
+
+KNOWLEDGE_FORMAT = "excelseg-knowledge/1"
+MIN_WORDS = 3
+MAX_WORDS = 60
+MAX_WAIT = 60.0  # seconds: cap of back-off and Retry-After
+MAX_EXCLUDE = 40  # known descriptions quoted in a top-up prompt
+MAX_BODY = 16 * 1024 * 1024  # bytes read from a response
+
+SYSTEM_PROMPT = (
+    "You write short visual descriptions of object categories for an image recognition system. "
+    "You answer with the requested list only."
+)
+USER_PROMPT = (
+    'Write {n}{more} short, distinct, visual descriptions of "{name}" as it appears in photographs. '
+    "Each description is one sentence of 5 to 25 words about its appearance: its parts, colour, shape, "
+    "material, or the typical setting it is seen in. Never name any other kind of object: describe only "
+    "the {name} itself and its surroundings as a place. Put one description per line, numbered or "
+    "bulleted. Write no other text: no title, no introduction, no closing remark."
+)
+EXCLUDE_PROMPT = "Do not repeat or rephrase these descriptions, which are already known:"
+
+
+class DescribeError(RuntimeError):
+    """The run cannot go on; the message is one line and never contains the API key."""
+
+
+class EndpointError(DescribeError):
+    """The endpoint refused the request (4xx other than 429, or a redirect): retrying would not help."""
+
+
+class EndpointUnreachable(DescribeError):
+    """No HTTP answer at all (connection refused, DNS failure, timeouts) during all requests of a class."""
+
+
+class _FailedAttempt(Exception):
+    """A request that may succeed when repeated."""
+
+    def __init__(self, message: str, retry_after: float | None = None, transport: bool = False):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.transport = transport
+
+
+# --------------------------------------------------------------------------------------------------------------
+# prompt and parsing
+
+
+def build_prompt(class_name: str, n: int, exclude: Sequence[str] = ()) -> list[dict]:
+    """Chat messages asking for ``n`` descriptions of ``class_name`` (``n`` more than ``exclude`` if given)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    name = " ".join(str(class_name).split())
+    user = USER_PROMPT.format(n=n, more=" more" if exclude else "", name=name)
+    if exclude:
+        shown = list(exclude)[:MAX_EXCLUDE]
+        user += "\n\n" + EXCLUDE_PROMPT + "\n" + "\n".join(f"- {d}" for d in shown)
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+_THINK = re.compile(r"<think(?:ing)?>.*?(?:</think(?:ing)?>|\Z)", re.S | re.I)
+_MARKER = re.compile(
+    r"^(?:[-•·●○◦▪▫‣⁃–—]\s*|[*+]\s+"  # bullets
+    r"|\(?\d{1,3}\s*[.):\]](?!\d)\s*"  # 1.  1)  (1)  1:  1]
+    r"|\d{1,3}\s+[-–—]\s+)"  # 1 - text
+)
+_DOUBLE_QUOTES = "\"“”„«»"
+_SINGLE_QUOTES = "'‘’`"
+_PREAMBLE = re.compile(r"^(?:sure|certainly|of course|okay|ok|here (?:are|is)|here's|below (?:are|is))\b", re.I)
+
+
+def _dedup_key(text: str) -> str:
+    return " ".join(re.sub(r"[\W_]+", " ", text.lower()).split())
+
+
+def _strip_quotes(s: str) -> str:
+    s = s.strip()
+    for _ in range(2):
+        s = s.strip(_DOUBLE_QUOTES + " ")
+        # a quoted sentence followed by its full stop: "A yellow forklift".
+        m = re.match(r"^(.*)[" + _DOUBLE_QUOTES + r"]([.!?])$", s)
+        if m:
+            s = m.group(1) + m.group(2)
+        if len(s) >= 2 and s[0] in _SINGLE_QUOTES and s[-1] in _SINGLE_QUOTES:
+            s = s[1:-1].strip()
+    return s
+
+
+def _clean_line(raw: str) -> tuple[str, bool]:
+    """(text, had a list marker) of one answer line, markdown and markers removed."""
+    s = raw.strip()
+    s = re.sub(r"^(?:>\s*)+", "", s)
+    s = re.sub(r"^#{1,6}\s+", "", s)
+    s = s.replace("**", "").replace("__", "").replace("`", "")
+    marked = False
+    for _ in range(3):  # "- 1. text", "1. - text"
+        m = _MARKER.match(s)
+        if not m or m.end() == 0:
+            break
+        s = s[m.end():]
+        marked = True
+    s = re.sub(r"(?<![\w*])\*(?=\S)([^*]+?)(?<=\S)\*(?![\w*])", r"\1", s)  # *italic*
+    s = _strip_quotes(s)
+    return " ".join(s.split()), marked
+
+
+def parse_descriptions(text: str, n: int | None = None) -> list[str]:
+    """Valid, de-duplicated descriptions in an LLM answer, in order, at most ``n`` (all when ``None``)."""
+    text = _THINK.sub("\n", text or "")
+    lines = []
+    for raw in text.splitlines():
+        if not raw.strip() or raw.strip().startswith("```"):
+            continue
+        line, marked = _clean_line(raw)
+        if line:
+            lines.append((line, marked))
+    n_marked = sum(marked for _, marked in lines)
+    only_marked = n_marked > 0 and 2 * n_marked >= len(lines)
+    out: list[str] = []
+    seen: set[str] = set()
+    for line, marked in lines:
+        if only_marked and not marked:
+            continue
+        if line.endswith(":") or (not marked and _PREAMBLE.match(line)):
+            continue
+        words = len(line.split())
+        if words < MIN_WORDS or words > MAX_WORDS:
+            continue
+        key = _dedup_key(line)
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        out.append(line)
+        if n is not None and len(out) >= n:
+            break
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HTTP
+
+
+def chat_url(endpoint: str) -> str:
+    """``<endpoint>/chat/completions`` for an ``http(s)://.../v1`` base URL; ``ValueError`` for a bad URL."""
+    base = str(endpoint).strip()
+    parts = urllib.parse.urlsplit(base)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ValueError(
+            f"endpoint must be an http:// or https:// API base URL such as http://localhost:11434/v1, got {base!r}"
+        )
+    if parts.username or parts.password:
+        raise ValueError("endpoint must not contain a user name or password; put the API key in the environment")
+    base = base.rstrip("/")
+    if base.endswith("/chat/completions"):
+        return base
+    return base + "/chat/completions"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401 - urllib hook
+        return None  # the 3xx surfaces as an HTTPError
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    return " ".join(text[:limit].split())
+
+
+class _ChatClient:
+    def __init__(self, endpoint: str, model: str, api_key: str | None, timeout: float, temperature: float,
+                 max_tokens: int):
+        self.endpoint = str(endpoint).strip()
+        self.url = chat_url(endpoint)
+        self.model = model
+        self._key = api_key or None
+        self.timeout = timeout
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self._opener = urllib.request.build_opener(_NoRedirect)
+
+    def redact(self, text: str) -> str:
+        if self._key and self._key in text:
+            text = text.replace(self._key, "[redacted]")
+        return text
+
+    def _post(self, payload: dict) -> tuple[int, Any, bytes]:
+        data = json.dumps(payload).encode("utf-8")
+        req = urllib.request.Request(self.url, data=data, method="POST")
+        req.add_header("Content-Type", "application/json")
+        req.add_header("Accept", "application/json")
+        if self._key:
+            req.add_unredirected_header("Authorization", f"Bearer {self._key}")
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                return resp.status, resp.headers, resp.read(MAX_BODY)
+        except urllib.error.HTTPError as exc:
+            try:
+                body = exc.read(MAX_BODY) or b""
+            except (OSError, http.client.HTTPException):
+                body = b""
+            return exc.code, exc.headers, body
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                raise _FailedAttempt(f"no answer from {self.url} within {self.timeout:g} s", transport=True) from None
+            raise _FailedAttempt(f"cannot connect to {self.url}: {self.redact(str(reason))}", transport=True) from None
+        except (TimeoutError, socket.timeout):
+            raise _FailedAttempt(f"no answer from {self.url} within {self.timeout:g} s", transport=True) from None
+        except (OSError, http.client.HTTPException) as exc:
+            msg = self.redact(str(exc)) or type(exc).__name__
+            raise _FailedAttempt(f"connection to {self.url} failed: {msg}", transport=True) from None
+
+    def complete(self, messages: list[dict]) -> tuple[str, str | None]:
+        """(content, finish_reason) of one chat completion; raises _FailedAttempt or EndpointError."""
+        payload = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                   "max_tokens": self.max_tokens}
+        _logger.debug("POST %s (model %s)", self.url, self.model)
+        status, headers, body = self._post(payload)
+        text = self.redact(body.decode("utf-8", errors="replace"))
+        _logger.debug("%s answered HTTP %d, %d bytes", self.url, status, len(body))
+        if status == 429 or status >= 500:
+            raise _FailedAttempt(f"{self.url} answered HTTP {status}: {_one_line(text)}",
+                                 retry_after=_retry_after(headers))
+        if 300 <= status < 400:
+            where = headers.get("Location", "?") if headers is not None else "?"
+            raise EndpointError(f"{self.url} redirected (HTTP {status}) to {self.redact(where)}; "
+                                f"give the final API base URL (…/v1) as the endpoint")
+        if status >= 400 or status < 200:
+            hint = ""
+            if status in (401, 403):
+                hint = " (is the API key right?)"
+            elif status in (404, 405):
+                hint = f" (is the endpoint the API base URL ending in /v1, and does model {self.model!r} exist?)"
+            raise EndpointError(f"{self.url} answered HTTP {status}: {_one_line(text)}{hint}")
+        ctype = (headers.get("Content-Type", "") if headers is not None else "").lower()
+        if "html" in ctype or text.lstrip()[:1] == "<":
+            raise _FailedAttempt(f"{self.url} returned HTML, not JSON: is the endpoint the API base URL (…/v1)?")
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            raise _FailedAttempt(f"{self.url} returned a body that is not valid JSON: {_one_line(text, 80)!r}") \
+                from None
+        try:
+            choice = obj["choices"][0]
+            content = choice["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            content, choice = None, None
+        if not isinstance(content, str):
+            err = obj.get("error") if isinstance(obj, dict) else None
+            if isinstance(err, dict):
+                err = err.get("message", err)
+            detail = f": error {_one_line(str(err))}" if err else ""
+            raise _FailedAttempt(f"{self.url} returned JSON without choices[0].message.content{detail}")
+        return content, choice.get("finish_reason") if isinstance(choice, dict) else None
+
+
+def _retry_after(headers) -> float | None:
+    value = headers.get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# knowledge file
+
+
+def _norm(name: str) -> str:
+    return " ".join(str(name).lower().replace("_", " ").split())
+
+
+def _str_list(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} must be a list of strings")
+    return [v for v in value if v.strip()]
+
+
+def _to_knowledge(obj: Any, source: str) -> dict:
+    """An excelseg-knowledge/1 dict from a parsed file of that format or of the plain reference format."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{source}: expected a JSON object")
+    try:
+        if "format" in obj:
+            if obj["format"] != KNOWLEDGE_FORMAT:
+                raise ValueError(f"unknown format {obj['format']!r} (expected {KNOWLEDGE_FORMAT!r})")
+            classes = obj.get("classes")
+            if not isinstance(classes, dict):
+                raise ValueError("'classes' must be an object")
+            kb = dict(obj)
+            kb["classes"] = {}
+            for name, entry in classes.items():
+                if not isinstance(entry, dict):
+                    raise ValueError(f"class {name!r} must be an object")
+                entry = dict(entry)
+                entry["descriptions"] = _str_list(entry.get("descriptions", []), f"class {name!r}: descriptions")
+                entry["synonyms"] = _str_list(entry.get("synonyms", []), f"class {name!r}: synonyms")
+                kb["classes"][name] = entry
+            return kb
+        return {"format": KNOWLEDGE_FORMAT,
+                "classes": {name: {"descriptions": _str_list(v, f"class {name!r}"), "synonyms": []}
+                            for name, v in obj.items()}}
+    except ValueError as exc:
+        raise ValueError(f"{source} is not a knowledge base ({exc}); expected "
+                         f'{{"format": "{KNOWLEDGE_FORMAT}", "classes": ...}} or {{"class": ["sentence", ...]}}') \
+            from None
+
+
+def _load_existing(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    if path.is_dir():
+        raise ValueError(f"output {path} is a directory; give a .json file name")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"cannot read existing {path} to resume ({' '.join(str(exc).split())}); "
+                         f"fix it or overwrite it") from None
+    return _to_knowledge(obj, str(path))
+
+
+def _write(path: Path, kb: dict) -> None:
+    from .io import save_json
+
+    save_json(path, kb, indent=2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def _check_positive(name: str, value: float, minimum: float = 0.0, strict: bool = True) -> None:
+    ok = value > minimum if strict else value >= minimum
+    if not ok:
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value}")
+
+
+def describe_classes(
+    classes: str | Sequence[str],
+    *,
+    endpoint: str,
+    model: str,
+    n: int = 20,
+    api_key: str | None = None,
+    timeout: float = 60.0,
+    retries: int = 5,
+    backoff: float = 1.0,
+    temperature: float = 0.7,
+    max_tokens: int = 1024,
+    out_path: str | os.PathLike | None = None,
+    progress: Callable[[str, dict], None] | None = None,
+    overwrite: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict:
+    """Ask ``model`` at ``endpoint`` for ``n`` visual descriptions of every class; see the module docstring.
+
+    Args:
+        classes: a comma list, a .txt/.json file of names, or a sequence (``excelseg.vocab.parse_class_list``).
+        endpoint: API base URL ending in ``/v1``.
+        api_key: sent as ``Authorization: Bearer``; ``None`` or empty sends no such header.
+        timeout: seconds per connect / read of one request.
+        retries: extra requests per class (errors and top-ups share them).
+        backoff: first back-off wait in seconds (doubled each failed attempt, capped at 60).
+        out_path: knowledge-base JSON file, resumed from and rewritten atomically after every class.
+        progress: ``progress(class_name, info)`` after each class, ``info`` being its summary entry.
+        overwrite: re-ask classes already in ``out_path``.
+        sleep: the back-off wait (tests pass a fake).
+
+    Returns:
+        ``{"knowledge": <excelseg-knowledge/1 dict>, "classes": {name: {"status": "complete" | "skipped" |
+        "short" | "failed", "descriptions": int, "missing": int, "requests": int, "error": str | None}},
+        "complete": [...], "short": [...], "failed": [...], "requests": int, "out": str | None}``
+        (``complete`` includes skipped classes).
+
+    Raises:
+        ValueError: bad arguments, or an ``out_path`` that cannot be resumed from.
+        EndpointError: the endpoint refused a request (401, 404, ...): the run stops at once.
+        EndpointUnreachable: no answer at all for a whole class.
+        Classes finished before an exception are already in ``out_path``.
+    """
+    from .vocab import parse_class_list
+
+    names = parse_class_list(classes)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+    _check_positive("timeout", timeout)
+    _check_positive("backoff", backoff, strict=False)
+    _check_positive("temperature", temperature, strict=False)
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    if not model or not str(model).strip():
+        raise ValueError("model must be a non-empty model name")
+    if api_key is not None:
+        api_key = api_key.strip()
+        if api_key and not all(33 <= ord(c) < 127 for c in api_key):
+            raise ValueError("the API key contains spaces or non-ASCII characters; it cannot be sent in a header")
+    client = _ChatClient(endpoint, str(model).strip(), api_key, float(timeout), float(temperature), max_tokens)
+
+    path = Path(out_path) if out_path is not None else None
+    kb: dict | None = None
+    if path is not None:
+        try:
+            kb = _load_existing(path)
+        except ValueError:
+            if not overwrite:
+                raise
+            _logger.warning("%s cannot be read; it is replaced (overwrite)", path)
+    if kb is None:
+        kb = {"format": KNOWLEDGE_FORMAT, "classes": {}}
+    by_norm = {_norm(k): k for k in kb["classes"]}
+
+    summary: dict[str, Any] = {"knowledge": kb, "classes": {}, "complete": [], "short": [], "failed": [],
+                               "requests": 0, "out": str(path) if path is not None else None}
+    for name in names:
+        old_key = by_norm.get(_norm(name))
+        entry = dict(kb["classes"].get(old_key, {})) if old_key is not None else {}
+        have = [] if overwrite else list(entry.get("descriptions", []))
+        if len(have) >= n:
+            info = {"status": "skipped", "descriptions": len(have), "missing": 0, "requests": 0, "error": None}
+            _logger.info("%s: %d descriptions already known, skipped", name, len(have))
+        else:
+            _logger.info("%s: asking %s for %d descriptions", name, client.model, n - len(have))
+            descs, requests, error = _describe_one(client, name, have, n, retries, backoff, sleep)
+            summary["requests"] += requests
+            missing = max(0, n - len(descs))
+            status = "complete" if not missing else ("failed" if not descs else "short")
+            info = {"status": status, "descriptions": len(descs), "missing": missing, "requests": requests,
+                    "error": error}
+            if missing:
+                why = f": {error}" if error else ""
+                _logger.warning("%s: %d of %d descriptions after %d requests%s", name, len(descs), n, requests, why)
+            if descs:
+                entry["descriptions"] = descs
+                entry.setdefault("synonyms", [])
+                if old_key is not None and old_key != name:
+                    del kb["classes"][old_key]
+                kb["classes"][name] = entry
+                by_norm[_norm(name)] = name
+                if path is not None:
+                    _write(path, kb)
+        summary["classes"][name] = info
+        summary["complete" if info["status"] in ("complete", "skipped") else info["status"]].append(name)
+        if progress is not None:
+            progress(name, info)
+    return summary
+
+
+def _describe_one(client: _ChatClient, name: str, have: list[str], n: int, retries: int, backoff: float,
+                  sleep: Callable[[float], None]) -> tuple[list[str], int, str | None]:
+    """(descriptions, requests made, last error) for one class, topping ``have`` up to ``n``."""
+    descs = list(have)
+    keys = {_dedup_key(d) for d in descs}
+    attempts = failures = 0
+    answered = False
+    error: str | None = None
+    while len(descs) < n and attempts < 1 + retries:
+        missing = n - len(descs)
+        messages = build_prompt(name, missing, exclude=descs)
+        attempts += 1
+        try:
+            text, finish = client.complete(messages)
+        except _FailedAttempt as exc:
+            failures += 1
+            error = str(exc)
+            answered = answered or not exc.transport
+            if attempts < 1 + retries:
+                wait = exc.retry_after if exc.retry_after is not None else backoff * 2 ** (failures - 1)
+                wait = min(MAX_WAIT, max(0.0, wait))
+                _logger.warning("%s: attempt %d failed (%s); retrying in %.1f s", name, attempts, error, wait)
+                sleep(wait)
+            continue
+        answered = True
+        error = None
+        if finish == "length":
+            _logger.info("%s: answer cut off at max_tokens; its last line is dropped", name)
+            text = text.rsplit("\n", 1)[0] if "\n" in text.strip() else ""
+        added = _merge(descs, keys, parse_descriptions(text), n)
+        _logger.info("%s: request %d gave %d new descriptions (%d of %d)", name, attempts, added, len(descs), n)
+        if len(descs) < n and attempts < 1 + retries:
+            _logger.info("%s: asking again for the %d missing", name, n - len(descs))
+    if not answered and len(descs) < n:
+        raise EndpointUnreachable(f"endpoint {client.endpoint} unreachable after {attempts} attempts: {error}")
+    if error is None and len(descs) < n:
+        error = f"the model gave {len(descs) - len(have)} usable new descriptions in {attempts} requests"
+    return descs, attempts, error
+
+
+def _merge(descs: list[str], keys: set[str], new: Iterable[str], n: int) -> int:
+    added = 0
+    for d in new:
+        if len(descs) >= n:
+            break
+        key = _dedup_key(d)
+        if key and key not in keys:
+            keys.add(key)
+            descs.append(d)
+            added += 1
+    return added

@@ -1,0 +1,149 @@
+"""CamPredictor on tiny random CLIPs: shapes, image modes, caching of the backbone pass, protocol, bad input."""
+
+from __future__ import annotations
+
+import io
+import resource
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from excelseg import CamPredictor
+from excelseg.config import CamConfig, PipelineConfig, RefineConfig
+from excelseg.text import AttributeBank
+from tiny_clip import tiny_clip
+
+SMALL = PipelineConfig(cam=CamConfig(size=(64, 64), svc_last_blocks=2), refine=RefineConfig(affinity_layers=3))
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_clip(0, layers=4)
+
+
+def rgb_image(h=50, w=70, seed=0):
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:, : w // 2] = (200, 40, 40)
+    img[:, w // 2:] = (30, 60, 210)
+    return np.clip(img + rng.integers(0, 30, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_result_shapes_and_values(clip):
+    p = CamPredictor(clip, config=SMALL, device="cpu")
+    r = p.set_image(rgb_image()).predict(["cat", "dog"])
+    assert r.class_names == ["cat", "dog"] and r.class_ids == [1, 2]
+    assert r.cams.shape == (2, 50, 70) and r.cams.dtype == np.float32
+    assert r.cams.min() >= 0 and r.cams.max() <= 1
+    assert r.pseudo_label.shape == (50, 70) and r.pseudo_label.dtype == np.uint8
+    assert set(np.unique(r.pseudo_label)) <= {0, 1, 2}
+    assert r.raw_cams.shape == (2, 8, 8)
+    assert r.cams_at((5, 7)).shape == (2, 5, 7)
+
+
+def test_backbone_runs_once_per_view(clip):
+    calls = []
+    handle = clip.model.visual.conv1.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        p = CamPredictor(clip, config=SMALL, device="cpu")
+        p.set_image(rgb_image())
+        assert len(calls) == 1
+        a = p.predict(["cat", "dog"])
+        b = p.predict(["sofa"])
+        c = p.predict("cat,dog")
+        assert len(calls) == 1
+        assert b.class_names == ["sofa"] and np.array_equal(a.pseudo_label, c.pseudo_label)
+        msf = CamPredictor(clip, config=SMALL.with_(cam=CamConfig(size=(64, 64), svc_last_blocks=2,
+                                                                   scales=(1.0, 0.5), flip=True)), device="cpu")
+        calls.clear()
+        r = msf.set_image(rgb_image()).predict(["cat", "dog"])
+        assert len(calls) == 4  # scales 1.0 and 0.5, each plain and flipped
+        assert r.cams.min() >= 0 and r.cams.max() <= 1
+        assert not np.allclose(r.raw_cams, a.raw_cams)
+    finally:
+        handle.remove()
+
+
+def _modes():
+    base = Image.fromarray(rgb_image(40, 30))
+    rgba = base.convert("RGBA")
+    rgba.putalpha(128)
+    i16 = Image.fromarray((np.arange(40 * 30, dtype=np.uint16).reshape(40, 30) * 50)).convert("I;16")
+    return {"L": base.convert("L"), "LA": base.convert("LA"), "RGB": base, "RGBA": rgba,
+            "P": base.convert("P"), "CMYK": base.convert("CMYK"), "I;16": i16,
+            "np-gray": np.asarray(base.convert("L")), "np-rgba": np.asarray(rgba),
+            "np-float": np.asarray(base, dtype=np.float32) / 255.0}
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+def test_any_image_mode_gives_outputs_at_original_size(clip, mode):
+    img = _modes()[mode]
+    r = CamPredictor(clip, config=SMALL, device="cpu").set_image(img).predict(["cat"])
+    assert r.pseudo_label.shape == (40, 30) and r.cams.shape == (1, 40, 30)
+
+
+def test_exif_orientation_is_applied(clip):
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise when displayed
+    Image.fromarray(rgb_image(40, 60)).save(buf, "JPEG", exif=exif)
+    img = Image.open(io.BytesIO(buf.getvalue()))
+    r = CamPredictor(clip, config=SMALL, device="cpu").set_image(img).predict(["cat"])
+    assert r.pseudo_label.shape == (60, 40)
+
+
+def test_one_pixel_image(clip):
+    r = CamPredictor(clip, config=SMALL, device="cpu").set_image(np.full((1, 1, 3), 90, np.uint8)).predict(["a"])
+    assert r.pseudo_label.shape == (1, 1) and r.cams.shape == (1, 1, 1)
+
+
+def test_huge_image_bounded_memory(clip):
+    """12000×9000 (108 MP): the network sees a resized copy, PAR runs at ≤ 1024 px, outputs are full size."""
+    img = np.empty((12000, 9000, 3), np.uint8)
+    img[:, :4500] = (200, 30, 30)
+    img[:, 4500:] = (20, 30, 220)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = CamPredictor(clip, config=SMALL, device="cpu").set_image(img).predict(["cat", "dog"])
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert r.pseudo_label.shape == (12000, 9000)
+    assert r.cams_at((120, 90)).shape == (2, 120, 90)
+    assert grown_mb < 1500, f"peak memory grew by {grown_mb:.0f} MB"
+
+
+def test_vocabulary_protocol(clip):
+    p = CamPredictor(clip, vocabulary="voc", config=SMALL, device="cpu").set_image(rgb_image())
+    r = p.predict(["cat", "sofa"])
+    assert r.class_ids == [8, 18] and set(np.unique(r.pseudo_label)) <= {0, 8, 18}
+    assert p.predict(None).class_ids == list(range(1, 21))  # no image labels: every class competes
+    with pytest.raises(ValueError, match="did you mean 'sofa'"):
+        p.predict(["sofaa"])
+    mine = p.predict(["cat", "sofa"], vocabulary=["cat", "sofa"])
+    assert mine.class_ids == [1, 2]
+    assert not np.allclose(mine.raw_cams, r.raw_cams)  # the vocabulary changes the alignment
+
+
+def test_bad_use(clip):
+    p = CamPredictor(clip, config=SMALL, device="cpu")
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.predict(["cat"])
+    p.set_image(rgb_image())
+    for bad, msg in [([], "empty"), (["cat", "cat"], "duplicate"), (["cat", ""], "empty"),
+                     ([f"c{i}" for i in range(201)], "at most 200")]:
+        with pytest.raises(ValueError, match=msg):
+            p.predict(bad)
+    with pytest.raises(ValueError, match="give the class names"):
+        p.predict(None)
+    with pytest.raises(ValueError, match="channels last|layout|expected"):
+        p.set_image(np.zeros((3, 40, 40), np.uint8))
+    wrong_bank = CamPredictor(clip, bank=AttributeBank(torch.randn(5, 16)), config=SMALL, device="cpu")
+    with pytest.raises(ValueError, match="another CLIP"):
+        wrong_bank.set_image(rgb_image()).predict(["cat"])
+
+
+@pytest.mark.parametrize("refine,par", [(False, False), (True, False), (False, True)])
+def test_ablation_switches(clip, refine, par):
+    cfg = SMALL.with_(refine=RefineConfig(affinity_layers=3, refine=refine, use_par=par))
+    r = CamPredictor(clip, config=cfg, device="cpu").set_image(rgb_image()).predict(["cat", "dog"])
+    assert r.pseudo_label.shape == (50, 70) and r.cams.max() <= 1

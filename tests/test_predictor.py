@@ -135,6 +135,10 @@ def test_bad_use(clip):
             p.predict(bad)
     with pytest.raises(ValueError, match="give the class names"):
         p.predict(None)
+    too_small = CamPredictor(clip, config=SMALL.with_(cam=CamConfig(size=(64, 64), svc_last_blocks=2,
+                                                                    scales=(1.0, 0.1))), device="cpu")
+    with pytest.raises(ValueError, match="smaller than the CLIP patch"):
+        too_small.set_image(rgb_image())
     with pytest.raises(ValueError, match="channels last|layout|expected"):
         p.set_image(np.zeros((3, 40, 40), np.uint8))
     wrong_bank = CamPredictor(clip, bank=AttributeBank(torch.randn(5, 16)), config=SMALL, device="cpu")

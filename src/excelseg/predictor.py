@@ -132,6 +132,9 @@ class CamPredictor:
         states = [ImageState(rgb.shape[:2], None, [], None) for rgb in rgbs]
         for scale, flipped in self._views():
             size = (int(base_size[0] * scale), int(base_size[1] * scale))
+            if min(self.encoder.grid_for(size)) < 1:
+                raise ValueError(f"input size {size[0]}x{size[1]} (scale {scale}) is smaller than the CLIP patch "
+                                 f"size {self.encoder.patch_size[0]}; use a larger --size or scale")
             x = torch.stack([network_input(rgb, size, cfg_cam.normalization, flipped) for rgb in rgbs])
             base = scale == 1.0 and not flipped
             out = self.encoder(x.to(self.device), svc, aff_blocks if base and cfg_ref.refine else (),

@@ -63,7 +63,6 @@ import json
 import logging
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -144,7 +143,7 @@ def build_prompt(class_name: str, n: int, exclude: Sequence[str] = ()) -> list[d
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-_THINK = re.compile(r"<think(?:ing)?>.*?(?:</think(?:ing)?>|\Z)", re.S | re.I)
+_THINK = re.compile(r"<think(?:ing)?>.*?(?:</think(?:ing)?>|\Z)", re.DOTALL | re.IGNORECASE)
 _MARKER = re.compile(
     r"^(?:[-•·●○◦▪▫‣⁃–—]\s*|[*+]\s+"  # bullets
     r"|\(?\d{1,3}\s*[.):\]](?!\d)\s*"  # 1.  1)  (1)  1:  1]
@@ -152,7 +151,9 @@ _MARKER = re.compile(
 )
 _DOUBLE_QUOTES = "\"“”„«»"
 _SINGLE_QUOTES = "'‘’`"
-_PREAMBLE = re.compile(r"^(?:sure|certainly|of course|okay|ok|here (?:are|is)|here's|below (?:are|is))\b", re.I)
+_PREAMBLE = re.compile(
+    r"^(?:sure|certainly|of course|okay|ok|here (?:are|is)|here's|below (?:are|is))\b", re.IGNORECASE
+)
 
 
 def _dedup_key(text: str) -> str:
@@ -243,7 +244,7 @@ def chat_url(endpoint: str) -> str:
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401 - urllib hook
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         return None  # the 3xx surfaces as an HTTPError
 
 
@@ -286,10 +287,10 @@ class _ChatClient:
             return exc.code, exc.headers, body
         except urllib.error.URLError as exc:
             reason = exc.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
+            if isinstance(reason, TimeoutError):
                 raise _FailedAttempt(f"no answer from {self.url} within {self.timeout:g} s", transport=True) from None
             raise _FailedAttempt(f"cannot connect to {self.url}: {self.redact(str(reason))}", transport=True) from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise _FailedAttempt(f"no answer from {self.url} within {self.timeout:g} s", transport=True) from None
         except (OSError, http.client.HTTPException) as exc:
             msg = self.redact(str(exc)) or type(exc).__name__
@@ -365,16 +366,20 @@ def _norm(name: str) -> str:
     return " ".join(str(name).lower().replace("_", " ").split())
 
 
+class _NotKnowledge(ValueError):
+    pass
+
+
 def _str_list(value: Any, what: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{what} must be a list of strings")
+        raise _NotKnowledge(f"{what} must be a list of strings")
     return [v for v in value if v.strip()]
 
 
 def _to_knowledge(obj: Any, source: str) -> dict:
     """An excelseg-knowledge/1 dict from a parsed file of that format or of the plain reference format."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{source}: expected a JSON object")
+        raise _NotKnowledge(f"{source}: expected a JSON object")
     try:
         if "format" in obj:
             if obj["format"] != KNOWLEDGE_FORMAT:
@@ -386,7 +391,7 @@ def _to_knowledge(obj: Any, source: str) -> dict:
             kb["classes"] = {}
             for name, entry in classes.items():
                 if not isinstance(entry, dict):
-                    raise ValueError(f"class {name!r} must be an object")
+                    raise _NotKnowledge(f"class {name!r} must be an object")
                 entry = dict(entry)
                 entry["descriptions"] = _str_list(entry.get("descriptions", []), f"class {name!r}: descriptions")
                 entry["synonyms"] = _str_list(entry.get("synonyms", []), f"class {name!r}: synonyms")

@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     n_done = len(summary["complete"])
     skipped = sum(1 for i in summary["classes"].values() if i["status"] == "skipped")
     extra = f", {skipped} already done" if skipped else ""
-    print(f"done: {n_done} of {len(classes)} classes have {args.n} descriptions{extra}; "
+    print(f"done: {n_done} of {len(classes)} {'class has' if len(classes) == 1 else 'classes have'} "
+          f"{args.n} descriptions{extra}; "
           f"{summary['requests']} requests -> {out}")
     bad = summary["short"] + summary["failed"]
     if not bad:
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     for name in bad:
         info = summary["classes"][name]
         print(f"incomplete: {name}: {info['descriptions']} of {args.n} descriptions", file=sys.stderr)
-    print(f"{len(bad)} classes incomplete ({', '.join(bad)}); run the same command again to top them up",
+    noun = "class" if len(bad) == 1 else "classes"
+    print(f"{len(bad)} {noun} incomplete ({', '.join(bad)}); run the same command again to top them up",
           file=sys.stderr)
     return 1

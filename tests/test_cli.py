@@ -141,3 +141,17 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "cam" in capsys.readouterr().out
+
+
+def test_cam_with_knowledge(weights, photos, tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("EXCELSEG_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "kb.json").write_text(json.dumps({"cat": [f"a furry pet with whiskers, view {i}" for i in range(8)]}))
+    out = tmp_path / "out"
+    assert cam(weights, photos, "--classes", "cat,dog", "--out", out, "--knowledge", tmp_path / "kb.json",
+               "--clusters", "3") == 0
+    assert (out / "img0.png").is_file()
+    assert cam(weights, photos, "--classes", "cat", "--out", tmp_path / "o2", "--knowledge", "voc",
+               "--clusters", "0") == 2
+    assert "--clusters must be a positive integer" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from PIL import Image
 from excelseg import CamPredictor
 from excelseg.config import CamConfig, PipelineConfig, RefineConfig
 from excelseg.text import AttributeBank
+from excelseg.vocab import Vocabulary
 from tiny_clip import tiny_clip
 
 SMALL = PipelineConfig(cam=CamConfig(size=(64, 64), svc_last_blocks=2), refine=RefineConfig(affinity_layers=3))
@@ -70,7 +71,7 @@ def _modes():
     base = Image.fromarray(rgb_image(40, 30))
     rgba = base.convert("RGBA")
     rgba.putalpha(128)
-    i16 = Image.fromarray((np.arange(40 * 30, dtype=np.uint16).reshape(40, 30) * 50)).convert("I;16")
+    i16 = Image.fromarray(np.arange(40 * 30, dtype=np.uint16).reshape(40, 30) * 50).convert("I;16")
     return {"L": base.convert("L"), "LA": base.convert("LA"), "RGB": base, "RGBA": rgba,
             "P": base.convert("P"), "CMYK": base.convert("CMYK"), "I;16": i16,
             "np-gray": np.asarray(base.convert("L")), "np-rgba": np.asarray(rgba),
@@ -141,9 +142,33 @@ def test_bad_use(clip):
         too_small.set_image(rgb_image())
     with pytest.raises(ValueError, match="channels last|layout|expected"):
         p.set_image(np.zeros((3, 40, 40), np.uint8))
-    wrong_bank = CamPredictor(clip, bank=AttributeBank(torch.randn(5, 16)), config=SMALL, device="cpu")
-    with pytest.raises(ValueError, match="another CLIP"):
-        wrong_bank.set_image(rgb_image()).predict(["cat"])
+    with pytest.raises(ValueError, match="16-d attributes"):
+        CamPredictor(clip, bank=AttributeBank(torch.randn(5, 16)), config=SMALL, device="cpu")
+    other = AttributeBank(torch.randn(5, 32), meta={"clip_identity": "sha256:feed"}, source="b.safetensors")
+    with pytest.raises(ValueError, match="was built with CLIP sha256:feed"):
+        CamPredictor(clip, bank=other, config=SMALL, device="cpu")
+    with pytest.raises(ValueError, match="not both"):
+        CamPredictor(clip, bank=other, knowledge="voc", config=SMALL, device="cpu")
+
+
+def test_knowledge_enriches_only_described_classes(clip, tmp_path, monkeypatch, caplog):
+    """--knowledge: classes with descriptions are TSE-enriched, the others keep plain prompts (one warning)."""
+    import json
+
+    monkeypatch.setenv("EXCELSEG_CACHE", str(tmp_path / "cache"))
+    kb = {"cat": [f"a small furry pet number {i} with whiskers" for i in range(6)],
+          "dog": [f"a loyal animal number {i} with a wagging tail" for i in range(6)]}
+    (tmp_path / "kb.json").write_text(json.dumps(kb))
+    plain = CamPredictor(clip, config=SMALL, device="cpu")
+    rich = CamPredictor(clip, knowledge=str(tmp_path / "kb.json"), clusters=4, config=SMALL, device="cpu")
+    vocab = Vocabulary.from_names(["cat", "dog", "forklift"])
+    with caplog.at_level("WARNING"):
+        t_rich = rich.text_features(vocab)
+    t_plain = plain.text_features(vocab)
+    assert not torch.allclose(t_rich[:2], t_plain[:2])
+    torch.testing.assert_close(t_rich[2:], t_plain[2:])  # forklift and background words unchanged
+    assert "forklift" in caplog.text and "plain prompts" in caplog.text
+    assert list((tmp_path / "cache" / "banks").glob("*.safetensors"))  # built once, cached
 
 
 @pytest.mark.parametrize("refine,par", [(False, False), (True, False), (False, True)])

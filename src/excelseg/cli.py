@@ -13,7 +13,8 @@ from . import __version__
 _logger = logging.getLogger("excelseg")
 
 
-COMMAND_ORDER = ("cam", "pseudo_label", "prepare", "bank", "describe", "train", "eval", "segment", "demo")
+COMMAND_ORDER = ("cam", "pseudo_label", "prepare", "bank", "describe", "train", "eval", "eval_cams", "segment",
+                 "demo")
 
 
 class CliError(Exception):
@@ -51,7 +52,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(.pt TorchScript or state dict, .pth, .bin, .safetensors) or hf-hub:ORG/NAME; "
                         "default $EXCELSEG_CLIP, then ViT-B-16")
     g.add_argument("--bank", default=None,
-                   help="TSE attribute bank (.pth reference format, .safetensors, .npz); default: plain prompts")
+                   help="TSE attribute bank (.pth reference format, .safetensors, .npz) enriching every class; "
+                        "default: plain prompts")
+    g.add_argument("--knowledge", default=None,
+                   help="knowledge base instead of a bank (voc, coco or a JSON file): its attribute bank is built "
+                        "once and cached; classes it does not describe keep plain prompts (with a warning)")
+    g.add_argument("--clusters", default=None,
+                   help="attribute clusters B for --knowledge: N or auto (default 112 voc, 224 coco, else auto)")
     g.add_argument("--preset", default="paper", choices=["paper", "paper-voc", "paper-coco"],
                    help="settings preset (default: paper = the reference's VOC values)")
     g.add_argument("--size", type=_size, default=None, help="network input N or HxW (paper: 320)")
@@ -61,6 +68,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--box-threshold", type=float, default=None, help="τ_box of the box mask (paper: 0.79)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     g.add_argument("--batch-size", type=int, default=1, help="images per backbone forward (default 1)")
+
+
+def clusters_arg(text: str | None) -> int | str | None:
+    """``--clusters``: None, ``auto`` or a positive integer."""
+    if text is None or text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise CliError(f"--clusters must be a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise CliError(f"--clusters must be a positive integer or 'auto', got {text!r}")
+    return value
 
 
 def config_from_args(args: argparse.Namespace):

@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backbone import DenseEncoder
+from .bank import bank_for, check_bank_identity
 from .cam import surgery_cams
 from .config import PAPER_VOC, PipelineConfig
 from .io import to_rgb_array
 from .preprocess import network_input
 from .refine import box_mask, labels_from_cams, refine_cams, transition_matrix
 from .text import AttributeBank, TextEncoder, class_text_features
-from .vocab import Vocabulary, parse_class_list
+from .vocab import Vocabulary, _norm, parse_class_list
 from .weights import LoadedClip, load_clip
 
 _logger = logging.getLogger(__name__)
@@ -93,13 +94,18 @@ class CamPredictor:
             (open_clip tag, weight file, ``hf-hub:`` id; ``None`` → ``EXCELSEG_CLIP`` → ``ViT-B-16``).
         vocabulary: default vocabulary (``"voc"``, ``"coco"``, a list or file of names); ``None``: the class names
             given to :meth:`predict`.
-        bank: TSE attribute bank (path or :class:`~excelseg.text.AttributeBank`); ``None``: plain prompts.
+        bank: TSE attribute bank (path or :class:`~excelseg.text.AttributeBank`) enriching every class;
+            ``None``: plain prompts. A bank that records another CLIP's identity is refused.
+        knowledge: a knowledge base (``"voc"``, ``"coco"`` or a JSON path) instead of a bank: its attribute bank
+            is built once (``clusters``; default 112 for voc, 224 for coco, else ``"auto"``) and cached, and only
+            the classes it describes are enriched; the others fall back to plain prompts (logged once).
         config: pipeline settings (:data:`~excelseg.config.PAPER_VOC` by default).
         device: ``"cpu"``, ``"cuda"``, ``"auto"``/``None``.
     """
 
     def __init__(self, clip: LoadedClip | str | Path | None = None, *, vocabulary=None,
-                 bank: AttributeBank | str | Path | None = None, config: PipelineConfig = PAPER_VOC,
+                 bank: AttributeBank | str | Path | None = None, knowledge: str | Path | None = None,
+                 clusters: int | str | None = None, config: PipelineConfig = PAPER_VOC,
                  device: str | torch.device | None = None):
         self.device = resolve_device(device)
         self.clip = clip if isinstance(clip, LoadedClip) else load_clip(clip, device=self.device)
@@ -107,7 +113,20 @@ class CamPredictor:
         self.encoder = DenseEncoder(self.clip.model.visual)
         self.text_encoder = TextEncoder(self.clip.model, self.clip.tokenizer, self.clip.identity)
         self.vocabulary = None if vocabulary is None else Vocabulary.from_spec(vocabulary)
+        if bank is not None and knowledge is not None:
+            raise ValueError("give either a bank or a knowledge base, not both")
         self.bank = bank if bank is None or isinstance(bank, AttributeBank) else AttributeBank.load(bank)
+        self.knowledge_classes: set[str] | None = None  # normalised names a knowledge base describes
+        if knowledge is not None:
+            from .knowledge import load_knowledge
+
+            kb = load_knowledge(knowledge)
+            if clusters is None:
+                clusters = {"voc": 112, "coco": 224}.get(str(knowledge).lower(), "auto")
+            self.bank = bank_for(self.clip, kb, clusters)
+            self.knowledge_classes = {_norm(n) for n in kb}
+        if self.bank is not None:
+            check_bank_identity(self.bank, self.clip)
         self.config = config
         self._state: ImageState | None = None
         self._text_cache: dict = {}
@@ -171,7 +190,16 @@ class CamPredictor:
         """(C + M, E) (enriched) text features of a vocabulary, cached."""
         key = (vocab, self.config.text, id(self.bank))
         if key not in self._text_cache:
-            self._text_cache[key] = class_text_features(self.text_encoder, vocab, self.config.text, self.bank)
+            rows = None
+            if self.knowledge_classes is not None:
+                rows = [_norm(n) in self.knowledge_classes or _norm(p) in self.knowledge_classes
+                        for n, p in zip(vocab.names, vocab.prompt_names)]
+                plain = [n for n, r in zip(vocab.names, rows) if not r]
+                if plain:
+                    _logger.warning("no descriptions in the knowledge base for %s: plain prompts used",
+                                    ", ".join(plain))
+            self._text_cache[key] = class_text_features(self.text_encoder, vocab, self.config.text, self.bank,
+                                                        rows)
         return self._text_cache[key]
 
     def _resolve(self, classes, vocabulary) -> tuple[Vocabulary, list[int], list[str]]:

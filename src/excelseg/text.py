@@ -145,12 +145,21 @@ def enrich(text: Tensor, attributes: Tensor, keep_ratio: float = 0.9, temperatur
 
 
 def class_text_features(encoder: TextEncoder, vocab: Vocabulary, cfg: TextConfig,
-                        bank: AttributeBank | None = None) -> Tensor:
+                        bank: AttributeBank | None = None, enrich_rows: Sequence[bool] | None = None) -> Tensor:
     """(C + M, E) text features of a vocabulary: TSE-enriched foreground rows (when a bank is given), then
-    background rows; all unit norm."""
-    feats = encoder.encode(build_prompts(vocab, cfg.template))
+    background rows (enriched too with ``cfg.enrich_background``); all unit norm.
+
+    ``enrich_rows`` (length C) restricts enrichment to some foreground classes, e.g. those a knowledge base
+    describes; the others keep their plain prompt embedding.
+    """
+    feats = F.normalize(encoder.encode(build_prompts(vocab, cfg.template)), dim=-1)
     if bank is None:
-        return F.normalize(feats, dim=-1)
-    n_enrich = len(feats) if cfg.enrich_background else vocab.num_classes
-    enriched, _, _ = enrich(feats[:n_enrich], bank.attributes, cfg.keep_ratio, cfg.temperature, cfg.weight)
-    return torch.cat([enriched, F.normalize(feats[n_enrich:], dim=-1)], dim=0)
+        return feats
+    rows = torch.zeros(len(feats), dtype=torch.bool, device=feats.device)
+    rows[: vocab.num_classes] = True if enrich_rows is None else torch.tensor(list(enrich_rows), dtype=torch.bool)
+    rows[vocab.num_classes:] = cfg.enrich_background
+    if rows.any():
+        enriched, _, _ = enrich(feats[rows], bank.attributes, cfg.keep_ratio, cfg.temperature, cfg.weight)
+        feats = feats.clone()
+        feats[rows] = enriched
+    return feats

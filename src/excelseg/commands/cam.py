@@ -8,12 +8,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..cli import CliError, add_model_args, config_from_args
+from ..cli import CliError, add_model_args, clusters_arg, config_from_args
 
 EXAMPLES = """examples:
   excelseg cam photos/ --classes "cat,dog,sofa" --out out/
   excelseg cam 'shots/*.jpg' --classes classes.txt --clip ~/weights/ViT-B-16.pt --save-cams
   excelseg cam img.jpg --vocabulary voc --classes "cat,sofa" --bank voc_bank.pth --out out/
+  excelseg cam shots/ --classes "forklift,pallet" --knowledge kb.json --out out/
 
 Outputs per image: <stem>.png (palette pseudo-label: 0 = background, i = i-th class of the vocabulary),
 <stem>_overlay.jpg (label overlay with legend + one heat-map per class), and with --save-cams <stem>_cams.npz.
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{skipped} of {len(paths)} images already done in {out_dir} (use --overwrite to redo)")
     if not todo:
         return 0
-    predictor = CamPredictor(args.clip, vocabulary=vocab, bank=args.bank, config=cfg, device=args.device)
+    predictor = CamPredictor(args.clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
+                             clusters=clusters_arg(args.clusters), config=cfg, device=args.device)
     failures: list[tuple[Path, str]] = []
     written = 0
     start = time.perf_counter()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import CliError, add_model_args, config_from_args
+from ..cli import CliError, add_model_args, clusters_arg, config_from_args
 
 # (scikit-image data file, classes present in it)
 SAMPLES = (
@@ -53,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     photos = sample_photos()
     out_dir = Path(args.out)
     check_writable(out_dir)
-    predictor = CamPredictor(args.clip, config=cfg, device=args.device)
+    predictor = CamPredictor(args.clip, bank=args.bank, knowledge=args.knowledge,
+                             clusters=clusters_arg(args.clusters), config=cfg, device=args.device)
     print(f"CLIP: {predictor.clip.name} ({predictor.clip.source})")
     for path, classes in photos:
         rgb = to_rgb_array(read_image(path))

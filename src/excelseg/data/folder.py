@@ -1,0 +1,273 @@
+"""Your own images with image-level tags (and, optionally, index masks for evaluation).
+
+Labels file, one of:
+
+* CSV ``image,classes`` — ``image`` is a path relative to the images folder, ``classes`` the tags separated by
+  ``;`` or ``|`` (empty = no foreground class); a header row (``image,...``) is optional; blank lines and lines
+  starting with ``#`` are skipped::
+
+      image,classes
+      beach.jpg,dog;person
+      kitchen/0001.png,cat|bottle
+
+* JSON ``{"beach.jpg": ["dog", "person"], "kitchen/0001.png": "cat;bottle"}``.
+
+The class list is inferred (sorted unique tags) or given: a list of names, ``"voc"``, ``"coco"``, a comma list or
+a ``.txt`` / ``.json`` file; tags are matched case-insensitively (for ``voc`` / ``coco`` the prompt names such as
+``"bird avian"`` are accepted too) and unknown tags are an error naming each one with its line. Image ids are the
+paths without their suffix; masks, when given, are ``<masks>/<id>.png`` with 0 = background, ``i + 1`` = the
+i-th class, 255 = ignore. Images are read with their EXIF orientation applied, as ``excelseg cam`` reads them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ..vocab import Vocabulary, parse_class_list
+from .dataset import Sample, SegDataset
+from .index import (
+    INDEX_FORMAT,
+    INDEX_VERSION,
+    PrepareResult,
+    Problem,
+    ProgressFn,
+    bad_values,
+    examples,
+    image_size,
+    mask_values,
+    parallel_map,
+)
+
+__all__ = ["FolderDataset", "build_folder_index", "read_labels_file"]
+
+SPLIT = "all"
+_SEP = re.compile(r"[;|]")
+_HEADER_WORDS = {"image", "images", "file", "filename", "file_name", "path", "name"}
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").split())
+
+
+def read_labels_file(path: str | os.PathLike[str]) -> list[tuple[str, list[str], int]]:
+    """``[(image path, [tag, ...], line number), ...]`` from a CSV or JSON labels file (module docstring)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"labels file not found: {p}")
+    text = p.read_text(encoding="utf-8-sig")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}: invalid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f'{p}: expected a JSON object {{"image.jpg": ["class", ...]}}')
+        rows = []
+        for image, tags in data.items():
+            at = text.find(json.dumps(image)[:-1])  # the key's opening quote and text
+            line = text.count("\n", 0, at) + 1 if at >= 0 else 0
+            if isinstance(tags, str):
+                tags = _SEP.split(tags)
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise ValueError(f"{p}:{line}: the classes of {image!r} must be a list of names")
+            rows.append((str(image), [t.strip() for t in tags if t.strip()], line))
+        return rows
+    rows = []
+    first = True
+    reader = csv.reader(_io.StringIO(text))
+    for row in reader:
+        line = reader.line_num
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) > 2:
+            raise ValueError(f"{p}:{line}: expected 'image,classes' with classes separated by ';' or '|', "
+                             f"got {len(row)} columns")
+        image = row[0].strip()
+        tags = [t.strip() for t in _SEP.split(row[1])] if len(row) > 1 else []
+        if first and image.lower() in _HEADER_WORDS:
+            first = False
+            continue  # header row
+        first = False
+        rows.append((image, [t for t in tags if t], line))
+    return rows
+
+
+def _class_list(classes: str | Sequence[str] | None, rows: list[tuple[str, list[str], int]]
+                ) -> tuple[list[str], dict[str, int]]:
+    """Foreground names and a lookup normalised tag → label value (1 … C)."""
+    if classes is None:
+        spelling: dict[str, str] = {}  # normalised tag → its first spelling in the file
+        for _, tags, _ in rows:
+            for t in tags:
+                spelling.setdefault(_norm(t), t)
+        keys = sorted(spelling)
+        return [spelling[k] for k in keys], {k: i + 1 for i, k in enumerate(keys)}
+    if isinstance(classes, str) and classes.lower() in ("voc", "coco"):
+        vocab = Vocabulary.named(classes)
+        lookup = {}
+        for i, (n, pn) in enumerate(zip(vocab.names, vocab.prompt_names)):
+            lookup.setdefault(_norm(n), i + 1)
+            lookup.setdefault(_norm(pn), i + 1)
+        return list(vocab.names), lookup
+    names = parse_class_list(classes)
+    return names, {_norm(n): i + 1 for i, n in enumerate(names)}
+
+
+def build_folder_index(
+    images_dir: str | os.PathLike[str],
+    labels_file: str | os.PathLike[str],
+    masks_dir: str | os.PathLike[str] | None = None,
+    classes: str | Sequence[str] | None = None,
+    check: bool = True,
+    workers: int = 0,
+    progress: ProgressFn | None = None,
+) -> PrepareResult:
+    """Index of a folder of images with tags (split ``"all"``).
+
+    With ``check`` every image header and mask is read: sizes are recorded, and images / masks that are missing,
+    unreadable, of another size or with values outside 0 … C and 255 are problems (dropped from the split).
+    Without it only the existence of the images is checked. Unknown tags and duplicate images are a
+    ``ValueError`` either way.
+    """
+    images_dir = Path(images_dir).expanduser()
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"images folder not found: {images_dir}")
+    masks_path = Path(masks_dir).expanduser() if masks_dir is not None else None
+    if masks_path is not None and not masks_path.is_dir():
+        raise FileNotFoundError(f"masks folder not found: {masks_path}")
+    rows = read_labels_file(labels_file)
+    if not rows:
+        raise ValueError(f"{labels_file}: no images listed")
+    names, lookup = _class_list(classes, rows)
+    unknown = [f"{t!r} (line {line})" for _, tags, line in rows for t in tags if _norm(t) not in lookup]
+    if unknown:
+        raise ValueError(f"{labels_file}: unknown class names {examples(unknown, 8)}; known: "
+                         f"{', '.join(names[:30])}{', …' if len(names) > 30 else ''}")
+
+    problems: list[Problem] = []
+    notes: list[str] = []
+    image_files: dict[str, str] = {}
+    labels: dict[str, list[int]] = {}
+    first_line: dict[str, int] = {}
+    dupes: list[str] = []
+    for image, tags, line in rows:
+        rel = PurePosixPath(image.replace("\\", "/"))
+        name = str(rel.with_suffix(""))
+        if name in first_line:
+            dupes.append(f"{image} (lines {first_line[name]} and {line})")
+            continue
+        first_line[name] = line
+        image_files[name] = str(rel)
+        labels[name] = sorted({lookup[_norm(t)] for t in tags})
+    if dupes:
+        raise ValueError(f"{labels_file}: images listed twice (ids are paths without suffix): {examples(dupes)}")
+    excluded: dict[str, str] = {}
+    missing = [n for n, rel in image_files.items() if not (images_dir / rel).is_file()]
+    if missing:
+        for n in missing:
+            excluded[n] = "image missing"
+        problems.append(Problem(f"{len(missing)} images of {labels_file} are missing from {images_dir}: "
+                                f"{examples([image_files[n] for n in missing])}", missing))
+    if masks_path is not None:
+        no_mask = [n for n in image_files if n not in excluded and not (masks_path / f"{n}.png").is_file()]
+        if no_mask:
+            for n in no_mask:
+                excluded[n] = "mask missing"
+            problems.append(Problem(f"{len(no_mask)} images have no mask <id>.png in {masks_path}: "
+                                    f"{examples(no_mask)}", no_mask))
+
+    sizes: dict[str, list[int]] = {}
+    if check:
+        tasks = [(n, str(images_dir / rel), str(masks_path / f"{n}.png") if masks_path else None)
+                 for n, rel in image_files.items() if n not in excluded]
+        errors: list[str] = []
+        extra_classes = 0
+        for n, hw, mask, error in parallel_map(_check_one, tasks, workers, 32, progress, "images"):
+            if error is None and mask is not None:
+                mhw, values = mask
+                if tuple(mhw) != tuple(hw):
+                    error = f"mask {mhw[1]}x{mhw[0]}, image {hw[1]}x{hw[0]}"
+                elif bad_values(values, len(names)):
+                    error = f"mask values outside 0-{len(names)} and 255: {bad_values(values, len(names))}"
+                elif {v for v in values if 1 <= v <= len(names)} - set(labels[n]):
+                    extra_classes += 1
+            if error is not None:
+                errors.append(f"{n} ({error})")
+                excluded[n] = error
+            else:
+                sizes[n] = list(hw)
+        if errors:
+            problems.append(Problem(f"{len(errors)} images or masks are unusable (excluded): "
+                                    f"{examples(errors, 3)}"))
+        if extra_classes:
+            notes.append(f"{extra_classes} masks contain classes that their image's tags do not list")
+    ids = [n for n in image_files if n not in excluded]
+    root = images_dir.resolve()
+    index: dict[str, Any] = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "dataset": "folder",
+        "root": str(root),
+        "class_names": list(names),
+        "exif_transpose": True,
+        "counts": {SPLIT: len(ids)},
+        "files": {SPLIT: {"image": [], "mask": [str(masks_path.resolve() / "{id}.png")] if masks_path else []}},
+        "image_files": {n: image_files[n] for n in ids},
+        "splits": {SPLIT: ids},
+        "labels": {n: labels[n] for n in ids},
+        "sizes": sizes,
+        "excluded": excluded,
+        "info": {"labels_file": str(Path(labels_file).resolve())},
+    }
+    return PrepareResult(index, problems, notes)
+
+
+def _check_one(task: tuple[str, str, str | None]) -> tuple[str, Any, Any, str | None]:
+    name, image_path, mask_path = task
+    try:
+        hw = image_size(image_path, exif_transpose=True)
+    except Exception as exc:  # noqa: BLE001 (reported per file)
+        return name, None, None, f"unreadable image: {type(exc).__name__}: {exc}"
+    if mask_path is None:
+        return name, hw, None, None
+    try:
+        return name, hw, mask_values(mask_path), None
+    except Exception as exc:  # noqa: BLE001 (reported per file)
+        return name, hw, None, f"unreadable mask: {exc}"
+
+
+class FolderDataset(SegDataset):
+    """A :class:`SegDataset` over your own images, straight from a labels file (no ``prepare`` needed).
+
+    Args:
+        images_dir: folder the labels file's image paths are relative to.
+        labels_file: CSV or JSON labels file (see the module docstring).
+        masks_dir: optional folder of ``<id>.png`` index masks (for evaluation).
+        classes: class list (names, ``"voc"``, ``"coco"``, comma list or file); default: sorted unique tags.
+        transform, with_mask: as for :class:`SegDataset`.
+
+    Raises:
+        FileNotFoundError: a folder, the labels file or a listed image is missing (all missing ones named).
+        ValueError: unknown class names (each with its line), duplicate images, a malformed labels file.
+    """
+
+    def __init__(
+        self,
+        images_dir: str | os.PathLike[str],
+        labels_file: str | os.PathLike[str],
+        masks_dir: str | os.PathLike[str] | None = None,
+        classes: str | Sequence[str] | None = None,
+        transform: Callable[[Sample], Sample] | None = None,
+        with_mask: bool = True,
+    ) -> None:
+        result = build_folder_index(images_dir, labels_file, masks_dir, classes, check=False)
+        if result.problems:
+            raise FileNotFoundError(str(result.problems[0]))
+        super().__init__(result.index, SPLIT, transform=transform, with_mask=with_mask)

@@ -16,10 +16,6 @@ from excelseg.io import (
     ImageReadError,
     atomic_write,
     collect_images,
-    heatmap,
-    jet_colormap,
-    overlay,
-    overlay_sheet,
     read_image,
     read_label_png,
     save_jpeg,
@@ -28,6 +24,7 @@ from excelseg.io import (
     save_npz,
     to_rgb_array,
 )
+from excelseg.viz import heatmap, jet_colormap, overlay, overlay_sheet
 
 # ------------------------------------------------------------------------------------------------------------
 # reading every mode

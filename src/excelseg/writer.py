@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .io import overlay_sheet, save_jpeg, save_label_png, save_npz
+from .io import save_jpeg, save_label_png, save_npz
 from .predictor import CamResult
+from .viz import overlay_sheet
 
 OVERLAY_MAX_SIDE = 768  # overlays are for looking at: panels are bounded whatever the image size
 

@@ -120,13 +120,20 @@ def test_wrong_weights_are_refused(photos, tmp_path, capsys):
     assert "sha256" in capsys.readouterr().err
 
 
-def test_demo_without_weights_says_where_it_looked(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("skimage")
+def test_demo_without_weights_falls_back_to_synthetic(tmp_path, monkeypatch, capsys):
+    """No real CLIP offline: the weight error is shown, then the shipped synthetic CLIP runs the offline demo."""
     monkeypatch.setenv("EXCELSEG_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert main(["demo", "--out", str(tmp_path / "demo_out")]) == 2
-    err = capsys.readouterr().err
-    assert "ViT-B-16.pt" in err and str(tmp_path / "cache") in err and "EXCELSEG_CLIP" in err
+    assert main(["demo", "--out", str(tmp_path / "demo_out"), "--scenes", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "ViT-B-16.pt" in out and str(tmp_path / "cache") in out and "EXCELSEG_CLIP" in out
+    assert "plain CLIP (SVC and TSE off)" in out and "ExCEL training-free (SVC + TSE)" in out
+    assert len(list((tmp_path / "demo_out").glob("scene_*_overlay.jpg"))) == 6
+
+
+def test_explicit_missing_weights_are_an_error(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "o"), "--clip", "ViT-B-32"]) == 2
+    assert "ViT-B-32" in capsys.readouterr().err
 
 
 def test_demo_runs_with_weights(weights, tmp_path, capsys):

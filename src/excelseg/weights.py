@@ -9,7 +9,9 @@ preprocessing constants (:class:`LoadedClip`). A spec is one of
 * a local file — ``.pt`` / ``.pth`` / ``.bin`` / ``.safetensors``: the OpenAI TorchScript archive, a plain
   state dict saved with ``torch.save`` (optionally wrapped in ``{"state_dict": …}`` / ``{"model": …}``, keys
   optionally prefixed ``module.``) or safetensors;
-* ``"hf-hub:org/name"`` — an open_clip model on the Hugging Face Hub.
+* ``"hf-hub:org/name"`` — an open_clip model on the Hugging Face Hub;
+* a name in :data:`NAMED_WEIGHTS` — weights shipped inside the package: ``"synthetic"``, the small CLIP trained
+  on generated scenes (``excelseg train-clip``), identified like any local file by its sha256.
 
 Where weights are looked for, in order:
 
@@ -71,6 +73,7 @@ from torch import nn
 
 __all__ = [
     "KNOWN_FILES",
+    "NAMED_WEIGHTS",
     "LoadedClip",
     "UnsupportedModelError",
     "WeightsFormatError",
@@ -100,6 +103,9 @@ _MAX_LISTED = 4  # offending keys named per category in a mismatch message
 # Keys whose shapes define an architecture, named first (in this order) when shapes disagree.
 _DEFINING_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
                   "positional_embedding", "text_projection")
+
+#: Weights shipped with excelseg: spec name -> file inside the package (checked before open_clip tags).
+NAMED_WEIGHTS: dict[str, str] = {"synthetic": "assets/synthetic_clip.safetensors"}
 
 #: OpenAI's CLIP release: file name -> sha256 (the hex string in each download URL).
 KNOWN_FILES: dict[str, str] = {
@@ -941,6 +947,12 @@ def load_clip(
     if path.is_file():
         return _load_file(path, device=device, arch=arch, quick_gelu=quick_gelu, name=path.stem,
                           source=f"{path} (from {origin})")
+    if text.lower() in NAMED_WEIGHTS:
+        shipped = Path(__file__).resolve().parent / NAMED_WEIGHTS[text.lower()]
+        if not shipped.is_file():
+            raise WeightsNotFoundError(f"the shipped weights {text!r} are missing from the installation: {shipped}")
+        return _load_file(shipped, device=device, arch=arch, quick_gelu=quick_gelu, name=text.lower(),
+                          source=f"{shipped} (shipped weights {text.lower()!r}, from {origin})")
     tag_text = text
     if _looks_like_path(text):
         arch_part = _split_tag(text.replace("/", "-"))[0]

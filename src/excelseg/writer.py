@@ -17,6 +17,7 @@ from .predictor import CamResult
 from .viz import overlay_sheet
 
 OVERLAY_MAX_SIDE = 768  # overlays are for looking at: panels are bounded whatever the image size
+OVERLAY_MIN_SIDE = 256
 
 
 def output_paths(out_dir: Path, stem: str, save_cams: bool) -> list[Path]:
@@ -35,9 +36,11 @@ def write_result(out_dir: Path, stem: str, rgb: np.ndarray, result: CamResult, s
     save_label_png(label_path, result.pseudo_label)
     h, w = result.image_size
     f = min(1.0, OVERLAY_MAX_SIDE / max(h, w))
+    if max(h, w) * f < OVERLAY_MIN_SIDE:  # tiny images are enlarged so the panels stay readable
+        f = OVERLAY_MIN_SIDE / max(h, w)
     small = (max(1, round(h * f)), max(1, round(w * f)))
-    rgb_s = np.asarray(Image.fromarray(rgb).resize(small[::-1], Image.BILINEAR)) if f < 1 else rgb
-    lab_s = np.asarray(Image.fromarray(result.pseudo_label).resize(small[::-1], Image.NEAREST)) if f < 1 \
+    rgb_s = np.asarray(Image.fromarray(rgb).resize(small[::-1], Image.BILINEAR)) if f != 1 else rgb
+    lab_s = np.asarray(Image.fromarray(result.pseudo_label).resize(small[::-1], Image.NEAREST)) if f != 1 \
         else result.pseudo_label
     names = {0: "background", **dict(zip(result.class_ids, result.class_names))}
     sheet = overlay_sheet(rgb_s, lab_s, names, result.cams_at(small), list(result.class_names),

@@ -84,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     predictor = CamPredictor(args.clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
                              clusters=clusters_arg(args.clusters), config=cfg, device=args.device)
+    if predictor.clip.name == "synthetic" and args.size is None:
+        from ..synthetic import synthetic_config
+
+        # the shipped scene CLIP: its native input size and its captions' prompt wording
+        predictor.config = synthetic_config(predictor.clip.image_size).with_(refine=cfg.refine)
     failures: list[tuple[Path, str]] = []
     written = 0
     start = time.perf_counter()

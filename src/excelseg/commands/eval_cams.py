@@ -72,7 +72,12 @@ def read_cams(path: str, num_classes: int, hw: tuple[int, int]) -> tuple[np.ndar
     """``(cams K×H×W float32, class_ids (K,) int64)`` of an archive, checked against the GT size."""
     try:
         with np.load(path) as z:
-            cams, ids = z["cams"], z["class_ids"]
+            cams, ids, stored_size = z["cams"], z["class_ids"], z["size"] if "size" in z.files else None
+        if stored_size is not None and tuple(cams.shape[1:]) != tuple(hw):
+            # reduced-resolution archive (excelseg pseudo-label --save-cams): upsample to the GT size
+            from ..batch import read_cam_archive
+
+            cams, ids = read_cam_archive(path, size=tuple(hw))
     except KeyError as exc:
         raise EvalInputError(f"CAM archive {path} lacks {exc}: expected 'cams' and 'class_ids'") from None
     except Exception as exc:  # noqa: BLE001 (any unreadable archive is named)

@@ -1,0 +1,110 @@
+"""Throughput of ``excelseg pseudo-label`` (the batch command, end to end) on the VOC sample images.
+
+    python benchmarks/pseudo_label_throughput.py [--device cpu] [--threads N] [--repeat 1]
+
+Builds a miniature VOC tree in a temporary folder from ``shared/data/voc_sample`` (the 5 original images at their
+own sizes and the 14 513×513 crops, saved as JPEG; ``--repeat`` copies each under more ids), prepares it, and runs
+the real command (``python -m excelseg.cli pseudo-label``, a fresh process per setting) on the ``train`` split with
+the full ViT-B/16 parity random weights (speed does not depend on the weights; regenerated with
+``shared/parity/make_random_clip.py --seed 0`` into ``~/.cache/excelseg/parity/`` when absent), paper settings
+(320 input, single scale, PAR at full size), for ``--workers`` 0 vs 2 and ``--batch-size`` 1 vs 4. The rate is the
+command's own (its summary line: images / seconds of the labelling loop, model loading excluded). Prints one line
+per setting, then the projected hours for VOC train_aug (10,582 images) and COCO train (82,081 images) at the
+best setting, for one process on this device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+HERE = Path(__file__).resolve().parents[1]
+SHARED = HERE.parent / "shared" if (HERE.parent / "shared").is_dir() else Path("/work/shared")
+SAMPLE = SHARED / "data" / "voc_sample"
+MAKE_CLIP = SHARED / "parity" / "make_random_clip.py"
+CACHE = Path(os.environ.get("EXCELSEG_PARITY_CACHE", Path.home() / ".cache" / "excelseg" / "parity"))
+SETS = {"VOC train_aug": 10_582, "COCO train": 82_081}
+RATE = re.compile(r"done: (\d+) written.*\(([\d.]+) img/s")
+
+
+def clip_weights() -> Path:
+    path = CACHE / "clip_rand_seed0.pt"
+    if not path.is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = CACHE / "clip_rand_seed0.pt.tmp"
+        subprocess.run([sys.executable, str(MAKE_CLIP), "--seed", "0", "--out", str(tmp)], check=True)
+        os.replace(tmp, path)
+    return path
+
+
+def build_voc(base: Path, repeat: int) -> tuple[Path, int]:
+    """VOCdevkit/VOC2012 with every sample image (× ``repeat``) in train.txt; returns (root, image count)."""
+    groups = json.loads((SAMPLE / "manifest.json").read_text())
+    root = base / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True)
+    ids = []
+    for entries in groups.values():
+        for name, e in entries.items():
+            for r in range(repeat):
+                image_id = name if r == 0 else f"{name}_r{r}"
+                with Image.open(SAMPLE / e["image"]) as im:
+                    im.convert("RGB").save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+                shutil.copy(SAMPLE / e["mask"], root / "SegmentationClass" / f"{image_id}.png")
+                ids.append(image_id)
+    ids = sorted(set(ids))
+    (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids) + "\n")
+    (root / "ImageSets/Segmentation/val.txt").write_text(ids[0] + "\n")
+    subprocess.run([sys.executable, "-m", "excelseg.cli", "prepare", "voc", str(root), "--workers", "1"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return root, len(ids)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (0: torch's default)")
+    ap.add_argument("--repeat", type=int, default=1, help="ids per sample image (more images per setting)")
+    ap.add_argument("--workers", default="0,2")
+    ap.add_argument("--batch-sizes", default="1,4")
+    args = ap.parse_args()
+    if not (SAMPLE / "manifest.json").is_file():
+        sys.exit(f"VOC sample images not found at {SAMPLE}")
+    weights = clip_weights()
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    with tempfile.TemporaryDirectory(prefix="pl_bench_") as tmp:
+        root, n = build_voc(Path(tmp), args.repeat)
+        print(f"{n} VOC sample images, ViT-B/16 parity random weights, device {args.device}, "
+              f"threads {args.threads or 'default'}, {os.cpu_count()} CPUs (shared machine: figures vary)")
+        rates = {}
+        for workers in (int(w) for w in args.workers.split(",")):
+            for batch in (int(b) for b in args.batch_sizes.split(",")):
+                out = Path(tmp) / f"out_w{workers}_b{batch}"
+                cmd = [sys.executable, "-m", "excelseg.cli", "pseudo-label", "--root", str(root), "--split", "train",
+                       "--out", str(out), "--clip", str(weights), "--device", args.device,
+                       "--workers", str(workers), "--batch-size", str(batch)]
+                res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
+                m = RATE.search(res.stdout)
+                if res.returncode != 0 or m is None or int(m.group(1)) != n:
+                    sys.exit(f"run failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr}")
+                rates[(workers, batch)] = float(m.group(2))
+                print(f"workers {workers} batch {batch}: {rates[(workers, batch)]:.3f} img/s", flush=True)
+    (workers, batch), best = max(rates.items(), key=lambda kv: kv[1])
+    print(f"best: workers {workers} batch {batch} at {best:.3f} img/s (one process)")
+    for name, count in SETS.items():
+        print(f"projected {name} ({count:,} images): {count / best / 3600:.1f} h")
+
+
+if __name__ == "__main__":
+    main()

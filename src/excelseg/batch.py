@@ -1,0 +1,346 @@
+"""Batch pseudo-labelling of a prepared dataset: the library part of ``excelseg pseudo-label``.
+
+The per-image work is :meth:`excelseg.predictor.CamPredictor.predict_state` unchanged (paper protocol, EXCEL_SPEC
+§6 ``infer_lam``: every image gets the CAMs and label of the classes in its image-level label, aligned against the
+dataset's whole vocabulary). This module adds what a run over 10⁴–10⁵ images needs:
+
+* :class:`Shard`: a disjoint, deterministic slice ``sorted(ids)[rank::world]`` for one of ``world`` processes
+  (``--shard i/n`` or torchrun's ``RANK`` / ``WORLD_SIZE``); no process group is needed (embarrassingly parallel).
+* resume: :func:`is_done` (outputs written atomically, so an existing file is a complete one) and
+  :func:`remove_stale_temps` (temporary files left by a killed process).
+* :func:`iter_pseudo_labels`: images decoded by a ``DataLoader`` (``workers`` processes), backbone forwards in
+  batches of ``batch_size`` (the network input has a fixed size, so images of any size batch), per-image
+  :class:`LabelOutput`; unreadable images come back as errors, not exceptions.
+* optional dense CRF (:mod:`excelseg.crf`) on the ``[bg, cams]`` scores after PAR, at the full image size.
+* CAM archives at a *reduced* resolution (:func:`cam_archive`, :func:`read_cam_archive`).
+
+CAM archive ``<id>_cams.npz`` (``np.savez_compressed``)::
+
+    cams         (K, h, w) float16 in [0, 1]: the refined CAMs of the K present classes on the patch grid (20×20 for
+                 a 320 input; or resized so that the longer side is ``cam_size``)
+    class_ids    (K,) int64 label values (vocabulary index + 1)
+    class_names  (K,) str
+    size         (2,) int64 original image (H, W)
+
+A 20×20 archive holds K × 800 bytes of CAMs before compression (3 classes ≈ 2.4 kB; all 20 VOC classes 16 kB),
+instead of K × H × W × 2 bytes at full size (≈ 375 kB per class for a 500×375 image).
+:func:`read_cam_archive` upsamples bilinearly to the original size, which from a grid archive is exactly how
+:attr:`excelseg.predictor.CamResult.cams` is made (up to float16 rounding).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.utils.data
+
+from .crf import CrfConfig, dense_crf
+from .io import save_label_png, save_npz
+from .predictor import CamPredictor, CamResult
+from .refine import labels_from_cams
+from .vocab import Vocabulary, _norm
+
+__all__ = [
+    "LabelOutput",
+    "Shard",
+    "cam_archive",
+    "cam_size_for",
+    "cams_path",
+    "dataset_vocabulary",
+    "device_for_rank",
+    "is_done",
+    "iter_pseudo_labels",
+    "label_path",
+    "parse_cam_size",
+    "read_cam_archive",
+    "remove_stale_temps",
+    "write_outputs",
+]
+
+CAM_SIZE_RANGE = (4, 256)  # --cam-size N bounds: archives stay small by construction
+
+
+# ---- sharding ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Process ``rank`` of ``world``: takes ``sorted(ids)[rank::world]``."""
+
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world < 1 or not 0 <= self.rank < self.world:
+            raise ValueError(f"shard must be i/n with 0 <= i < n, got {self.rank}/{self.world}")
+
+    def select(self, ids: Sequence[str]) -> list[str]:
+        """This shard's ids: every ``world``-th of the sorted ids, from ``rank``. The shards of one ``world``
+        are disjoint and together hold every id once."""
+        return sorted(ids)[self.rank::self.world]
+
+    def __str__(self) -> str:
+        return f"{self.rank}/{self.world}"
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"i/n"`` → ``Shard(i, n)``."""
+        try:
+            rank, world = (int(v) for v in text.split("/"))
+        except ValueError:
+            raise ValueError(f"shard must be i/n (e.g. 0/4), got {text!r}") from None
+        return cls(rank, world)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Shard | None:
+        """The shard torchrun (or any launcher) describes with ``RANK`` and ``WORLD_SIZE``; ``None`` if unset."""
+        env = os.environ if environ is None else environ
+        if "WORLD_SIZE" not in env:
+            return None
+        try:
+            world = int(env["WORLD_SIZE"])
+            rank = int(env.get("RANK", "0"))
+        except ValueError:
+            raise ValueError(f"RANK={env.get('RANK')!r} / WORLD_SIZE={env['WORLD_SIZE']!r} are not integers") \
+                from None
+        return cls(rank, world)
+
+
+def device_for_rank(device: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """``--device`` for this process: under a launcher that sets ``LOCAL_RANK`` (torchrun), ``auto``/``cuda``
+    become ``cuda:LOCAL_RANK`` when CUDA is available; anything else is returned unchanged."""
+    env = os.environ if environ is None else environ
+    local = env.get("LOCAL_RANK")
+    if local is None or str(device or "auto") not in ("auto", "cuda") or not torch.cuda.is_available():
+        return device
+    return f"cuda:{int(local) % max(1, torch.cuda.device_count())}"
+
+
+# ---- outputs and resume ------------------------------------------------------------------------------------
+
+
+def label_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.png"
+
+
+def cams_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}_cams.npz"
+
+
+def is_done(out_dir: Path, name: str, save_cams: bool) -> bool:
+    """True when ``<name>.png`` (and ``<name>_cams.npz`` with ``save_cams``) exist; writes are atomic, so an
+    existing file is a complete file."""
+    return label_path(out_dir, name).is_file() and (not save_cams or cams_path(out_dir, name).is_file())
+
+
+def remove_stale_temps(out_dir: Path, names: Sequence[str]) -> int:
+    """Delete the hidden temporary files (``.<file>.<random><suffix>``, see :func:`excelseg.io.atomic_path`) that
+    a killed process left for the outputs of ``names``; returns how many. Only these ids' files are touched, so
+    processes working on other shards of the same folder are safe."""
+    finals: dict[Path, set[str]] = {}
+    for name in names:
+        png, npz = label_path(out_dir, name), cams_path(out_dir, name)
+        finals.setdefault(png.parent, set()).update((png.name, npz.name))
+    removed = 0
+    for folder, wanted in finals.items():
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if not e.name.startswith(".") or not e.is_file(follow_symlinks=False):
+                    continue
+                parts = e.name[1:].rsplit(".", 2)  # <final>.<random>.<suffix>
+                if len(parts) == 3 and parts[0] in wanted and parts[0].endswith("." + parts[2]):
+                    try:
+                        os.unlink(e.path)
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+    return removed
+
+
+def parse_cam_size(text: str) -> int | None:
+    """``--cam-size``: ``grid`` (``None``: the patch grid) or N, the longer side of the stored maps."""
+    if str(text).lower() == "grid":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"--cam-size must be 'grid' or an integer, got {text!r}") from None
+    lo, hi = CAM_SIZE_RANGE
+    if not lo <= n <= hi:
+        raise ValueError(f"--cam-size must be 'grid' or between {lo} and {hi} (CAM archives are stored at a reduced "
+                         f"size), got {n}")
+    return n
+
+
+def cam_size_for(cam_size: int | None, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int]:
+    """Stored map size: the patch ``grid`` for ``None``, else the image aspect with longer side ``cam_size``."""
+    if cam_size is None:
+        return int(grid[0]), int(grid[1])
+    h, w = image_size
+    f = cam_size / max(h, w)
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def cam_archive(result: CamResult, cam_size: int | None = None) -> dict[str, np.ndarray]:
+    """The arrays of a reduced-resolution CAM archive (module docstring) for one result."""
+    grid = tuple(result.grid_cams.shape[-2:])
+    size = cam_size_for(cam_size, grid, result.image_size)
+    if size == grid:
+        cams = result.grid_cams.float().clamp(0, 1).cpu().numpy()
+    else:
+        cams = result.cams_at(size)
+    return {"cams": cams.astype(np.float16), "class_ids": np.asarray(result.class_ids, dtype=np.int64),
+            "class_names": np.asarray(list(result.class_names), dtype=str),
+            "size": np.asarray(result.image_size, dtype=np.int64)}
+
+
+def read_cam_archive(path: str | os.PathLike[str], size: tuple[int, int] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``(cams (K, H, W) float32 in [0, 1], class_ids (K,) int64)`` of an archive, bilinearly upsampled to
+    ``size`` (default: the original image size recorded in the archive; archives without ``size`` are returned
+    as stored)."""
+    with np.load(path) as z:
+        cams = np.asarray(z["cams"], dtype=np.float32)
+        ids = np.asarray(z["class_ids"], dtype=np.int64).reshape(-1)
+        stored = tuple(int(v) for v in z["size"]) if "size" in z.files else None
+    target = tuple(size) if size is not None else stored
+    if cams.ndim != 3 or cams.shape[0] != ids.size:
+        raise ValueError(f"CAM archive {path}: cams of shape {cams.shape} for {ids.size} class_ids")
+    if target is None or tuple(cams.shape[1:]) == target:
+        return cams, ids
+    if cams.shape[0] == 0:
+        return np.zeros((0, *target), np.float32), ids
+    up = F.interpolate(torch.from_numpy(cams)[None], size=target, mode="bilinear", align_corners=False)[0]
+    return up.clamp_(0, 1).numpy(), ids
+
+
+def write_outputs(out_dir: Path, name: str, label: np.ndarray, archive: dict[str, np.ndarray] | None) -> None:
+    """Write ``<name>_cams.npz`` (when given) then ``<name>.png``, each atomically."""
+    if archive is not None:
+        save_npz(cams_path(out_dir, name), **archive)
+    save_label_png(label_path(out_dir, name), label)
+
+
+# ---- vocabulary ------------------------------------------------------------------------------------------
+
+
+def dataset_vocabulary(class_names: Sequence[str], kind: str) -> Vocabulary:
+    """The vocabulary for a dataset's classes: the named ``voc`` / ``coco`` vocabulary (its prompt names and
+    background words) when the classes are exactly that dataset's, in order; else the names themselves with the
+    paper's background words."""
+    for key in ("voc", "coco"):
+        named = Vocabulary.named(key)
+        if [_norm(n) for n in class_names] == [_norm(n) for n in named.names]:
+            return named
+    return Vocabulary.from_names(list(class_names))
+
+
+# ---- the batch loop --------------------------------------------------------------------------------------
+
+
+class _ImageSource(torch.utils.data.Dataset):
+    """``names`` of a dataset as ``{"name", "image" (H, W, 3) uint8 or None, "error" str or None}``."""
+
+    def __init__(self, dataset: Any, names: Sequence[str]):
+        self.dataset = dataset
+        self.names = list(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        name = self.names[i]
+        try:
+            return {"name": name, "image": self.dataset.load_image(name), "error": None}
+        except Exception as exc:  # noqa: BLE001 (reported per image; one bad file must not stop a run)
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            return {"name": name, "image": None, "error": text}
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+@dataclass
+class LabelOutput:
+    """One image of :func:`iter_pseudo_labels`: ``label`` (H, W) uint8 and ``result`` (``None`` with ``error``)."""
+
+    name: str
+    label: np.ndarray | None = None
+    result: CamResult | None = None
+    error: str | None = None
+
+
+def _crf_label(predictor: CamPredictor, state, result: CamResult, rgb: np.ndarray, crf: CrfConfig) -> np.ndarray:
+    """Dense CRF on the ``[bg, cams]`` scores of ``result`` after PAR (the maps whose argmax is the pseudo-label),
+    normalised to sum to 1 per pixel, at the full image size; argmax → label values."""
+    ref = predictor.config.refine
+    values = [0, *result.class_ids]
+    scores, _ = labels_from_cams(result.grid_cams, state.net_input, state.size, values=values,
+                                 use_par=ref.use_par, par_iters=ref.par_iters, par_dilations=ref.par_dilations,
+                                 par_max_side=ref.par_max_side)
+    if tuple(scores.shape[1:]) != tuple(state.size):
+        scores = F.interpolate(scores[None], size=tuple(state.size), mode="bilinear", align_corners=False)[0]
+    scores = scores.float().clamp_min(0)
+    probs = scores / scores.sum(dim=0, keepdim=True).clamp_min(1e-7)
+    q = dense_crf(rgb, probs.cpu().numpy(), crf)
+    return np.asarray(values, dtype=np.uint8)[q.argmax(axis=0)]
+
+
+def iter_pseudo_labels(
+    predictor: CamPredictor,
+    dataset: Any,
+    names: Sequence[str],
+    classes_of: Callable[[str], Sequence[str] | None],
+    *,
+    batch_size: int = 1,
+    workers: int = 0,
+    crf: CrfConfig | None = None,
+) -> Iterator[LabelOutput]:
+    """Pseudo-labels of ``names`` (in order), one :class:`LabelOutput` per image.
+
+    Args:
+        predictor: the training-free predictor; its vocabulary is the one the CAMs are aligned against.
+        dataset: anything with ``load_image(name) -> (H, W, 3) uint8`` (a :class:`~excelseg.data.SegDataset`).
+        classes_of: the present class names of an image; ``None`` → every vocabulary class; ``[]`` → an
+            all-background label (no class to look for).
+        batch_size: images per backbone forward.
+        workers: ``DataLoader`` processes decoding images (0: in this process).
+        crf: dense CRF parameters (:data:`excelseg.crf.REFERENCE_CRF`) to post-process the labels; ``None``: off.
+    """
+    loader = torch.utils.data.DataLoader(_ImageSource(dataset, names), batch_size=batch_size, shuffle=False,
+                                         num_workers=workers, collate_fn=_as_list)
+    cfg = predictor.config.cam
+    grid = predictor.encoder.grid_for(tuple(cfg.size))
+    for batch in loader:
+        ready = []
+        for item in batch:
+            if item["error"] is not None:
+                yield LabelOutput(item["name"], error=item["error"])
+                continue
+            classes = classes_of(item["name"])
+            if classes is not None and len(classes) == 0:  # K = 0: what predict_state's PAR/argmax would give
+                h, w = item["image"].shape[:2]
+                empty = CamResult([], [], (h, w), np.zeros((h, w), np.uint8), torch.zeros(0, *grid),
+                                  np.zeros((0, *grid), np.float32))
+                yield LabelOutput(item["name"], empty.pseudo_label, empty)
+                continue
+            ready.append((item, classes))
+        if not ready:
+            continue
+        states = predictor.encode_batch([item["image"] for item, _ in ready])
+        for (item, classes), state in zip(ready, states):
+            result = predictor.predict_state(state, None if classes is None else list(classes))
+            label = result.pseudo_label
+            if crf is not None and result.class_ids:
+                label = _crf_label(predictor, state, result, item["image"], crf)
+            yield LabelOutput(item["name"], label, result)

@@ -44,7 +44,6 @@ import torch.utils.data
 from .crf import CrfConfig, dense_crf
 from .io import save_label_png, save_npz
 from .predictor import CamPredictor, CamResult
-from .refine import labels_from_cams
 from .vocab import Vocabulary, _norm
 
 __all__ = [
@@ -280,14 +279,11 @@ class LabelOutput:
     error: str | None = None
 
 
-def _crf_label(predictor: CamPredictor, state, result: CamResult, rgb: np.ndarray, crf: CrfConfig) -> np.ndarray:
+def _crf_label(state, result: CamResult, rgb: np.ndarray, crf: CrfConfig) -> np.ndarray:
     """Dense CRF on the ``[bg, cams]`` scores of ``result`` after PAR (the maps whose argmax is the pseudo-label),
     normalised to sum to 1 per pixel, at the full image size; argmax → label values."""
-    ref = predictor.config.refine
     values = [0, *result.class_ids]
-    scores, _ = labels_from_cams(result.grid_cams, state.net_input, state.size, values=values,
-                                 use_par=ref.use_par, par_iters=ref.par_iters, par_dilations=ref.par_dilations,
-                                 par_max_side=ref.par_max_side)
+    scores = result.scores
     if tuple(scores.shape[1:]) != tuple(state.size):
         scores = F.interpolate(scores[None], size=tuple(state.size), mode="bilinear", align_corners=False)[0]
     scores = scores.float().clamp_min(0)
@@ -331,7 +327,7 @@ def iter_pseudo_labels(
             if classes is not None and len(classes) == 0:  # K = 0: what predict_state's PAR/argmax would give
                 h, w = item["image"].shape[:2]
                 empty = CamResult([], [], (h, w), np.zeros((h, w), np.uint8), torch.zeros(0, *grid),
-                                  np.zeros((0, *grid), np.float32))
+                                  np.zeros((0, *grid), np.float32), torch.ones(1, *grid))
                 yield LabelOutput(item["name"], empty.pseudo_label, empty)
                 continue
             ready.append((item, classes))
@@ -342,5 +338,5 @@ def iter_pseudo_labels(
             result = predictor.predict_state(state, None if classes is None else list(classes))
             label = result.pseudo_label
             if crf is not None and result.class_ids:
-                label = _crf_label(predictor, state, result, item["image"], crf)
+                label = _crf_label(state, result, item["image"], crf)
             yield LabelOutput(item["name"], label, result)

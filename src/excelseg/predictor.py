@@ -66,6 +66,7 @@ class CamResult:
     pseudo_label: np.ndarray  # (H, W) uint8: 0 = background, class_ids[i] for class i
     grid_cams: Tensor  # (K, h, w) refined CAMs on the patch grid, min–max normalised to [0, 1]
     raw_cams: np.ndarray  # (K, h, w) alignment CAMs before refinement, [0, 1]
+    scores: Tensor  # (K+1, h', w') [bg, classes] maps after PAR whose argmax is the label (working size ≤ 1024)
 
     @property
     def cams(self) -> np.ndarray:
@@ -250,9 +251,9 @@ class CamPredictor:
             refined = refine_cams(raw[None], state.trans[None], box)[0]
         else:
             refined = raw
-        _, label = labels_from_cams(refined, state.net_input, state.size, values=[0] + [i + 1 for i in present],
+        scores, label = labels_from_cams(refined, state.net_input, state.size, values=[0] + [i + 1 for i in present],
                                     use_par=cfg_ref.use_par, par_iters=cfg_ref.par_iters,
                                     par_dilations=cfg_ref.par_dilations, par_max_side=cfg_ref.par_max_side)
         label = label.cpu().numpy()
         return CamResult(names, [i + 1 for i in present], tuple(state.size), label, _normalize_maps(refined),
-                         raw.cpu().numpy())
+                         raw.cpu().numpy(), scores)

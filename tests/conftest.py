@@ -1,8 +1,16 @@
-"""Suite-wide guard: nothing in the tests may reach the network (weights resolve offline or fail clearly)."""
+"""Suite-wide guards: no network, and no test leaks state into another (the suite runs in random order).
+
+* Weights resolve offline or fail clearly (environment switches).
+* Every test starts from the same torch RNG state and thread count and cannot leave a changed thread count,
+  default dtype or grad mode behind, whatever order pytest-randomly picks (``make test`` runs a fixed seed).
+"""
 
 from __future__ import annotations
 
 import pytest
+import torch
+
+_THREADS = torch.get_num_threads()
 
 
 @pytest.fixture(autouse=True)
@@ -10,3 +18,14 @@ def _offline(monkeypatch):
     monkeypatch.setenv("EXCELSEG_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("EXCELSEG_CLIP", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_torch_state():
+    torch.manual_seed(0)
+    torch.set_num_threads(_THREADS)
+    dtype, grad = torch.get_default_dtype(), torch.is_grad_enabled()
+    yield
+    torch.set_num_threads(_THREADS)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)

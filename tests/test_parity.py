@@ -34,15 +34,50 @@ def predictor():
     from excelseg import CamPredictor, load_clip
     from excelseg.config import PAPER_VOC
 
-    torch.set_num_threads(2)
     clip = load_clip(random_clip_weights(), device="cpu")
     return CamPredictor(clip, vocabulary="voc", bank=REF_BANK, config=PAPER_VOC, device="cpu")
 
 
 @pytest.fixture(scope="module")
-def pseudo_labels():
-    """Pseudo-labels produced by the tests below, gathered for the metric check."""
-    return {}
+def run(predictor):
+    """``run(name)`` → (state, result for the golden's present classes); computed once per image, whichever test
+    asks first, so every test works alone and in any order."""
+    from excelseg.io import read_image, to_rgb_array
+
+    cache: dict = {}
+
+    def _run(name: str):
+        if name not in cache:
+            rgb = to_rgb_array(read_image(image_path(name)))
+            state = predictor.encode_batch([rgb])[0]
+            cls_idx = golden(name)["cls_idx"]
+            cache[name] = state, predictor.predict_state(state, [predictor.vocabulary.names[i] for i in cls_idx])
+        return cache[name]
+
+    return _run
+
+
+def check_box_mask(box: torch.Tensor, raw: torch.Tensor, g: dict, threshold: float) -> torch.Tensor:
+    """Box masks must equal the golden exactly, with the one exception the kit README's quantisation margins
+    allow (§6): the box is computed from ``floor(255·cam)`` levels, and a CAM within the 2e-4 tolerance of a level
+    step may land on the other side on another CPU. So a differing box is accepted only if (1) some uint8 level of
+    our CAMs differs from the golden CAMs' level, (2) every differing level belongs to a golden value within
+    255·2e-4 of a step, and (3) the box algorithm applied to the golden CAMs reproduces the golden box exactly.
+    Returns the box to continue the chain with (the golden one in the accepted-difference case)."""
+    from excelseg.refine import box_mask
+
+    expected = g["boxmask_static"]
+    if np.array_equal(box.numpy().astype(np.uint8), expected):
+        return box
+    ref = torch.from_numpy(g["cam_static"]).T.reshape(-1, *raw.shape[-2:])[torch.from_numpy(g["cls_idx"])]
+    ref255 = ref.double() * 255
+    ours_lv, ref_lv = torch.floor(raw.double() * 255), torch.floor(ref255)
+    differ = ours_lv != ref_lv
+    assert differ.any(), "box mask differs although every uint8 CAM level equals the golden's"
+    step_distance = (ref255 - ref255.round()).abs()
+    assert bool((step_distance[differ] <= 255 * 2e-4).all()), "a CAM level moved by more than the 2e-4 tolerance"
+    assert np.array_equal(box_mask(ref[None], threshold)[0].numpy().astype(np.uint8), expected)
+    return torch.from_numpy(expected).bool()
 
 
 def max_abs(a, b) -> float:
@@ -77,21 +112,17 @@ def test_par_alone():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_training_free_image(predictor, pseudo_labels, name):
-    from excelseg.io import read_image, to_rgb_array
+def test_training_free_image(predictor, run, name):
     from excelseg.refine import box_mask, refine_cams
 
     g = golden(name)
-    rgb = to_rgb_array(read_image(image_path(name)))
-    state = predictor.encode_batch([rgb])[0]
-    cls_idx = g["cls_idx"]
-    result = predictor.predict_state(state, [predictor.vocabulary.names[i] for i in cls_idx])
+    state, result = run(name)
 
     all_cams = predictor.predict_state(state, None).raw_cams  # all 20 VOC classes
     assert max_abs(all_cams.reshape(20, 400).T, g["cam_static"]) <= 2e-4
     raw = torch.from_numpy(result.raw_cams)
-    box = box_mask(raw[None], predictor.config.refine.box_threshold)[0]
-    assert np.array_equal(box.numpy().astype(np.uint8), g["boxmask_static"])
+    threshold = predictor.config.refine.box_threshold
+    box = check_box_mask(box_mask(raw[None], threshold)[0], raw, g, threshold)
     refined = refine_cams(raw[None], state.trans[None], box[None])[0]
     assert max_abs(refined, g["refined_static"]) <= 2e-5
 
@@ -99,7 +130,6 @@ def test_training_free_image(predictor, pseudo_labels, name):
     assert label.shape == g["pseudo_static"].shape == tuple(result.image_size)
     differing = float((label != g["pseudo_static"]).mean())
     assert differing <= 1e-3, f"{differing:.2%} of pixels differ"
-    pseudo_labels[name] = label
 
     if name in DETAIL_IMAGES:
         assert max_abs(state.net_input, g["input"]) <= 1e-5
@@ -124,22 +154,17 @@ def test_training_free_image(predictor, pseudo_labels, name):
         assert rel <= 1e-4
 
 
-def test_pseudo_label_metrics(pseudo_labels):
+def test_pseudo_label_metrics(run):
     """metrics.json's pseudo_static scores, recomputed by excelseg's evaluator from excelseg's labels."""
-    require_kit()
     from excelseg.metrics import SegmentationMetric
 
-    missing = [n for n in NAMES if n not in pseudo_labels]
-    if missing:
-        pytest.skip(f"per-image parity tests did not produce labels for {missing}")
     ref = json.loads((GOLDEN / "metrics.json").read_text())["pseudo_static"]
     metric = SegmentationMetric(21)
     for name in NAMES:
-        metric.update(pseudo_labels[name], gt_mask(name))
+        metric.update(run(name)[1].pseudo_label, gt_mask(name))
     res = metric.compute()
     assert abs(res["miou"] - ref["miou"]) <= 1e-3
     iou = np.array(res["iou"], dtype=np.float64)
     ref_iou = np.array([np.nan if v is None else v for v in ref["iou"]], dtype=np.float64)
     assert np.array_equal(np.isnan(iou), np.isnan(ref_iou))
     assert np.nanmax(np.abs(iou - ref_iou)) <= 1e-3
-

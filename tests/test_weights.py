@@ -184,11 +184,18 @@ def test_torchscript_fixture_is_a_real_torchscript_archive(files):
     assert not any("/code/" in n for n in plain)
 
 
-def test_file_hash_is_cached_in_process(files):
-    load_clip(files["pt"])
-    st = files["pt"].stat()
-    key = (str(files["pt"].resolve()), st.st_size, st.st_mtime_ns)
-    assert weights._HASH_CACHE[key] == sha256(files["pt"])
+def test_identity_follows_the_file_content_not_a_stale_hash(tmp_path):
+    """The identity is the file's sha256 (hashing is cached per path, size and mtime): rewriting the same path with
+    other weights must give the new hash, or a bank/checkpoint check would accept mismatching weights."""
+    path = tmp_path / "w.pt"
+    torch.save(tiny_clip(seed=1).state_dict(), path)
+    first = load_clip(path).identity
+    assert first == f"sha256:{sha256(path)}"
+    torch.save(tiny_clip(seed=2).state_dict(), path)
+    st = path.stat()  # a later write: make its mtime differ even on a filesystem with coarse timestamps
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    second = load_clip(path).identity
+    assert second == f"sha256:{sha256(path)}" and second != first
 
 
 def test_other_patch_size_and_width_inferred(tmp_path):

@@ -57,9 +57,9 @@ def register(sub) -> None:
                    help="ready-made image-level labels, used for the images they list: cls_labels_onehot.npy "
                         "(the reference's), cls_labels.npy (pickled dict id -> 20-vector, read without running "
                         "code) or a CSV/JSON as for 'prepare folder' (image,classes)")
-    v.add_argument("--labels-from", choices=("annotations", "masks"), default="annotations",
-                   help="annotations (default: Annotations/*.xml, masks where missing) or masks (foreground "
-                        "values of each mask; not the field's convention)")
+    v.add_argument("--labels-from", choices=("annotations", "mask"), default="annotations",
+                   help="annotations (default: Annotations/*.xml, the mask where there is no XML) or mask "
+                        "(foreground values of each mask; not the field's convention)")
     v.add_argument("--out", default=None, help="index file (default <VOC2012>/excelseg_index.json)")
     v.add_argument("--workers", type=_workers, default=nw, help=f"processes reading masks (default {nw})")
     v.set_defaults(func=run_voc)
@@ -78,6 +78,11 @@ def register(sub) -> None:
     c.add_argument("--workers", type=_workers, default=nw, help=f"processes making masks (default {nw})")
     c.add_argument("--val-part", type=int, default=5000, help="size of val_part (first ids of val; default 5000)")
     c.add_argument("--overwrite", action="store_true", help="redo masks that already exist")
+    c.add_argument("--labels-from", choices=("annotations", "mask"), default="annotations",
+                   help="image-level labels: annotations (default: the categories of every annotation of the "
+                        "image, crowd included, as the field's COCO label files) or mask (classes visible in "
+                        "the written mask; hidden and crowd-only categories drop out). The count of images on "
+                        "which they differ is reported either way")
     c.set_defaults(func=run_coco)
 
     f = kinds.add_parser("folder", help="your own images with a labels file of tags",
@@ -144,7 +149,7 @@ def run_coco(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.root).expanduser() / DEFAULT_INDEX_NAME
     result = build_coco_index(args.root, args.annotations, out_masks=args.out_masks, workers=args.workers,
                               val_part=args.val_part, overwrite=args.overwrite, merge_with=out,
-                              progress=_progress())
+                              progress=_progress(), labels_from=args.labels_from)
     return _finish(result, out, "COCO")
 
 

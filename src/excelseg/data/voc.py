@@ -19,7 +19,7 @@ the 20 classes, difficult and truncated objects included, part names ignored. SB
 mask-derived labels lose a class on ~7.7 % of train_aug images (817 images of the 12,031 differ). Where there is no
 annotation (folder absent, XML missing or malformed) the mask's foreground values are used, and the summary says so
 with the number of images. ``labels_file`` (``cls_labels_onehot.npy``, ``cls_labels.npy``, or a CSV of ``prepare
-folder``) overrides both for the images it lists; ``labels_from="masks"`` restores mask-derived labels. The index
+folder``) overrides both for the images it lists; ``labels_from="mask"`` restores mask-derived labels. The index
 ``info`` records each split's label source (``label_source``) and the disagreements between annotations, masks and
 the labels file in both directions (``label_disagreements``).
 
@@ -57,7 +57,7 @@ MASK_DIR = "SegmentationClass"
 AUG_DIR = "SegmentationClassAug"
 LIST_DIR = "ImageSets/Segmentation"
 ANN_DIR = "Annotations"
-LABEL_SOURCES = ("annotations", "masks")
+LABEL_SOURCES = ("annotations", "mask")
 _SOURCE_TEXT = {"labels file": "the labels file", "annotations": f"{ANN_DIR}/*.xml", "masks": "the masks"}
 NUM_CLASSES = len(VOC_CLASSES)
 
@@ -138,7 +138,7 @@ def build_voc_index(
         labels_file: ready-made image-level labels (``cls_labels_onehot.npy``, ``cls_labels.npy``, or the CSV /
             JSON of ``prepare folder``); they take precedence for the images they list.
         labels_from: ``"annotations"`` (``Annotations/<id>.xml``, the field's convention; the masks where there
-            is none) or ``"masks"`` (the foreground values of each mask).
+            is none) or ``"mask"`` (the foreground values of each mask).
 
     Raises:
         DatasetUnusableError: no VOC folder, or JPEGImages / ImageSets/Segmentation / every mask folder missing.
@@ -355,11 +355,12 @@ def _choose_labels(
         else:
             labels[name], source[name] = values, "masks"
 
-    counts = {s: {k: sum(source[i] == k for i in ids if i in source) for k in ("labels file", "annotations", "masks")}
-              for s, ids in splits.items()}
+    counts: dict[str, dict[str, int]] = {}
     split_source: dict[str, str] = {}
-    for s, c in counts.items():
-        used = {k: n for k, n in c.items() if n}
+    for s, ids in splits.items():
+        used = {k: n for k in ("labels file", "annotations", "masks")
+                if (n := sum(source.get(i) == k for i in ids))}
+        counts[s] = used
         split_source[s] = ("none" if not used else next(iter(used)) if len(used) == 1
                            else "mixed (" + ", ".join(f"{k} {n}" for k, n in used.items()) + ")")
     total = {k: sum(v == k for v in source.values()) for k in ("labels file", "annotations", "masks")}
@@ -377,8 +378,8 @@ def _choose_labels(
             if missing:
                 notes.append(f"{len(missing)} images have no {ANN_DIR}/<id>.xml: their labels come from their "
                              f"masks ({examples(missing)})")
-    elif labels_from == "masks":
-        notes.append("labels taken from the masks (--labels-from masks): not the field's convention for VOC")
+    elif labels_from == "mask":
+        notes.append("labels taken from the masks (--labels-from mask): not the field's convention for VOC")
 
     info: dict[str, Any] = {"label_source": split_source, "label_source_counts": counts, "labels_from": labels_from}
     if from_masks and labels_from == "annotations":

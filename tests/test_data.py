@@ -444,6 +444,9 @@ def test_read_voc_annotation_refuses_entities(tmp_path):
                  "<annotation><object><name>&e;</name></object></annotation>")
     with pytest.raises(ValueError, match="DTD or entities"):
         read_voc_annotation(p, VOC_CLASSES)
+    p.write_bytes(p.read_text().replace("<?xml version=\"1.0\"?>", "").encode("utf-16"))
+    with pytest.raises(ValueError, match="UTF-16 and UTF-32 are refused"):
+        read_voc_annotation(p, VOC_CLASSES)
     p.write_text("<annotation><object><difficult>0</difficult></object></annotation>")
     with pytest.raises(ValueError, match="has no <name>"):
         read_voc_annotation(p, VOC_CLASSES)

@@ -47,12 +47,14 @@ def read_voc_annotation(path: str | os.PathLike[str], class_names: Sequence[str]
     never count. Names are matched after stripping whitespace, case-insensitively.
 
     Raises:
-        ValueError: the file is not well-formed XML, declares a DTD or entities (refused: nothing is expanded or
-            fetched), has no ``<annotation>`` root, or holds an ``<object>`` without a ``<name>``.
+        ValueError: the file is not well-formed XML, is not ASCII-compatible (UTF-16 / UTF-32), declares a DTD
+            or entities (refused: nothing is expanded or fetched), has no ``<annotation>`` root, or holds an ``<object>`` without a ``<name>``.
         OSError: the file cannot be read.
     """
     data = Path(path).read_bytes()
-    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+    if b"\x00" in data or data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError("not ASCII / UTF-8 XML (UTF-16 and UTF-32 are refused)")
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:  # ASCII-compatible text: a byte search finds them
         raise ValueError("declares a DTD or entities (refused)")
     try:
         root = ET.fromstring(data)

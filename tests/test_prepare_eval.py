@@ -141,6 +141,24 @@ def test_prepare_coco_labels_from_mask(coco, capsys):
     assert open_dataset("coco", root, "train")[0]["label"].tolist() == [1.0, 1.0, 0.0]
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_prepare_coco_labels_file(coco, tmp_path, capsys):
+    """A cls_labels_onehot.npy keyed by full COCO names (the reference's loader) overrides the listed images."""
+    root, ann_dir = coco
+    np.save(tmp_path / "cls_labels_onehot.npy", {"COCO_train2014_000000000004": np.array([1, 0, 1], np.float32),
+                                                 "COCO_val2014_000000000009": np.array([0, 1, 0], np.float32)})
+    assert prepare_coco(root, ann_dir, "--labels", tmp_path / "cls_labels_onehot.npy") == 0
+    out = capsys.readouterr().out
+    assert "1 of 3 listed images labelled from it; it differs from the annotated categories on 1" in out
+    assert "1 of 2 listed images labelled from it; it differs from the annotated categories on 0" in out
+    index = load_index(root / "excelseg_index.json")
+    assert index["labels"]["000000000004"] == [1, 3] and index["labels"]["000000000001"] == [1, 2, 3]
+    assert index["info"]["label_source"]["train"].startswith("labels file (1 images), else annotations")
+    np.save(tmp_path / "wrong.npy", {"COCO_train2014_000000000004": np.ones(20, np.float32)})
+    assert prepare_coco(root, ann_dir, "--labels", tmp_path / "wrong.npy") == 2
+    assert "expected (3,)" in capsys.readouterr().err
+
+
 def test_prepare_coco_resume_and_interrupted_run(coco, capsys):
     root, ann_dir = coco
     assert prepare_coco(root, ann_dir) == 0

@@ -83,6 +83,10 @@ def register(sub) -> None:
                         "image, crowd included, as the field's COCO label files) or mask (classes visible in "
                         "the written mask; hidden and crowd-only categories drop out). The count of images on "
                         "which they differ is reported either way")
+    c.add_argument("--labels", default=None, metavar="FILE",
+                   help="ready-made image-level labels, used for the images they list: a cls_labels_onehot.npy "
+                        "(dict COCO_train2014_<id> -> 80-vector, read without running code) or a CSV/JSON as "
+                        "for 'prepare folder'")
     c.set_defaults(func=run_coco)
 
     f = kinds.add_parser("folder", help="your own images with a labels file of tags",
@@ -149,7 +153,8 @@ def run_coco(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.root).expanduser() / DEFAULT_INDEX_NAME
     result = build_coco_index(args.root, args.annotations, out_masks=args.out_masks, workers=args.workers,
                               val_part=args.val_part, overwrite=args.overwrite, merge_with=out,
-                              progress=_progress(), labels_from=args.labels_from)
+                              progress=_progress(), labels_from=args.labels_from,
+                              labels_file=args.labels)
     return _finish(result, out, "COCO")
 
 

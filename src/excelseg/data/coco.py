@@ -61,6 +61,7 @@ from .index import (
     load_index,
     parallel_map,
 )
+from .labels import coco_key, read_label_file
 
 __all__ = ["LABEL_SOURCES", "MISSING_PYCOCOTOOLS", "OVERLAP_RULE", "build_coco_index", "rasterize_instances", "require_pycocotools"]
 
@@ -232,6 +233,7 @@ def build_coco_index(
     merge_with: str | os.PathLike[str] | None = None,
     progress: ProgressFn | None = None,
     labels_from: str = "annotations",
+    labels_file: str | os.PathLike[str] | None = None,
 ) -> PrepareResult:
     """Write the masks of every image of the annotation files and build the index (module docstring).
 
@@ -245,6 +247,8 @@ def build_coco_index(
         merge_with: an existing index whose other splits are kept (one split prepared at a time).
         labels_from: ``"annotations"`` (categories annotated on the image, crowd included; default) or
             ``"mask"`` (classes visible in the written mask).
+        labels_file: ready-made labels (``cls_labels_onehot.npy``: dict ``COCO_train2014_<12 digits>`` or id →
+            ``(K,)`` vector; or a CSV / JSON of ``prepare folder``), used for the images it lists.
     """
     if labels_from not in LABEL_SOURCES:
         raise ValueError(f"labels_from must be one of {', '.join(LABEL_SOURCES)}, got {labels_from!r}")
@@ -266,6 +270,7 @@ def build_coco_index(
         if old is not None and old.get("dataset") == "coco" and Path(old["root"]) == root.resolve():
             index = old
     categories: list[dict[str, Any]] | None = None
+    file_labels: dict[str, list[int]] | None = None
     done_splits: dict[str, Path] = {}
     seen_ids: set[str] = set()
     for ann_path in map(Path, annotations):
@@ -284,6 +289,8 @@ def build_coco_index(
         elif [(c["id"], c["name"]) for c in cats] != [(c["id"], c["name"]) for c in categories]:
             raise ValueError(f"{ann_path} has different categories from {next(iter(done_splits.values()))}")
         value_of = {int(c["id"]): i + 1 for i, c in enumerate(cats)}
+        if labels_file is not None and file_labels is None:
+            file_labels = read_label_file(labels_file, [str(c["name"]) for c in cats], coco_key)
         if len(cats) > 254:
             raise ValueError(f"{ann_path} has {len(cats)} categories; index masks hold at most 254")
 
@@ -331,6 +338,15 @@ def build_coco_index(
         diff_text, diff = _compare_labels(ann_labels, mask_labels, listed_ids, [str(c["name"]) for c in cats])
         source = "annotated categories" if labels_from == "annotations" else "mask classes"
         notes.append(f"{split}: image-level labels from the {source}; {diff_text}")
+        from_file = 0
+        if file_labels is not None:
+            labels = dict(labels)
+            given = {i: v for i, v in file_labels.items() if i in labels}
+            labels.update(given)
+            from_file = sum(i in given for i in listed_ids)
+            differ = sum(set(given[i]) != set(ann_labels[i]) for i in given if i in listed_ids)
+            notes.append(f"{split}: labels file {labels_file}: {from_file} of {len(listed_ids)} listed images "
+                         f"labelled from it; it differs from the annotated categories on {differ}")
         if failed:
             problems.append(Problem(f"{len(failed)} {split} masks could not be made: {examples(failed, 3)}"))
         notes.append(f"{split}: {len(tasks)} images; masks " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -392,9 +408,14 @@ def build_coco_index(
         info.setdefault("annotations", {})[split] = str(ann_path.resolve())
         info.setdefault("image_layout", {})[split] = layout
         info.setdefault("without_annotations", {})[split] = empty
-        info.setdefault("label_source", {})[split] = ("annotations (categories of every annotation, crowd "
-                                                      "included)" if labels_from == "annotations"
-                                                      else "masks (classes visible in the mask)")
+        split_source = ("annotations (categories of every annotation, crowd included)"
+                        if labels_from == "annotations" else "masks (classes visible in the mask)")
+        if from_file:
+            split_source = (f"labels file ({from_file} images)" + ("" if from_file == len(listed_ids)
+                                                                   else f", else {split_source}"))
+        info.setdefault("label_source", {})[split] = split_source
+        if labels_file is not None:
+            info["labels_file"] = str(Path(labels_file).expanduser().resolve())
         info.setdefault("label_disagreements", {})[split] = diff
         info["overlap_rule"] = OVERLAP_RULE
         info["val_part"] = f"first {val_part} ids of the val list sorted by image id"

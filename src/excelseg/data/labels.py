@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LabelFileError", "read_label_file", "read_npy_dict", "read_voc_annotation", "voc_key"]
+__all__ = ["LabelFileError", "coco_key", "read_label_file", "read_npy_dict", "read_voc_annotation", "voc_key"]
 
 
 class LabelFileError(ValueError):
@@ -158,6 +159,20 @@ def voc_key(key: Any) -> str:
     if isinstance(key, str):
         return PurePosixPath(key.strip()).stem if key.strip().lower().endswith((".jpg", ".png")) else key.strip()
     raise LabelFileError(f"label-file key {key!r} is not an image id")
+
+
+def coco_key(key: Any) -> str:
+    """COCO image id (12 digits) of a label-file key: ``"COCO_train2014_000000000009"``, ``"000000000009.jpg"``,
+    ``9``."""
+    if isinstance(key, bytes):
+        key = key.decode("latin1")
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        return f"{int(key):012d}"
+    if isinstance(key, str):
+        m = re.search(r"(\d+)(\.\w+)?$", key.strip())
+        if m:
+            return f"{int(m.group(1)):012d}"
+    raise LabelFileError(f"label-file key {key!r} is not a COCO image id")
 
 
 def _vector_labels(p: Path, data: Mapping[Any, Any], num_classes: int,

@@ -336,3 +336,212 @@ def test_gt_guided_crop_is_an_explicit_option():
     with pytest.raises(ValueError, match="needs the GT mask"):
         TrainAugmentation(gt_guided_crop=True)({"image": s["image"]})
     assert "leaks pixel labels" in " ".join(TrainAugmentation.__doc__.split())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# image-level labels: VOC XML annotations, ready-made label files
+
+
+def _xml_object(name: str, extra: str = "") -> str:
+    return f"<object><name>{name}</name><pose>Left</pose>{extra}<bndbox><xmin>1</xmin></bndbox></object>"
+
+
+def _xml(*objects: str) -> str:
+    return "<annotation><folder>VOC2012</folder><filename>x.jpg</filename>" + "".join(objects) + "</annotation>"
+
+
+def add_annotations(root: Path) -> None:
+    """Annotations/ for the sample tree: 2007_000129 repeated / difficult objects, a part named like a class
+    and an unknown class; 2007_001763 one more (difficult, truncated) class than its mask; 2011_000003 no XML;
+    2011_000006 malformed XML; 2011_000025 a class fewer than its mask (car)."""
+    ann = root / "Annotations"
+    ann.mkdir()
+    parts = "<difficult>1</difficult><part><name>head</name></part><part><name>dog</name></part>"
+    (ann / "2007_000129.xml").write_text(_xml(
+        _xml_object("bicycle"), _xml_object("person"), _xml_object("person", parts), _xml_object("zebra")))
+    (ann / "2007_001763.xml").write_text(_xml(
+        *[_xml_object(n) for n in ("cat", "dog", "sofa", "tvmonitor")],
+        _xml_object("pottedplant", "<truncated>1</truncated><difficult>1</difficult>")))
+    (ann / "2011_000006.xml").write_text("<annotation><object><name>chair</name></annotation>")
+    (ann / "2011_000025.xml").write_text(_xml(_xml_object(" bus\n")))
+
+
+def test_prepare_voc_labels_from_annotations(voc, capsys):
+    root, entries = voc
+    if set(entries) != {"2007_000129", "2007_001763", "2011_000003", "2011_000006", "2011_000025"}:
+        pytest.skip("the VOC sample changed; this test names its images")
+    add_annotations(root)
+    assert prepare_voc(root) == 1  # the malformed XML and the unknown class are problems
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    index = load_index(root / "excelseg_index.json")
+    bicycle, person, cat, dog, plant, sofa, tv, bus, car = (
+        VOC_CLASSES.index(n) + 1 for n in ("bicycle", "person", "cat", "dog", "pottedplant", "sofa", "tvmonitor",
+                                           "bus", "car"))
+    assert index["labels"]["2007_000129"] == [bicycle, person]  # repeats once, difficult kept, parts ignored
+    assert index["labels"]["2007_001763"] == [cat, dog, plant, sofa, tv]  # difficult + truncated counted
+    assert index["labels"]["2011_000025"] == [bus]  # the annotation wins over the mask's car
+    assert index["labels"]["2011_000003"] == entries["2011_000003"]["class_ids"]  # no XML: its mask
+    assert index["labels"]["2011_000006"] == entries["2011_000006"]["class_ids"]  # malformed: its mask
+    assert "1 annotation XMLs are unusable (those images' labels come from their masks): " \
+           "Annotations/2011_000006.xml (not well-formed XML" in err
+    assert "name objects outside the 20 VOC classes (ignored): 'zebra' (2007_000129)" in err
+    assert "1 images have no Annotations/<id>.xml: their labels come from their masks (2011_000003)" in out
+    assert "image-level labels: 3 from Annotations/*.xml, 2 from the masks; by split: train masks, " \
+           "val annotations, train_aug mixed (annotations 1, masks 2)" in out
+    assert "annotation labels differ from mask classes on 2 of 3 images (val 1, train_aug 1): 1 with annotation " \
+           "classes absent from the mask (2007_001763: pottedplant); 1 with mask classes absent from the " \
+           "annotation (2011_000025: car)" in out
+    info = index["info"]
+    assert info["label_source"] == {"train": "masks", "val": "annotations",
+                                     "train_aug": "mixed (annotations 1, masks 2)"}
+    assert info["labels_from_masks"] == ["2011_000003", "2011_000006"]
+    assert info["label_disagreements"]["annotations_vs_masks"] == {
+        "not_in_mask": {"2007_001763": [plant]}, "not_in_annotation": {"2011_000025": [car]}}
+    # the training data path reads these labels
+    s = open_dataset("voc", root, "val", transform=TrainAugmentation(rng=np.random.default_rng(0)))[1]
+    assert s["name"] == "2007_001763" and [i + 1 for i in np.flatnonzero(s["label"])] == [cat, dog, plant, sofa, tv]
+
+    assert prepare_voc(root, "--labels-from", "mask") == 1
+    out = capsys.readouterr().out
+    assert "labels taken from the masks (--labels-from mask)" in out
+    assert "annotation labels differ from mask classes on 2 of 3 images" in out  # reported all the same
+    index = load_index(root / "excelseg_index.json")
+    assert index["labels"] == {n: e["class_ids"] for n, e in entries.items()}
+    assert set(index["info"]["label_source"].values()) == {"masks"}
+
+
+def test_prepare_voc_every_annotation_agrees(voc, capsys):
+    """A complete Annotations/ folder: labels = the annotations' classes for every image, all from the XMLs."""
+    root, entries = voc
+    (root / "Annotations").mkdir()
+    for name, e in entries.items():
+        (root / "Annotations" / f"{name}.xml").write_text(_xml(*[_xml_object(c) for c in e["classes"]]))
+    assert prepare_voc(root) == 0
+    out = capsys.readouterr().out
+    assert f"image-level labels: {len(entries)} from Annotations/*.xml;" in out
+    assert f"annotation labels and mask classes agree on all {len(entries)} images" in out
+    index = load_index(root / "excelseg_index.json")
+    assert index["labels"] == {n: e["class_ids"] for n, e in entries.items()}
+    assert set(index["info"]["label_source"].values()) == {"annotations"}
+    assert "labels_from_masks" not in index["info"]
+
+
+def test_prepare_voc_without_annotations_says_so(voc, capsys):
+    root, entries = voc
+    assert prepare_voc(root) == 0
+    out = capsys.readouterr().out
+    assert f"Annotations/ not found: the labels of {len(entries)} images come from their masks" in out
+    index = load_index(root / "excelseg_index.json")
+    assert set(index["info"]["label_source"].values()) == {"masks"}
+
+
+def test_read_voc_annotation_refuses_entities(tmp_path):
+    from excelseg.data.labels import read_voc_annotation
+
+    p = tmp_path / "a.xml"
+    p.write_text('<?xml version="1.0"?><!DOCTYPE a [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
+                 "<annotation><object><name>&e;</name></object></annotation>")
+    with pytest.raises(ValueError, match="DTD or entities"):
+        read_voc_annotation(p, VOC_CLASSES)
+    p.write_bytes(p.read_text().replace("<?xml version=\"1.0\"?>", "").encode("utf-16"))
+    with pytest.raises(ValueError, match="UTF-16 and UTF-32 are refused"):
+        read_voc_annotation(p, VOC_CLASSES)
+    p.write_text("<annotation><object><difficult>0</difficult></object></annotation>")
+    with pytest.raises(ValueError, match="has no <name>"):
+        read_voc_annotation(p, VOC_CLASSES)
+    p.write_text(_xml(_xml_object("Dog"), _xml_object("cat", "<part><name>person</name></part>")))
+    assert read_voc_annotation(p, VOC_CLASSES) == ([8, 12], [])
+
+
+def _vector(*names: str) -> np.ndarray:
+    v = np.zeros(20, np.float32)
+    for n in names:
+        v[VOC_CLASSES.index(n)] = 1
+    return v
+
+
+def test_prepare_voc_labels_file_onehot_npy(voc, tmp_path, capsys):
+    """The reference's cls_labels_onehot.npy layout: np.save(path, {id: float32 (20,) vector})."""
+    root, entries = voc
+    labels = {n: _vector(*e["classes"]) for n, e in entries.items()}
+    labels["2011_000025"] = _vector("bus", "car", "person")  # a person the mask does not show
+    labels["2099_000001"] = _vector("cat")  # not in this dataset
+    np.save(tmp_path / "cls_labels_onehot.npy", labels)
+    assert prepare_voc(root, "--labels", tmp_path / "cls_labels_onehot.npy") == 0
+    out = capsys.readouterr().out
+    assert "image-level labels: 5 from the labels file; by split: train labels file" in out
+    assert "5 of 5 images labelled from it; 1 of its entries are not images of this dataset with a mask " \
+           "(2099_000001)" in out
+    assert "labels file labels differ from mask classes on 1 of 5 images (train_aug 1): 1 with labels file " \
+           "classes absent from the mask (2011_000025: person)" in out
+    index = load_index(root / "excelseg_index.json")
+    assert index["labels"]["2011_000025"] == [6, 7, 15]
+    assert index["info"]["labels_file"] == str((tmp_path / "cls_labels_onehot.npy").resolve())
+    assert set(index["info"]["label_source"].values()) == {"labels file"}
+    ds = open_dataset("voc", root, "train_aug")
+    assert ds.label("2011_000025").tolist() == labels["2011_000025"].tolist()
+
+
+def test_prepare_voc_labels_file_irn_npy_and_csv(voc, tmp_path, capsys):
+    """cls_labels.npy as IRN writes it (integer ids 2007000129 → vectors) and the CSV of prepare folder."""
+    root, entries = voc
+    irn = {np.int32(int(n.replace("_", ""))): _vector(*e["classes"]) for n, e in entries.items()}
+    np.save(tmp_path / "cls_labels.npy", irn)
+    assert prepare_voc(root, "--labels", tmp_path / "cls_labels.npy") == 0
+    assert load_index(root / "excelseg_index.json")["labels"] == {n: e["class_ids"] for n, e in entries.items()}
+    csv = tmp_path / "labels.csv"
+    csv.write_text("image,classes\n2007_000129.jpg,Bicycle;person\n2011_000025,bus\n")
+    capsys.readouterr()
+    assert prepare_voc(root, "--labels", csv) == 0
+    out = capsys.readouterr().out
+    assert "2 of 5 images labelled from it; 3 not in it" in out
+    index = load_index(root / "excelseg_index.json")
+    assert index["labels"]["2007_000129"] == [2, 15] and index["labels"]["2011_000025"] == [6]
+    assert index["info"]["label_source"]["train_aug"] == "mixed (labels file 1, masks 2)"
+    csv.write_text("2007_000129.jpg,bicycle;unicorn\n")
+    assert prepare_voc(root, "--labels", csv) == 2
+    assert "unknown class names 'unicorn' (line 1)" in capsys.readouterr().err
+
+
+class _Evil:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_labels_file_refuses_unsafe_and_wrong_pickles(voc, tmp_path, capsys):
+    from excelseg.data.labels import LabelFileError, read_label_file, read_npy_dict
+
+    root, _ = voc
+    marker = tmp_path / "PWNED"
+    np.save(tmp_path / "evil.npy", {"2007_000129": _Evil(marker)}, allow_pickle=True)
+    with pytest.raises(LabelFileError, match=r"refused to load (posix|os|nt)\.system"):
+        read_npy_dict(tmp_path / "evil.npy")
+    assert prepare_voc(root, "--labels", tmp_path / "evil.npy") == 2
+    assert "refused to load" in capsys.readouterr().err
+    assert not marker.exists()
+
+    not_dict = np.empty((), dtype=object)
+    not_dict[()] = ["2007_000129", [1, 0]]
+    np.save(tmp_path / "list.npy", not_dict)
+    with pytest.raises(LabelFileError, match="holds a list, not a dict"):
+        read_label_file(tmp_path / "list.npy", VOC_CLASSES)
+    np.save(tmp_path / "array.npy", np.zeros((3, 20), np.float32))
+    with pytest.raises(LabelFileError, match=r"float32 array of shape \(3, 20\), not a dict"):
+        read_label_file(tmp_path / "array.npy", VOC_CLASSES)
+    np.save(tmp_path / "short.npy", {"2007_000129": np.ones(19, np.float32)})
+    with pytest.raises(LabelFileError, match=r"shape \(19,\); expected \(20,\)"):
+        read_label_file(tmp_path / "short.npy", VOC_CLASSES)
+    np.save(tmp_path / "text.npy", {"2007_000129": "cat"})
+    with pytest.raises(LabelFileError, match="not a numeric vector"):
+        read_label_file(tmp_path / "text.npy", VOC_CLASSES)
+    (tmp_path / "bad.npy").write_bytes(b"not an npy file at all")
+    with pytest.raises(LabelFileError, match="not a valid .npy file"):
+        read_label_file(tmp_path / "bad.npy", VOC_CLASSES)

@@ -108,14 +108,55 @@ def test_prepare_coco_masks_and_index(coco, capsys):
     assert index["splits"]["train"] == ["000000000001", "000000000002", "000000000004"]
     assert index["splits"]["val"] == ["000000000008", "000000000009"]  # sorted by id; 7 has no annotation
     assert index["splits"]["val_part"] == ["000000000008"]
-    assert index["labels"]["000000000001"] == [1, 2] and index["labels"]["000000000002"] == []
+    # image-level labels: every annotated category, crowd included (the crowd birds of 1, the crowd cats of 2)
+    assert index["labels"]["000000000001"] == [1, 2, 3] and index["labels"]["000000000002"] == [1]
     assert index["labels"]["000000000004"] == [3] and index["sizes"]["000000000004"] == [H, W]
+    assert index["info"]["label_source"]["train"].startswith("annotations")
+    assert index["info"]["label_disagreements"]["train"] == {
+        "not_in_mask": {"000000000001": [3], "000000000002": [1]}, "not_in_annotations": {}}
+    assert ("train: image-level labels from the annotated categories; annotated categories differ from mask "
+            "classes on 2 of 3 listed images: 2 with annotated categories not visible in the mask") in out
+    assert "000000000001: bird" in out
+    assert "val: image-level labels from the annotated categories; annotated categories and mask classes agree " \
+           "on all 2 listed images" in out
     assert index["info"]["image_layout"] == {"train": "train2014", "val": "JPEGImages/val"}
     assert index["info"]["without_annotations"] == {"train": 1, "val": 1}
     ds = open_dataset("coco", root, "train")
     s = ds[0]
     assert s["name"] == "000000000001" and s["image"].shape == (H, W, 3)
-    assert np.array_equal(s["mask"], m1) and s["label"].tolist() == [1.0, 1.0, 0.0]
+    assert np.array_equal(s["mask"], m1) and s["label"].tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_prepare_coco_labels_from_mask(coco, capsys):
+    root, ann_dir = coco
+    assert prepare_coco(root, ann_dir, "--labels-from", "mask") == 0
+    out = capsys.readouterr().out
+    assert "train: image-level labels from the mask classes; annotated categories differ from mask classes " \
+           "on 2 of 3 listed images" in out
+    index = load_index(root / "excelseg_index.json")
+    # the crowd birds of 1 are 255 where no instance covers them, the cats of 2 are crowd only: not labels
+    assert index["labels"]["000000000001"] == [1, 2] and index["labels"]["000000000002"] == []
+    assert index["info"]["label_source"]["train"].startswith("masks")
+    assert open_dataset("coco", root, "train")[0]["label"].tolist() == [1.0, 1.0, 0.0]
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+def test_prepare_coco_labels_file(coco, tmp_path, capsys):
+    """A cls_labels_onehot.npy keyed by full COCO names (the reference's loader) overrides the listed images."""
+    root, ann_dir = coco
+    np.save(tmp_path / "cls_labels_onehot.npy", {"COCO_train2014_000000000004": np.array([1, 0, 1], np.float32),
+                                                 "COCO_val2014_000000000009": np.array([0, 1, 0], np.float32)})
+    assert prepare_coco(root, ann_dir, "--labels", tmp_path / "cls_labels_onehot.npy") == 0
+    out = capsys.readouterr().out
+    assert "1 of 3 listed images labelled from it; it differs from the annotated categories on 1" in out
+    assert "1 of 2 listed images labelled from it; it differs from the annotated categories on 0" in out
+    index = load_index(root / "excelseg_index.json")
+    assert index["labels"]["000000000004"] == [1, 3] and index["labels"]["000000000001"] == [1, 2, 3]
+    assert index["info"]["label_source"]["train"].startswith("labels file (1 images), else annotations")
+    np.save(tmp_path / "wrong.npy", {"COCO_train2014_000000000004": np.ones(20, np.float32)})
+    assert prepare_coco(root, ann_dir, "--labels", tmp_path / "wrong.npy") == 2
+    assert "expected (3,)" in capsys.readouterr().err
 
 
 def test_prepare_coco_resume_and_interrupted_run(coco, capsys):

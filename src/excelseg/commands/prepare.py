@@ -1,8 +1,9 @@
 """Check a dataset and write its index JSON: splits, image-level labels, sizes (excelseg prepare).
 
-VOC: checks JPEGImages, SegmentationClass, SegmentationClassAug (SBD) and ImageSets/Segmentation, and derives
-the image-level labels from the masks. COCO: converts instance annotations to VOC-style index masks (needs
-pycocotools). folder: your own images with a labels file of tags."""
+VOC: checks JPEGImages, SegmentationClass, SegmentationClassAug (SBD) and ImageSets/Segmentation, and takes the
+image-level labels from Annotations/*.xml (the field's convention; the masks where there is no XML) or from a
+ready-made labels file. COCO: converts instance annotations to VOC-style index masks (needs pycocotools); labels
+are the categories annotated on each image. folder: your own images with a labels file of tags."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..cli import CliError
 
 EXAMPLES = """examples:
   excelseg prepare voc ~/data/VOCdevkit
+  excelseg prepare voc ~/data/VOCdevkit --labels ExCEL/datasets/voc/cls_labels_onehot.npy
   excelseg prepare coco ~/data/coco --annotations annotations/instances_train2014.json \\
       --annotations annotations/instances_val2014.json --workers 16
   excelseg prepare folder photos/ --labels labels.csv --masks photo_masks/ --classes "cat,dog"
@@ -45,8 +47,19 @@ def register(sub) -> None:
     v = kinds.add_parser("voc", help="PASCAL VOC 2012 (+ SBD SegmentationClassAug)",
                          description="Check a VOC 2012 tree and write its index: splits train, val, trainval, "
                                      "test (ImageSets/Segmentation), train_aug (SegmentationClassAug minus val), "
-                                     "image-level labels from the masks, image sizes.")
+                                     "image-level labels, image sizes. Labels: every <object> <name> of "
+                                     "Annotations/<id>.xml that is a VOC class (difficult and truncated objects "
+                                     "included, part names ignored: the field's cls_labels convention); the mask's "
+                                     "classes where there is no XML (reported). Disagreements between annotations "
+                                     "and masks are reported in both directions.")
     v.add_argument("root", help="VOCdevkit/VOC2012 (or VOCdevkit, or the folder holding VOCdevkit)")
+    v.add_argument("--labels", default=None, metavar="FILE",
+                   help="ready-made image-level labels, used for the images they list: cls_labels_onehot.npy "
+                        "(the reference's), cls_labels.npy (pickled dict id -> 20-vector, read without running "
+                        "code) or a CSV/JSON as for 'prepare folder' (image,classes)")
+    v.add_argument("--labels-from", choices=("annotations", "mask"), default="annotations",
+                   help="annotations (default: Annotations/*.xml, the mask where there is no XML) or mask "
+                        "(foreground values of each mask; not the field's convention)")
     v.add_argument("--out", default=None, help="index file (default <VOC2012>/excelseg_index.json)")
     v.add_argument("--workers", type=_workers, default=nw, help=f"processes reading masks (default {nw})")
     v.set_defaults(func=run_voc)
@@ -65,6 +78,15 @@ def register(sub) -> None:
     c.add_argument("--workers", type=_workers, default=nw, help=f"processes making masks (default {nw})")
     c.add_argument("--val-part", type=int, default=5000, help="size of val_part (first ids of val; default 5000)")
     c.add_argument("--overwrite", action="store_true", help="redo masks that already exist")
+    c.add_argument("--labels-from", choices=("annotations", "mask"), default="annotations",
+                   help="image-level labels: annotations (default: the categories of every annotation of the "
+                        "image, crowd included, as the field's COCO label files) or mask (classes visible in "
+                        "the written mask; hidden and crowd-only categories drop out). The count of images on "
+                        "which they differ is reported either way")
+    c.add_argument("--labels", default=None, metavar="FILE",
+                   help="ready-made image-level labels, used for the images they list: a cls_labels_onehot.npy "
+                        "(dict COCO_train2014_<id> -> 80-vector, read without running code) or a CSV/JSON as "
+                        "for 'prepare folder'")
     c.set_defaults(func=run_coco)
 
     f = kinds.add_parser("folder", help="your own images with a labels file of tags",
@@ -112,7 +134,8 @@ def run_voc(args: argparse.Namespace) -> int:
     from ..data.index import DEFAULT_INDEX_NAME
     from ..data.voc import build_voc_index
 
-    result = build_voc_index(args.root, workers=args.workers, progress=_progress())
+    result = build_voc_index(args.root, workers=args.workers, progress=_progress(), labels_file=args.labels,
+                             labels_from=args.labels_from)
     out = Path(args.out) if args.out else Path(result.index["root"]) / DEFAULT_INDEX_NAME
     return _finish(result, out, "VOC")
 
@@ -130,7 +153,8 @@ def run_coco(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.root).expanduser() / DEFAULT_INDEX_NAME
     result = build_coco_index(args.root, args.annotations, out_masks=args.out_masks, workers=args.workers,
                               val_part=args.val_part, overwrite=args.overwrite, merge_with=out,
-                              progress=_progress())
+                              progress=_progress(), labels_from=args.labels_from,
+                              labels_file=args.labels)
     return _finish(result, out, "COCO")
 
 

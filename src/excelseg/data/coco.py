@@ -18,8 +18,20 @@ annotation still get an all-background mask but are left out of the lists (count
 ``val_part`` = the first 5,000 ids of that sorted ``val`` list (the reference's in-training validation subset;
 its own list file is not derivable, so id order is the documented, reproducible choice).
 
-Image-level labels are the foreground values present in each written mask (an instance completely hidden by
-smaller ones does not count). Runs are resumable: an existing mask that reads back with the right size and valid
+Image-level labels (``labels_from``):
+
+* ``"annotations"`` (default): the categories of every annotation of the image in the instance JSON, crowd
+  annotations included — what the field's COCO label files are built from (every ``category_id`` of the image's
+  annotations, as ``getAnnIds(imgIds=i)`` returns them, crowd included);
+* ``"mask"``: the foreground values present in the written mask. They differ from the annotations where an
+  instance is completely hidden under smaller ones, where a category has only crowd annotations on the image
+  (painted 255), or where a segmentation is empty.
+
+The number of images on which the two differ is reported per split (both directions; the mask cannot hold a
+category that is not annotated, so the second count is 0 unless the masks came from elsewhere), and the index
+``info`` records ``label_source`` per split and the differing ids (``label_disagreements``).
+
+Runs are resumable: an existing mask that reads back with the right size and valid
 values is kept (``overwrite`` redoes it); a truncated or wrong one is rewritten; every write is atomic, and
 temporary files left by a killed run are removed at the start.
 """
@@ -49,13 +61,15 @@ from .index import (
     load_index,
     parallel_map,
 )
+from .labels import coco_key, read_label_file
 
-__all__ = ["MISSING_PYCOCOTOOLS", "OVERLAP_RULE", "build_coco_index", "rasterize_instances", "require_pycocotools"]
+__all__ = ["LABEL_SOURCES", "MISSING_PYCOCOTOOLS", "OVERLAP_RULE", "build_coco_index", "rasterize_instances", "require_pycocotools"]
 
 MISSING_PYCOCOTOOLS = "install the coco extra: pip install 'excelseg[coco]'"
 OVERLAP_RULE = ("crowd regions = 255 first; non-crowd instances on top by decreasing area "
                 "(the smaller instance wins where they overlap)")
 VAL_PART = 5000
+LABEL_SOURCES = ("annotations", "mask")
 ID_DIGITS = 12
 _TEMP_FILE = re.compile(r"^\.\d+\.png\.\w+\.png$")  # what io.atomic_path leaves behind when killed
 
@@ -131,6 +145,26 @@ def _mask_task(task: tuple[str, int, int, str, list[tuple[int, bool, Any]], int,
     return name, status, [int(v) for v in values if 1 <= v <= num_classes]
 
 
+def _compare_labels(ann: dict[str, list[int]], mask: dict[str, list[int]], ids: set[str],
+                    names: list[str]) -> tuple[str, dict[str, dict[str, list[int]]]]:
+    """A note on the listed images whose annotated categories and mask classes differ, and the differences."""
+    common = [i for i in sorted(ids) if i in ann and i in mask]
+    only_ann = {i: sorted(set(ann[i]) - set(mask[i])) for i in common if set(ann[i]) - set(mask[i])}
+    only_mask = {i: sorted(set(mask[i]) - set(ann[i])) for i in common if set(mask[i]) - set(ann[i])}
+    detail = {"not_in_mask": only_ann, "not_in_annotations": only_mask}
+    n = len(set(only_ann) | set(only_mask))
+    if not n:
+        return f"annotated categories and mask classes agree on all {len(ids)} listed images", detail
+    parts = []
+    hidden = "annotated categories not visible in the mask (hidden under other instances, crowd-only or empty)"
+    for diff, what in ((only_ann, hidden), (only_mask, "mask classes not annotated")):
+        if diff:
+            shown = [f"{i}: {','.join(names[v - 1] for v in vals)}" for i, vals in diff.items()]
+            parts.append(f"{len(diff)} with {what}, e.g. {examples(shown, 3)}")
+    text = f"annotated categories differ from mask classes on {n} of {len(ids)} listed images: " + "; ".join(parts)
+    return text, detail
+
+
 def _split_of(path: Path, images: list[dict[str, Any]]) -> str:
     stem = path.stem.lower()
     for split in ("train", "val"):
@@ -198,6 +232,8 @@ def build_coco_index(
     overwrite: bool = False,
     merge_with: str | os.PathLike[str] | None = None,
     progress: ProgressFn | None = None,
+    labels_from: str = "annotations",
+    labels_file: str | os.PathLike[str] | None = None,
 ) -> PrepareResult:
     """Write the masks of every image of the annotation files and build the index (module docstring).
 
@@ -209,7 +245,13 @@ def build_coco_index(
         val_part: size of ``val_part`` (first ids of the sorted ``val`` list).
         overwrite: redo masks that already exist.
         merge_with: an existing index whose other splits are kept (one split prepared at a time).
+        labels_from: ``"annotations"`` (categories annotated on the image, crowd included; default) or
+            ``"mask"`` (classes visible in the written mask).
+        labels_file: ready-made labels (``cls_labels_onehot.npy``: dict ``COCO_train2014_<12 digits>`` or id →
+            ``(K,)`` vector; or a CSV / JSON of ``prepare folder``), used for the images it lists.
     """
+    if labels_from not in LABEL_SOURCES:
+        raise ValueError(f"labels_from must be one of {', '.join(LABEL_SOURCES)}, got {labels_from!r}")
     require_pycocotools()
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -228,6 +270,7 @@ def build_coco_index(
         if old is not None and old.get("dataset") == "coco" and Path(old["root"]) == root.resolve():
             index = old
     categories: list[dict[str, Any]] | None = None
+    file_labels: dict[str, list[int]] | None = None
     done_splits: dict[str, Path] = {}
     seen_ids: set[str] = set()
     for ann_path in map(Path, annotations):
@@ -246,6 +289,8 @@ def build_coco_index(
         elif [(c["id"], c["name"]) for c in cats] != [(c["id"], c["name"]) for c in categories]:
             raise ValueError(f"{ann_path} has different categories from {next(iter(done_splits.values()))}")
         value_of = {int(c["id"]): i + 1 for i, c in enumerate(cats)}
+        if labels_file is not None and file_labels is None:
+            file_labels = read_label_file(labels_file, [str(c["name"]) for c in cats], coco_key)
         if len(cats) > 254:
             raise ValueError(f"{ann_path} has {len(cats)} categories; index masks hold at most 254")
 
@@ -279,20 +324,35 @@ def build_coco_index(
             tasks.append((name, int(im["height"]), int(im["width"]), str(split_dir / f"{name}.png"),
                           by_image.get(int(im["id"]), []), len(cats), overwrite))
         counts: dict[str, int] = defaultdict(int)
-        labels: dict[str, list[int]] = {}
+        mask_labels: dict[str, list[int]] = {}
         failed: list[str] = []
         for name, status, result in parallel_map(_mask_task, tasks, workers, 16, progress, f"{split} masks"):
             counts[status] += 1
             if status == "error":
                 failed.append(f"{name} ({result})")
             else:
-                labels[name] = result
+                mask_labels[name] = result
+        ann_labels = {t[0]: sorted({v for v, _, _ in t[4]}) for t in tasks if t[0] in mask_labels}
+        labels = ann_labels if labels_from == "annotations" else mask_labels
+        listed_ids = {t[0] for t in tasks if t[4]}
+        diff_text, diff = _compare_labels(ann_labels, mask_labels, listed_ids, [str(c["name"]) for c in cats])
+        source = "annotated categories" if labels_from == "annotations" else "mask classes"
+        notes.append(f"{split}: image-level labels from the {source}; {diff_text}")
+        from_file = 0
+        if file_labels is not None:
+            labels = dict(labels)
+            given = {i: v for i, v in file_labels.items() if i in labels}
+            labels.update(given)
+            from_file = sum(i in given for i in listed_ids)
+            differ = sum(set(given[i]) != set(ann_labels[i]) for i in given if i in listed_ids)
+            notes.append(f"{split}: labels file {labels_file}: {from_file} of {len(listed_ids)} listed images "
+                         f"labelled from it; it differs from the annotated categories on {differ}")
         if failed:
             problems.append(Problem(f"{len(failed)} {split} masks could not be made: {examples(failed, 3)}"))
         notes.append(f"{split}: {len(tasks)} images; masks " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                      + f" in {split_dir}")
 
-        listed = [t[0] for t in tasks if t[4] and t[0] in labels]
+        listed = [t[0] for t in tasks if t[4] and t[0] in mask_labels]
         empty = sum(1 for t in tasks if not t[4])
         if empty:
             notes.append(f"{split}: {empty} images without annotations get an all-background mask "
@@ -348,6 +408,15 @@ def build_coco_index(
         info.setdefault("annotations", {})[split] = str(ann_path.resolve())
         info.setdefault("image_layout", {})[split] = layout
         info.setdefault("without_annotations", {})[split] = empty
+        split_source = ("annotations (categories of every annotation, crowd included)"
+                        if labels_from == "annotations" else "masks (classes visible in the mask)")
+        if from_file:
+            split_source = (f"labels file ({from_file} images)" + ("" if from_file == len(listed_ids)
+                                                                   else f", else {split_source}"))
+        info.setdefault("label_source", {})[split] = split_source
+        if labels_file is not None:
+            info["labels_file"] = str(Path(labels_file).expanduser().resolve())
+        info.setdefault("label_disagreements", {})[split] = diff
         info["overlap_rule"] = OVERLAP_RULE
         info["val_part"] = f"first {val_part} ids of the val list sorted by image id"
 

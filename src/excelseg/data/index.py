@@ -15,8 +15,9 @@ Format (``format = "excelseg-index"``, ``version = 1``)::
                      exists is used; an empty "mask" list = no ground truth for the split (VOC test)
     image_files      {id: path}: optional per-image paths overriding the "image" templates (folder datasets)
     splits           {split: [id, ...]}: only usable images are listed
-    labels           {id: [label value, ...]}: image-level labels (foreground label values present in the mask,
-                     or from the labels file for folder datasets)
+    labels           {id: [label value, ...]}: image-level labels (VOC: the classes of Annotations/<id>.xml, else
+                     the mask's; COCO: the annotated categories, or the mask's with --labels-from mask; a labels
+                     file where given; info["label_source"] says which, per split)
     sizes            {id: [H, W]}
     excluded         {id: reason}: images dropped from every split by ``prepare`` (bad mask, missing file, ...)
     info             dataset-specific facts (COCO: overlap rule, image layout, annotation files; ...)

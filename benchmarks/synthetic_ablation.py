@@ -16,14 +16,13 @@ from dataclasses import replace
 import torch
 
 from excelseg.bank import bank_for
+from excelseg.config import load_config
 from excelseg.knowledge import parse_knowledge
 from excelseg.predictor import CamPredictor
 from excelseg.seeds import seed_miou
 from excelseg.synthetic import (
-    SYNTHETIC_TEMPLATE,
     held_out_samples,
     knowledge_base,
-    synthetic_config,
     synthetic_vocabulary,
 )
 from excelseg.weights import load_clip
@@ -40,8 +39,8 @@ def main() -> None:
     size = clip.image_size
     vocab = synthetic_vocabulary()
     kb = parse_knowledge(knowledge_base(), "synthetic knowledge")
-    bank = bank_for(clip, kb, args.clusters, prefix=SYNTHETIC_TEMPLATE, progress=False)
-    base = synthetic_config(size)
+    base = load_config("synthetic")
+    bank = bank_for(clip, kb, args.clusters, prefix=base.text.template, progress=False)
     blocks = len(clip.model.visual.transformer.resblocks)
 
     def cfg(svc: int, refine: bool, par: bool):

@@ -32,7 +32,7 @@ TINY = {
 }
 ASSET = Path(excelseg.__file__).resolve().parent / NAMED_WEIGHTS["synthetic"]
 needs_asset = pytest.mark.skipif(not ASSET.is_file(), reason=f"shipped weights absent: {ASSET} "
-                                 "(make them with excelseg train-clip --synthetic)")
+                                 "(make them with excelseg train-clip)")
 MAX_BYTES = 10_000_000
 
 

@@ -66,7 +66,7 @@ def voc(tmp_path):
 
 
 def prepare_voc(path, *extra) -> int:
-    return main(["prepare", "voc", str(path), "--workers", "1", *map(str, extra)])
+    return main(["prepare", "--dataset", "voc", "--root", str(path), "--workers", "1", *map(str, extra)])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -75,7 +75,7 @@ def prepare_voc(path, *extra) -> int:
 
 def test_prepare_voc_labels_and_splits(voc, capsys):
     root, entries = voc
-    rc = main(["prepare", "voc", str(root.parent.parent), "--workers", "2"])  # the folder holding VOCdevkit
+    rc = main(["prepare", "--dataset", "voc", "--root", str(root.parent.parent), "--workers", "2"])  # the folder holding VOCdevkit
     assert rc == 0
     out = capsys.readouterr().out
     assert "test.txt not found" in out
@@ -254,7 +254,7 @@ def test_prepare_folder(photos, tmp_path, capsys):
     save_label_png(masks / "a.png", np.full((30, 40), 2, np.uint8))
     save_label_png(masks / "sub" / "b.png", np.full((21, 25), 1, np.uint8))  # wrong size
     out = tmp_path / "folder.json"
-    rc = main(["prepare", "folder", str(photos), "--labels", str(labels), "--masks", str(masks),
+    rc = main(["prepare", "--dataset", "folder", "--root", str(photos), "--labels", str(labels), "--masks", str(masks),
                "--out", str(out), "--workers", "1"])
     assert rc == 1
     assert "sub/b (mask 25x21, image 25x20)" in capsys.readouterr().err
@@ -263,7 +263,7 @@ def test_prepare_folder(photos, tmp_path, capsys):
     assert index["sizes"] == {"a": [30, 40]} and index["class_names"] == ["cat", "dog"]
     ds = open_dataset("folder", index=out)
     assert ds[0]["mask"].shape == (30, 40)
-    rc = main(["prepare", "folder", str(photos), "--labels", str(labels), "--classes", "cat", "--out", str(out)])
+    rc = main(["prepare", "--dataset", "folder", "--root", str(photos), "--labels", str(labels), "--classes", "cat", "--out", str(out)])
     assert rc == 2 and "unknown class names 'dog' (line 1)" in capsys.readouterr().err
 
 

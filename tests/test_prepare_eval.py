@@ -72,7 +72,7 @@ def coco(tmp_path):
 
 
 def prepare_coco(root, ann_dir, *extra):
-    return main(["prepare", "coco", str(root), "--annotations", str(ann_dir / "instances_train2014.json"),
+    return main(["prepare", "--dataset", "coco", "--root", str(root), "--annotations", str(ann_dir / "instances_train2014.json"),
                  "--annotations", str(ann_dir / "instances_val2014.json"), "--workers", "1", *map(str, extra)])
 
 
@@ -185,7 +185,7 @@ def test_prepare_coco_one_split_at_a_time_and_out_masks(coco, tmp_path, capsys):
     root, ann_dir = coco
     out_masks = tmp_path / "elsewhere"
     for split in ("train", "val"):
-        rc = main(["prepare", "coco", str(root), "--annotations", str(ann_dir / f"instances_{split}2014.json"),
+        rc = main(["prepare", "--dataset", "coco", "--root", str(root), "--annotations", str(ann_dir / f"instances_{split}2014.json"),
                    "--out-masks", str(out_masks), "--workers", "1"])
         assert rc == 0
     index = load_index(root / "excelseg_index.json")
@@ -196,7 +196,7 @@ def test_prepare_coco_one_split_at_a_time_and_out_masks(coco, tmp_path, capsys):
 
 def test_prepare_coco_without_pycocotools(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pycocotools", None)
-    rc = main(["prepare", "coco", str(tmp_path), "--annotations", str(tmp_path / "a.json")])
+    rc = main(["prepare", "--dataset", "coco", "--root", str(tmp_path), "--annotations", str(tmp_path / "a.json")])
     assert rc == 2
     assert "install the coco extra: pip install 'excelseg[coco]'" in capsys.readouterr().err
 
@@ -222,7 +222,7 @@ def tiny(tmp_path):
         save_label_png(masks / f"{name}.png", g)
     (tmp_path / "labels.csv").write_text("x.png,a;b\ny.png,a;b\n")
     index = tmp_path / "index.json"
-    assert main(["prepare", "folder", str(images), "--labels", str(tmp_path / "labels.csv"), "--masks", str(masks),
+    assert main(["prepare", "--dataset", "folder", "--root", str(images), "--labels", str(tmp_path / "labels.csv"), "--masks", str(masks),
                  "--out", str(index), "--workers", "1"]) == 0
     return index, masks, preds
 
@@ -290,7 +290,7 @@ def test_eval_voc_end_to_end(tmp_path, capsys):
     from test_data import make_voc
 
     root, entries = make_voc(tmp_path)
-    assert main(["prepare", "voc", str(root), "--workers", "1"]) == 0
+    assert main(["prepare", "--dataset", "voc", "--root", str(root), "--workers", "1"]) == 0
     preds = tmp_path / "preds"
     val = [n for n, e in entries.items() if e["split"] == "val"]
     for name in val:
@@ -347,7 +347,7 @@ def test_eval_cams_uses_only_the_gt_classes(tiny, tmp_path):
     labels = tmp_path / "only_a.csv"
     labels.write_text("x.png,a\ny.png,a;b\n")  # x's mask also has b: its b CAM is dropped by default
     index_a = tmp_path / "index_a.json"
-    assert main(["prepare", "folder", str(tmp_path / "images"), "--labels", str(labels), "--masks", str(masks),
+    assert main(["prepare", "--dataset", "folder", "--root", str(tmp_path / "images"), "--labels", str(labels), "--masks", str(masks),
                  "--out", str(index_a), "--workers", "1"]) == 0
     cams_dir = tmp_path / "cams"
     for name in ("x", "y"):

@@ -17,6 +17,7 @@ from PIL import Image
 
 from excelseg.batch import Shard, cam_size_for, read_cam_archive, remove_stale_temps
 from excelseg.cli import main
+from excelseg.config import load_config
 from excelseg.data import open_dataset
 from excelseg.io import read_label_png, save_label_png
 from tiny_clip import save_tiny
@@ -53,7 +54,7 @@ def make_voc(base: Path, copies: int = 1) -> Path:
     (lists / "train.txt").write_text("\n".join(ids) + "\n")
     (lists / "val.txt").write_text("\n".join(ids) + "\n")
     (lists / "test.txt").write_text(NO_LABEL_ID + "\n")
-    assert main(["prepare", "voc", str(root), "--workers", "1"]) == 0
+    assert main(["prepare", "--dataset", "voc", "--root", str(root), "--workers", "1"]) == 0
     return root
 
 
@@ -77,7 +78,7 @@ def setup(tmp_path_factory):
 
 
 def pseudo_label(root: Path, clip: Path, out: Path, *extra) -> int:
-    return main(["pseudo-label", "--dataset", "voc", "--root", str(root), "--split", "train", "--out", str(out),
+    return main(["pseudo-label", "--dataset", "voc", "--root", str(root), "--split", "train", "--out-dir", str(out),
                  "--clip", str(clip), "--size", "64", "--device", "cpu", *map(str, extra)])
 
 
@@ -198,6 +199,7 @@ def replace(src, dst, *a, **kw):
     return real_replace(src, dst, *a, **kw)
 os.replace = replace
 from excelseg.cli import main
+from excelseg.config import load_config
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -207,7 +209,7 @@ def test_killed_run_resumes_cleanly(tmp_path):
     clip = save_tiny(tmp_path / "tiny.pt", layers=6, patch=16, image=64, heads=1)
     out = tmp_path / "out"
     ids = train_ids(root)
-    args = ["pseudo-label", "--root", str(root), "--split", "train", "--out", str(out), "--clip", str(clip),
+    args = ["pseudo-label", "--root", str(root), "--split", "train", "--out-dir", str(out), "--clip", str(clip),
             "--size", "64", "--device", "cpu", "--workers", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", _KILLING_DRIVER, str(out), "3", *args], env=env,
@@ -216,7 +218,9 @@ def test_killed_run_resumes_cleanly(tmp_path):
     assert len([p for p in out.glob("*.png") if not p.name.startswith(".")]) == 2  # the third was being renamed when the process died
     assert len(hidden_files(out)) == 1  # its complete temporary file
     assert main(args) == 0  # the same command, in-process
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}.png" for i in ids)
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{i}.png" for i in ids] + ["excelseg_config.yaml"])
+    resolved = load_config(out / "excelseg_config.yaml")  # the settings the run used, written next to its outputs
+    assert resolved.cam.size == (64, 64) and resolved.refine == load_config("voc").refine
     assert not hidden_files(out)
     for name in ids:
         with Image.open(out / f"{name}.png") as im:
@@ -242,7 +246,7 @@ def test_missing_image_is_reported_and_skipped(tmp_path, capsys):
 def test_split_without_labels_needs_all_classes(setup, tmp_path, capsys):
     root, clip, _ = setup
     out = tmp_path / "test"
-    args = ["pseudo-label", "--root", str(root), "--split", "test", "--out", str(out), "--clip", str(clip),
+    args = ["pseudo-label", "--root", str(root), "--split", "test", "--out-dir", str(out), "--clip", str(clip),
             "--size", "64", "--device", "cpu", "--workers", "0"]
     capsys.readouterr()
     assert main(args) == 2
@@ -262,7 +266,7 @@ def test_usage_errors(setup, tmp_path, capsys):
     assert "shard must be i/n" in capsys.readouterr().err
     assert pseudo_label(root, clip, tmp_path / "o", "--cam-size", "1024", "--save-cams") == 2
     assert "reduced size" in capsys.readouterr().err
-    assert main(["pseudo-label", "--out", str(tmp_path / "o")]) == 2
+    assert main(["pseudo-label", "--out-dir", str(tmp_path / "o")]) == 2
     assert "give --root" in capsys.readouterr().err
 
 

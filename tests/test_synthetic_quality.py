@@ -14,14 +14,13 @@ from dataclasses import replace
 import pytest
 
 from excelseg.bank import bank_for
+from excelseg.config import load_config
 from excelseg.knowledge import parse_knowledge
 from excelseg.predictor import CamPredictor
 from excelseg.seeds import seed_miou
 from excelseg.synthetic import (
-    SYNTHETIC_TEMPLATE,
     held_out_samples,
     knowledge_base,
-    synthetic_config,
     synthetic_vocabulary,
 )
 from excelseg.weights import NAMED_WEIGHTS, WeightsNotFoundError, load_clip
@@ -41,9 +40,9 @@ def clip():
 def test_shipped_synthetic_clip_seed_miou(clip, tmp_path):
     size = clip.image_size
     vocab = synthetic_vocabulary()
-    bank = bank_for(clip, parse_knowledge(knowledge_base(), "synthetic knowledge"), 48, prefix=SYNTHETIC_TEMPLATE,
+    full = load_config("synthetic")
+    bank = bank_for(clip, parse_knowledge(knowledge_base(), "synthetic knowledge"), 48, prefix=full.text.template,
                     cache_dir=tmp_path, progress=False)
-    full = synthetic_config(size)
     plain = full.with_(cam=replace(full.cam, svc_last_blocks=0))
     excel = seed_miou(CamPredictor(clip, bank=bank, config=full, device="cpu"), held_out_samples(50, size[0]), vocab)
     base = seed_miou(CamPredictor(clip, config=plain, device="cpu"), held_out_samples(50, size[0]), vocab)

@@ -7,28 +7,56 @@ Public API::
     r = p.set_image(image).predict(["cat", "dog"])
     r.cams          # K×H×W float32 in [0, 1]
     r.pseudo_label  # H×W uint8, 0 = background
+
+The names below are imported on first use (PEP 562), so ``import excelseg`` and the CLI's ``--help`` stay fast.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .config import PAPER_COCO, PAPER_VOC, PRESETS, CamConfig, PipelineConfig, RefineConfig, TextConfig
-from .predictor import CamPredictor, CamResult
-from .text import AttributeBank
-from .vocab import Vocabulary
-from .weights import LoadedClip, load_clip
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+_EXPORTS = {
+    "PAPER_COCO": "config", "PAPER_VOC": "config", "PRESETS": "config", "CamConfig": "config",
+    "PipelineConfig": "config", "RefineConfig": "config", "TextConfig": "config", "load_config": "config",
+    "CamPredictor": "predictor", "CamResult": "predictor",
+    "AttributeBank": "text",
+    "Vocabulary": "vocab",
+    "LoadedClip": "weights", "load_clip": "weights",
+}
 
 __all__ = [
-    "PAPER_COCO",
-    "PAPER_VOC",
-    "PRESETS",
-    "AttributeBank",
-    "CamConfig",
-    "CamPredictor",
-    "CamResult",
-    "LoadedClip",
-    "PipelineConfig",
-    "RefineConfig",
-    "TextConfig",
-    "Vocabulary",
-    "load_clip",
+    "PAPER_COCO", "PAPER_VOC", "PRESETS", "AttributeBank", "CamConfig", "CamPredictor", "CamResult", "LoadedClip",
+    "PipelineConfig", "RefineConfig", "TextConfig", "Vocabulary", "__version__", "load_clip", "load_config",
 ]
+
+if TYPE_CHECKING:
+    from .config import (
+        PAPER_COCO,
+        PAPER_VOC,
+        PRESETS,
+        CamConfig,
+        PipelineConfig,
+        RefineConfig,
+        TextConfig,
+        load_config,
+    )
+    from .predictor import CamPredictor, CamResult
+    from .text import AttributeBank
+    from .vocab import Vocabulary
+    from .weights import LoadedClip, load_clip
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'excelseg' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

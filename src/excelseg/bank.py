@@ -62,6 +62,7 @@ _logger = logging.getLogger(__name__)
 
 BANK_FORMAT = "excelseg-bank/1"
 PAPER_PREFIX = PAPER_TEMPLATE  # "a clean origami {}.", filled in and put before every sentence (reference)
+PAPER_CLUSTERS = {"voc": 112, "coco": 224}  # the paper's B for its shipped knowledge bases (EXCEL_SPEC §2.1)
 N_INIT = 10  # k-means++ seedings, the best inertia wins (scikit-learn default)
 MAX_ITER = 300  # Lloyd iterations per seeding (scikit-learn default)
 GRAM_MAX_POINTS = 4096  # up to this many points k-means++ seeding reuses the n×n Gram matrix (128 MiB)

@@ -1,4 +1,9 @@
-"""The ``excelseg`` command. Each subcommand's ``--help`` is its manual; the README shows real invocations."""
+"""The ``excelseg`` command. Each subcommand's ``--help`` is its manual; the README shows real invocations.
+
+Building the parser imports only the standard library and the command modules' ``register`` functions, so
+``excelseg --help`` and ``excelseg COMMAND --help`` answer without loading torch (``benchmarks/cli_help_time.py``).
+Each command's ``run(args)`` imports what it needs.
+"""
 
 from __future__ import annotations
 
@@ -6,109 +11,27 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 
-from . import __version__
+from ._version import __version__
+from .commands.common import OVERRIDE_RE, CliError
 
-_logger = logging.getLogger("excelseg")
-
-
-COMMAND_ORDER = ("cam", "pseudo_label", "prepare", "bank", "describe", "train", "eval", "eval_cams", "segment",
-                 "demo")
+COMMAND_ORDER = ("cam", "pseudo_label", "prepare", "bank", "describe", "eval", "eval_cams", "demo", "train_clip")
 
 
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+def command_modules() -> list[str]:
+    """Module names of every subcommand in ``excelseg.commands`` (``register(subparsers)`` + ``run(args)``),
+    in the order of the help listing."""
+    import pkgutil
 
+    from . import commands
 
-def _size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace("x", ",").split(",")
-    try:
-        vals = [int(p) for p in parts if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be N or HxW, got {text!r}") from None
-    if len(vals) == 1:
-        vals = vals * 2
-    if len(vals) != 2 or min(vals) < 16:
-        raise argparse.ArgumentTypeError(f"size must be N or HxW with sides >= 16, got {text!r}")
-    return vals[0], vals[1]
-
-
-def _scales(text: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"scales must be a comma list of numbers, got {text!r}") from None
-    if not vals or min(vals) <= 0:
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
-    return vals
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs the training-free pipeline."""
-    g = p.add_argument_group("model")
-    g.add_argument("--clip", default=None,
-                   help="CLIP weights: open_clip tag (default ViT-B-16, OpenAI weights), a weight file "
-                        "(.pt TorchScript or state dict, .pth, .bin, .safetensors) or hf-hub:ORG/NAME; "
-                        "default $EXCELSEG_CLIP, then ViT-B-16")
-    g.add_argument("--bank", default=None,
-                   help="TSE attribute bank (.pth reference format, .safetensors, .npz) enriching every class; "
-                        "default: plain prompts")
-    g.add_argument("--knowledge", default=None,
-                   help="knowledge base instead of a bank (voc, coco or a JSON file): its attribute bank is built "
-                        "once and cached; classes it does not describe keep plain prompts (with a warning)")
-    g.add_argument("--clusters", default=None,
-                   help="attribute clusters B for --knowledge: N or auto (default 112 voc, 224 coco, else auto)")
-    g.add_argument("--preset", default="paper", choices=["paper", "paper-voc", "paper-coco"],
-                   help="settings preset (default: paper = the reference's VOC values)")
-    g.add_argument("--size", type=_size, default=None, help="network input N or HxW (paper: 320)")
-    g.add_argument("--scales", type=_scales, default=None, help="CAM scales, e.g. 1,0.75,1.25 (paper: 1)")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="also average horizontally flipped CAMs (paper: off)")
-    g.add_argument("--box-threshold", type=float, default=None, help="τ_box of the box mask (paper: 0.79)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    g.add_argument("--batch-size", type=int, default=1, help="images per backbone forward (default 1)")
-
-
-def clusters_arg(text: str | None) -> int | str | None:
-    """``--clusters``: None, ``auto`` or a positive integer."""
-    if text is None or text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise CliError(f"--clusters must be a positive integer or 'auto', got {text!r}") from None
-    if value < 1:
-        raise CliError(f"--clusters must be a positive integer or 'auto', got {text!r}")
-    return value
-
-
-def config_from_args(args: argparse.Namespace):
-    from .config import PRESETS
-
-    cfg = PRESETS[args.preset]
-    cam = cfg.cam
-    if args.size is not None:
-        cam = replace(cam, size=args.size)
-    if args.scales is not None:
-        cam = replace(cam, scales=args.scales)
-    if args.flip is not None:
-        cam = replace(cam, flip=args.flip)
-    ref = cfg.refine
-    if args.box_threshold is not None:
-        if not 0.0 <= args.box_threshold <= 1.0:
-            raise CliError(f"--box-threshold must be in [0, 1], got {args.box_threshold}")
-        ref = replace(ref, box_threshold=args.box_threshold)
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
-    return cfg.with_(cam=cam, refine=ref)
+    names = [m.name for m in pkgutil.iter_modules(commands.__path__) if m.name not in ("common",)
+             and not m.name.startswith("_")]
+    return sorted(names, key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else 99, n))
 
 
 def build_parser() -> argparse.ArgumentParser:
     import importlib
-    import pkgutil
-
-    from . import commands
 
     parser = argparse.ArgumentParser(
         prog="excelseg",
@@ -120,17 +43,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    # every module of excelseg.commands is a subcommand (``register(subparsers)``), listed in COMMAND_ORDER first
-    names = [m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_")]
-    for name in sorted(names, key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else 99, n)):
-        importlib.import_module(f"{commands.__name__}.{name}").register(sub)
+    for name in command_modules():
+        importlib.import_module(f"excelseg.commands.{name}").register(sub)
     return parser
+
+
+def _legacy_argv(argv: list[str]) -> list[str]:
+    """Old spellings that argparse cannot express as aliases, rewritten (with a warning) for one release."""
+    from .commands.common import DATASET_KINDS, deprecated
+
+    # excelseg prepare voc ROOT ...  ->  excelseg prepare --dataset voc --root ROOT ...
+    for i, word in enumerate(argv):
+        if word == "prepare":
+            rest = argv[i + 1:]
+            if len(rest) >= 2 and rest[0] in DATASET_KINDS and not rest[1].startswith("-"):
+                deprecated(f"'prepare {rest[0]} ROOT'", f"'prepare --dataset {rest[0]} --root ROOT'")
+                return [*argv[:i + 1], "--dataset", rest[0], "--root", rest[1], *rest[2:]]
+            break
+        if not word.startswith("-"):
+            break
+    return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 some inputs failed, 2 usage or setup error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(_legacy_argv(list(sys.argv[1:] if argv is None else argv)))
+        # section.key=value words may stand anywhere for the commands that take settings (``overrides``)
+        settings = [w for w in extra if OVERRIDE_RE.match(w)] if hasattr(args, "overrides") else []
+        unknown = [w for w in extra if w not in settings]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if settings:
+            args.overrides = [*args.overrides, *settings]
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

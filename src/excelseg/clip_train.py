@@ -175,7 +175,8 @@ def save_weights(model: nn.Module, out: str | Path, config: dict[str, Any], reco
     for k, v in model.state_dict().items():
         v = v.detach().cpu()
         sd[k] = (v.half() if fp16 and v.is_floating_point() else v).contiguous()
-    preprocess = {"mean": [m / 255.0 for m in IMAGENET_MEAN], "std": [s / 255.0 for s in IMAGENET_STD]}
+    preprocess = {"mean": [m / 255.0 for m in IMAGENET_MEAN], "std": [s / 255.0 for s in IMAGENET_STD],
+                  "excelseg_config": "synthetic"}  # its 96 px input and captions' wording (configs/synthetic.yaml)
     oc_config = {"model_cfg": config, "preprocess_cfg": preprocess}
     tmp = out.with_name(out.name + ".tmp")
     save_file(sd, str(tmp), metadata={"format": "pt", "open_clip_config": json.dumps(oc_config)})

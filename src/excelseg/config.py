@@ -1,12 +1,23 @@
-"""Configuration dataclasses and named presets for the training-free ExCEL pipeline.
+"""Configuration dataclasses, named presets and their YAML form for the training-free ExCEL pipeline.
 
 Every number here is the value the reference implementation uses (EXCEL_SPEC §1–§3, §6); each deviation or
 extension is a named field whose paper value is the default. ``PAPER_VOC`` / ``PAPER_COCO`` are the presets.
+
+YAML: ``configs/voc.yaml``, ``coco.yaml`` and ``synthetic.yaml`` ship inside the package (:func:`load_config`
+takes their name or any file path). A file has the sections ``text``, ``cam`` and ``refine``; every key it leaves
+out keeps the paper value, unknown sections or keys are refused with the list of valid ones.
+:func:`apply_overrides` applies ``section.key=value`` words (values parsed as YAML: ``cam.flip=true``,
+``cam.size=448``, ``cam.scales=[1,0.75]``); :func:`dump_config` writes the resolved settings back.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
 
 # ImageNet / mmseg constants in 0-255 space: what the reference feeds CLIP (EXCEL_SPEC §1, §10.5).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -73,3 +84,133 @@ class PipelineConfig:
 PAPER_VOC = PipelineConfig()
 PAPER_COCO = PipelineConfig(refine=RefineConfig(box_threshold=0.88))
 PRESETS = {"paper": PAPER_VOC, "paper-voc": PAPER_VOC, "paper-coco": PAPER_COCO}
+
+
+# ---- YAML configuration files ---------------------------------------------------------------------------------
+
+SECTIONS = ("text", "cam", "refine")
+SHIPPED_CONFIGS = ("voc", "coco", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message lists what is valid."""
+
+
+def _fields(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(getattr(PAPER_VOC, section))}
+
+
+def _coerce(section: str, key: str, value: Any) -> Any:
+    """``value`` converted to the type of ``section.key`` (lists → tuples, ``N`` → ``(N, N)`` for a size)."""
+    fields = _fields(section)
+    if key not in fields:
+        raise ConfigError(f"unknown setting {section}.{key}; valid {section} keys: {', '.join(sorted(fields))}")
+    default = getattr(getattr(PAPER_VOC, section), key)
+    where = f"{section}.{key}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        if key == "size" and isinstance(value, int) and not isinstance(value, bool):
+            value = [value, value]
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{where} must be a list like {list(default)}, got {value!r}")
+        kind = type(default[0])
+        try:
+            out = tuple(kind(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a list of {kind.__name__}s, got {value!r}") from None
+        if key == "size" and len(out) != 2:
+            raise ConfigError(f"{where} must be N or [H, W], got {value!r}")
+        return out
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(default, int) and not float(value).is_integer():
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return type(default)(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def config_from_dict(data: dict[str, Any] | None, base: PipelineConfig = PAPER_VOC, source: str = "config"
+                     ) -> PipelineConfig:
+    """``base`` with the settings of ``{section: {key: value}}`` (the YAML layout) applied."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected sections {', '.join(SECTIONS)} at the top level")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(map(str, unknown))}; valid: {', '.join(SECTIONS)}")
+    cfg = base
+    for section, values in data.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section} must map keys to values")
+        changes = {k: _coerce(section, k, v) for k, v in values.items()}
+        cfg = replace(cfg, **{section: replace(getattr(cfg, section), **changes)})
+    return cfg
+
+
+def config_to_dict(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """``{section: {key: value}}`` with lists for tuples (what :func:`dump_config` writes)."""
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in SECTIONS}
+
+
+def _yaml():
+    import yaml
+
+    return yaml
+
+
+def load_config(spec: str | Path | PipelineConfig | None = None) -> PipelineConfig:
+    """A shipped config by name (``voc``, ``coco``, ``synthetic``) or a YAML file; ``None`` → ``voc``."""
+    if isinstance(spec, PipelineConfig):
+        return spec
+    spec = "voc" if spec is None else str(spec)
+    if spec in SHIPPED_CONFIGS:
+        text = resources.files("excelseg").joinpath("configs", f"{spec}.yaml").read_text(encoding="utf-8")
+        source = f"{spec}.yaml (shipped)"
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"config {spec!r} is neither a shipped config ({', '.join(SHIPPED_CONFIGS)}) "
+                                    "nor a YAML file")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    try:
+        data = _yaml().safe_load(text)
+    except Exception as exc:  # noqa: BLE001 (yaml's error types: one message)
+        raise ConfigError(f"{source}: not valid YAML ({exc})") from None
+    return config_from_dict(data, source=source)
+
+
+def apply_overrides(cfg: PipelineConfig, overrides: Iterable[str | tuple[str, Any]]) -> PipelineConfig:
+    """Apply ``"section.key=value"`` words (value parsed as YAML) or ``(section.key, value)`` pairs in order."""
+    for item in overrides:
+        if isinstance(item, str):
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} is not section.key=value")
+            try:
+                value = _yaml().safe_load(text) if text.strip() else ""
+            except Exception:  # noqa: BLE001
+                value = text
+        else:
+            key, value = item
+        section, dot, name = key.strip().partition(".")
+        if not dot or section not in SECTIONS:
+            raise ConfigError(f"override {key!r}: expected section.key with a section in {', '.join(SECTIONS)}")
+        cfg = config_from_dict({section: {name: value}}, base=cfg, source="override")
+    return cfg
+
+
+def dump_config(cfg: PipelineConfig, **extra: Any) -> str:
+    """YAML text of ``cfg`` (every setting), with ``extra`` top-level entries as comments first."""
+    head = "".join(f"# {k}: {v}\n" for k, v in extra.items())
+    return head + _yaml().safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True, default_flow_style=None)

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backbone import DenseEncoder
-from .bank import bank_for, check_bank_identity
+from .bank import PAPER_CLUSTERS, bank_for, check_bank_identity
 from .cam import surgery_cams
-from .config import PAPER_VOC, PipelineConfig
+from .config import PipelineConfig, load_config
 from .io import to_rgb_array
 from .preprocess import network_input
 from .refine import box_mask, labels_from_cams, refine_cams, transition_matrix
@@ -100,13 +100,15 @@ class CamPredictor:
         knowledge: a knowledge base (``"voc"``, ``"coco"`` or a JSON path) instead of a bank: its attribute bank
             is built once (``clusters``; default 112 for voc, 224 for coco, else ``"auto"``) and cached, and only
             the classes it describes are enriched; the others fall back to plain prompts (logged once).
-        config: pipeline settings (:data:`~excelseg.config.PAPER_VOC` by default).
+        config: pipeline settings: a :class:`~excelseg.config.PipelineConfig`, a shipped config name (``"voc"``,
+            ``"coco"``, ``"synthetic"``) or a YAML path; ``None``: the settings the weights were made for
+            (``clip.default_config``), else ``"voc"`` (= :data:`~excelseg.config.PAPER_VOC`).
         device: ``"cpu"``, ``"cuda"``, ``"auto"``/``None``.
     """
 
     def __init__(self, clip: LoadedClip | str | Path | None = None, *, vocabulary=None,
                  bank: AttributeBank | str | Path | None = None, knowledge: str | Path | None = None,
-                 clusters: int | str | None = None, config: PipelineConfig = PAPER_VOC,
+                 clusters: int | str | None = None, config: PipelineConfig | str | None = None,
                  device: str | torch.device | None = None):
         self.device = resolve_device(device)
         self.clip = clip if isinstance(clip, LoadedClip) else load_clip(clip, device=self.device)
@@ -123,12 +125,14 @@ class CamPredictor:
 
             kb = load_knowledge(knowledge)
             if clusters is None:
-                clusters = {"voc": 112, "coco": 224}.get(str(knowledge).lower(), "auto")
+                clusters = PAPER_CLUSTERS.get(str(knowledge).lower(), "auto")
             self.bank = bank_for(self.clip, kb, clusters)
             self.knowledge_classes = {_norm(n) for n in kb}
         if self.bank is not None:
             check_bank_identity(self.bank, self.clip)
-        self.config = config
+        # settings: as given (a PipelineConfig, a shipped name or a YAML path), else those the weights were made
+        # for (LoadedClip.default_config, e.g. the synthetic CLIP's 96 px input), else the paper's
+        self.config = load_config(config if config is not None else self.clip.default_config)
         self._state: ImageState | None = None
         self._text_cache: dict = {}
 

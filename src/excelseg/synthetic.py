@@ -43,14 +43,13 @@ import colorsys
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .config import PAPER_VOC, PipelineConfig
 from .vocab import Vocabulary
 
 __all__ = [
@@ -861,19 +860,12 @@ if __name__ == "__main__":
 
 
 HELD_OUT_SEED = 20251  # scenes for evaluation; training uses other seeds
-SYNTHETIC_TEMPLATE = "a photo of a {}."  # the captions' wording; "a clean origami" means nothing to this CLIP
 
 
 def synthetic_vocabulary(classes: Sequence[ClassSpec] = CLASSES) -> Vocabulary:
     """The scene classes (label i + 1 = class i, as in the masks) with the backgrounds as background words."""
     names = tuple(c.name for c in classes)
     return Vocabulary(names, names, tuple(f"{b} background" for b in BACKGROUNDS), "synthetic")
-
-
-def synthetic_config(image_size: tuple[int, int], **cam_overrides: Any) -> PipelineConfig:
-    """The paper preset adapted to a synthetic-scene CLIP: its native input size and the captions' template."""
-    cam = replace(PAPER_VOC.cam, size=tuple(image_size), **cam_overrides)
-    return PAPER_VOC.with_(cam=cam, text=replace(PAPER_VOC.text, template=SYNTHETIC_TEMPLATE))
 
 
 def held_out_samples(n: int, size: int, seed: int = HELD_OUT_SEED) -> Iterator[tuple[np.ndarray, np.ndarray, tuple]]:

@@ -106,6 +106,7 @@ _DEFINING_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.
 
 #: Weights shipped with excelseg: spec name -> file inside the package (checked before open_clip tags).
 NAMED_WEIGHTS: dict[str, str] = {"synthetic": "assets/synthetic_clip.safetensors"}
+NAMED_CONFIGS: dict[str, str] = {"synthetic": "synthetic"}  # excelseg.config name made for each shipped model
 
 #: OpenAI's CLIP release: file name -> sha256 (the hex string in each download URL).
 KNOWN_FILES: dict[str, str] = {
@@ -149,6 +150,10 @@ class LoadedClip:
     source: str  # where the weights came from, for humans
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # pipeline settings made for these weights (a name or YAML path for excelseg.config.load_config): set for
+    # weights trained at another input size or with other captions, e.g. the shipped synthetic CLIP; read from
+    # ``preprocess_cfg["excelseg_config"]`` of the stored open_clip config. None: the paper's (voc).
+    default_config: str | None = None
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -640,7 +645,7 @@ def _finish(model: nn.Module, device: str | torch.device) -> nn.Module:
 
 
 def _load_file(path: Path, *, device: str | torch.device, arch: str | None, quick_gelu: bool | None,
-               name: str, source: str) -> LoadedClip:
+               name: str, source: str, default_config: str | None = None) -> LoadedClip:
     if not path.is_file():
         raise WeightsNotFoundError(f"no such file: {path}" if not path.exists() else f"not a file: {path}")
     sha = _sha256(path)
@@ -683,7 +688,8 @@ def _load_file(path: Path, *, device: str | torch.device, arch: str | None, quic
     mean = tuple(float(x) for x in preprocess.get("mean", OPENAI_MEAN))
     std = tuple(float(x) for x in preprocess.get("std", OPENAI_STD))
     _logger.info("loaded CLIP %s from %s (sha256 %s)", name, path, sha[:12])
-    return LoadedClip(_finish(model, device), tokenizer, name, f"sha256:{sha}", source, mean, std)
+    return LoadedClip(_finish(model, device), tokenizer, name, f"sha256:{sha}", source, mean, std,
+                      default_config=preprocess.get("excelseg_config") or default_config)
 
 
 # ------------------------------------------------------------------------------------ tags and the hub
@@ -952,7 +958,8 @@ def load_clip(
         if not shipped.is_file():
             raise WeightsNotFoundError(f"the shipped weights {text!r} are missing from the installation: {shipped}")
         return _load_file(shipped, device=device, arch=arch, quick_gelu=quick_gelu, name=text.lower(),
-                          source=f"{shipped} (shipped weights {text.lower()!r}, from {origin})")
+                          source=f"{shipped} (shipped weights {text.lower()!r}, from {origin})",
+                          default_config=NAMED_CONFIGS.get(text.lower()))
     tag_text = text
     if _looks_like_path(text):
         arch_part = _split_tag(text.replace("/", "-"))[0]

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from ..cli import CliError
+from .common import CliError, batch_size_arg, clusters_arg, config_from_args
 
 EXAMPLES = """examples:
   excelseg bank build --knowledge voc --clusters 112 --out voc_bank.safetensors
@@ -29,22 +29,6 @@ EXAMPLES = """examples:
 CLIP's identity and a mismatch is refused. The paper uses B = 112 (VOC) and 224 (COCO), the defaults for
 voc and coco."""
 
-PAPER_CLUSTERS = {"voc": 112, "coco": 224}
-
-
-def _clusters(text: str) -> int | str:
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--clusters must be a positive integer or 'auto', got {text!r}") \
-            from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--clusters must be >= 1, got {value}")
-    return value
-
-
 def register(sub) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("bank", help="build, import and inspect TSE attribute banks", description=__doc__,
@@ -57,7 +41,7 @@ def register(sub) -> None:
                                        "tower and cluster the embeddings into B attributes (K-means).",
                            epilog=EXAMPLES, formatter_class=fmt)
     b.add_argument("--knowledge", required=True, help="voc, coco or a knowledge JSON file")
-    b.add_argument("--clusters", type=_clusters, default=None,
+    b.add_argument("--clusters", type=clusters_arg, default=None,
                    help="number of attributes B, or 'auto' (chosen by silhouette score); "
                         "default: the paper's 112 for voc, 224 for coco")
     b.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
@@ -65,13 +49,16 @@ def register(sub) -> None:
                    help="CLIP weights: open_clip tag, weight file or hf-hub:ORG/NAME (as for 'excelseg "
                         "cam'); default $EXCELSEG_CLIP, then ViT-B-16")
     b.add_argument("--seed", type=int, default=0, help="K-means seed (default 0)")
+    b.add_argument("--config", default=None, metavar="NAME|YAML",
+                   help="pipeline settings whose text.template prefixes every description (default: those the "
+                        "CLIP was made for, else voc: the paper's 'a clean origami {}.')")
     b.add_argument("--template", default=None,
-                   help="prefix put before every description, with the class name at {} "
-                        "(default: the paper's 'a clean origami {}.')")
+                   help="prefix put before every description, with the class name at {} (overrides --config)")
     b.add_argument("--no-prefix", action="store_true",
                    help="encode the descriptions alone (clusters may then mix classes)")
     b.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    b.add_argument("--batch-size", type=int, default=256, help="sentences per text forward (default 256)")
+    b.add_argument("--batch-size", type=batch_size_arg, default=256,
+                   help="sentences per text forward (default 256)")
     b.set_defaults(func=run_build)
 
     i = actions.add_parser("import", help="convert a reference .pth (or .npz) bank to .safetensors",
@@ -93,7 +80,7 @@ def register(sub) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from ..bank import PAPER_PREFIX, build_bank, knowledge_digest, save_bank, validate_build
+    from ..bank import PAPER_CLUSTERS, build_bank, knowledge_digest, save_bank, validate_build
     from ..knowledge import load_knowledge
     from ..predictor import resolve_device
     from ..weights import load_clip
@@ -103,11 +90,9 @@ def run_build(args: argparse.Namespace) -> int:
         raise CliError(f"--out must be a .safetensors file, got {args.out!r}")
     if args.no_prefix and args.template is not None:
         raise CliError("--template and --no-prefix exclude each other")
-    prefix = None if args.no_prefix else (args.template if args.template is not None else PAPER_PREFIX)
-    if prefix is not None and "{}" not in prefix:
-        raise CliError(f"--template {prefix!r} must contain '{{}}' where the class name goes")
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.template is not None and "{}" not in args.template:
+        raise CliError(f"--template {args.template!r} must contain '{{}}' where the class name goes")
+    config_from_args(args)  # a bad --config fails before the CLIP load
     clusters = args.clusters
     if clusters is None:
         key = args.knowledge.lower()
@@ -120,6 +105,8 @@ def run_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     clip = load_clip(args.clip, device=resolve_device(args.device))
     t_load = time.perf_counter() - t0
+    template = args.template if args.template is not None else config_from_args(args, clip).text.template
+    prefix = None if args.no_prefix else template
     how = f"prefix {prefix!r}" if prefix is not None else "no prefix"
     print(f"{n} descriptions of {len(knowledge)} classes from {args.knowledge}; CLIP {clip.name} "
           f"({clip.identity[:19]}); {how}")

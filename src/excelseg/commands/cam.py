@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from ..cli import CliError, add_model_args, clusters_arg, config_from_args
+from .common import (
+    CliError,
+    add_model_args,
+    add_out_dir,
+    check_writable,
+    config_from_args,
+    out_dir_arg,
+    split_overrides,
+    write_resolved_config,
+)
 
 EXAMPLES = """examples:
-  excelseg cam photos/ --classes "cat,dog,sofa" --out out/
+  excelseg cam photos/ --classes "cat,dog,sofa" --out-dir out/
   excelseg cam 'shots/*.jpg' --classes classes.txt --clip ~/weights/ViT-B-16.pt --save-cams
-  excelseg cam img.jpg --vocabulary voc --classes "cat,sofa" --bank voc_bank.pth --out out/
-  excelseg cam shots/ --classes "forklift,pallet" --knowledge kb.json --out out/
+  excelseg cam img.jpg --vocabulary voc --classes "cat,sofa" --bank voc_bank.pth --out-dir out/
+  excelseg cam shots/ --classes "forklift,pallet" --knowledge kb.json --out-dir out/
+  excelseg cam photos/ --classes "cat,dog" --config coco cam.flip=true refine.box_threshold=0.85
 
 Outputs per image: <stem>.png (palette pseudo-label: 0 = background, i = i-th class of the vocabulary),
 <stem>_overlay.jpg (label overlay with legend + one heat-map per class), and with --save-cams <stem>_cams.npz.
@@ -25,29 +34,20 @@ Exit status: 0 all done, 1 some images failed (listed at the end), 2 usage/setup
 def register(sub) -> None:
     p = sub.add_parser("cam", help="training-free CAMs + pseudo-labels for images and class names",
                        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files, directories or glob patterns")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, directories or glob patterns; section.key=value words override settings")
     p.add_argument("--classes", default=None,
                    help="classes present in the images: comma list or a .txt/.json file "
                         "(required unless --vocabulary is given, in which case all its classes compete)")
     p.add_argument("--vocabulary", default=None,
                    help="texts the alignment is computed against: voc, coco, a comma list or a file "
                         "(default: the --classes themselves plus the paper's background words)")
-    p.add_argument("--out", default="excelseg_out", help="output directory (default: excelseg_out)")
+    add_out_dir(p, "excelseg_out", "folder for the per-image outputs")
     p.add_argument("--save-cams", action="store_true", help="also write float16 <stem>_cams.npz")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     p.add_argument("--recursive", action="store_true", help="search directories recursively")
     add_model_args(p)
     p.set_defaults(func=run)
-
-
-def check_writable(out_dir: Path) -> None:
-    """Create ``out_dir`` and prove a file can be written there, or raise a one-line CliError."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise CliError(f"output directory {out_dir} is not writable ({exc.strerror or exc})") from None
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
@@ -61,19 +61,24 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..io import ImageReadError, collect_images, read_image, to_rgb_array
-    from ..predictor import CamPredictor
+    from ..predictor import CamPredictor, resolve_device
     from ..vocab import Vocabulary, parse_class_list
+    from ..weights import load_clip
     from ..writer import is_done, write_result
 
-    cfg = config_from_args(args)
+    inputs, overrides = split_overrides(args.inputs)
+    overrides = [*args.overrides, *overrides]
+    if not inputs:
+        raise CliError("give at least one image file, directory or glob pattern")
+    config_from_args(args, overrides=overrides)  # bad settings fail here, before any model is loaded
     if args.classes is None and args.vocabulary is None:
         raise CliError("give --classes (e.g. --classes 'cat,dog') or --vocabulary")
     classes = parse_class_list(args.classes) if args.classes is not None else None
     vocab = Vocabulary.from_spec(args.vocabulary) if args.vocabulary is not None else Vocabulary.from_names(classes)
     if classes is not None:
         vocab.indices(classes)  # unknown names fail here, before any model is loaded
-    paths = collect_images(args.inputs, recursive=args.recursive)
-    out_dir = Path(args.out)
+    paths = collect_images(inputs, recursive=args.recursive)
+    out_dir = out_dir_arg(args)
     check_writable(out_dir)
     stems = unique_stems(paths)
     todo = [(p, s) for p, s in zip(paths, stems) if args.overwrite or not is_done(out_dir, s, args.save_cams)]
@@ -82,13 +87,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{skipped} of {len(paths)} images already done in {out_dir} (use --overwrite to redo)")
     if not todo:
         return 0
-    predictor = CamPredictor(args.clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
-                             clusters=clusters_arg(args.clusters), config=cfg, device=args.device)
-    if predictor.clip.name == "synthetic" and args.size is None:
-        from ..synthetic import synthetic_config
-
-        # the shipped scene CLIP: its native input size and its captions' prompt wording
-        predictor.config = synthetic_config(predictor.clip.image_size).with_(refine=cfg.refine)
+    device = resolve_device(args.device)
+    clip = load_clip(args.clip, device=device)
+    cfg = config_from_args(args, clip, overrides)  # default: the settings these weights were made for
+    predictor = CamPredictor(clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
+                             clusters=args.clusters, config=cfg, device=device)
+    write_resolved_config(out_dir, cfg, clip=clip.identity, command="cam")
     failures: list[tuple[Path, str]] = []
     written = 0
     start = time.perf_counter()

@@ -4,7 +4,7 @@ The photos are scikit-image's bundled samples (``pip install 'excelseg[demo]'``)
 It needs real CLIP weights. Without them (offline and nothing in the cache), or with ``--synthetic``, it runs the
 offline demo instead: excelseg's own small CLIP, trained on procedurally drawn scenes and shipped inside the
 package, segments held-out scenes; the CAM-seed mIoU (seeds computed with the image-level labels, as the paper
-scores them) is printed next to the plain-CLIP baseline (SVC and TSE off), and overlays go to ``--out``.
+scores them) is printed next to the plain-CLIP baseline (SVC and TSE off), and overlays go to ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import CliError, add_model_args, clusters_arg, config_from_args
+from .common import CliError, add_model_args, add_out_dir, check_writable, config_from_args, out_dir_arg
 
 # (scikit-image data file, classes present in it)
 SAMPLES = (
@@ -27,7 +27,7 @@ SAMPLES = (
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the training-free pipeline on bundled sample photos",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    add_out_dir(p, "demo_out", "folder for the overlays")
     p.add_argument("--synthetic", action="store_true",
                    help="run the offline synthetic-scene demo even when real CLIP weights are available")
     p.add_argument("--scenes", type=int, default=100, help="held-out scenes scored by the synthetic demo")
@@ -50,24 +50,25 @@ def sample_photos() -> list[tuple[Path, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import read_image, to_rgb_array
-    from ..predictor import CamPredictor
-    from ..weights import WeightsNotFoundError
+    from ..predictor import CamPredictor, resolve_device
+    from ..weights import WeightsNotFoundError, load_clip
     from ..writer import write_result
-    from .cam import check_writable
 
-    out_dir = Path(args.out)
+    out_dir = out_dir_arg(args)
     check_writable(out_dir)
     if args.synthetic:
         return run_synthetic(args, out_dir)
-    cfg = config_from_args(args)
+    config_from_args(args)  # bad settings fail before any model is loaded
+    device = resolve_device(args.device)
     try:
-        predictor = CamPredictor(args.clip, bank=args.bank, knowledge=args.knowledge,
-                                 clusters=clusters_arg(args.clusters), config=cfg, device=args.device)
+        clip = load_clip(args.clip, device=device)
     except WeightsNotFoundError as exc:
         if args.clip is not None:
             raise
         print(f"note: {exc}\n\nNo real CLIP weights here: running the offline synthetic demo instead.\n")
         return run_synthetic(args, out_dir)
+    predictor = CamPredictor(clip, bank=args.bank, knowledge=args.knowledge, clusters=args.clusters,
+                             config=config_from_args(args, clip), device=device)
     photos = sample_photos()
     print(f"CLIP: {predictor.clip.name} ({predictor.clip.source})")
     for path, classes in photos:
@@ -87,14 +88,13 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     from dataclasses import replace
 
     from ..bank import bank_for
+    from ..config import load_config
     from ..knowledge import parse_knowledge
     from ..predictor import CamPredictor
     from ..seeds import seed_miou
     from ..synthetic import (
-        SYNTHETIC_TEMPLATE,
         held_out_samples,
         knowledge_base,
-        synthetic_config,
         synthetic_vocabulary,
     )
     from ..weights import load_clip
@@ -106,9 +106,9 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     clip = load_clip("synthetic", device="cpu" if args.device == "auto" else args.device)
     size = clip.image_size
     vocab = synthetic_vocabulary()
+    full = load_config(clip.default_config)  # the settings these weights were made for (configs/synthetic.yaml)
     bank = bank_for(clip, parse_knowledge(knowledge_base(), "synthetic knowledge"), SYNTHETIC_CLUSTERS,
-                    prefix=SYNTHETIC_TEMPLATE, progress=False)
-    full = synthetic_config(size)
+                    prefix=full.text.template, progress=False)
     plain = full.with_(cam=replace(full.cam, svc_last_blocks=0))
     print(f"synthetic CLIP ({clip.source}), {len(vocab.names)} classes, {args.scenes} held-out scenes "
           f"at {size[0]}x{size[1]}")

@@ -14,10 +14,9 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
-from ..cli import CliError
+from .common import CliError, check_out_file
 
 EXAMPLES = """examples:
   ollama pull llama3 && excelseg describe --classes "forklift,pallet" \\
@@ -72,17 +71,6 @@ def _api_key(var: str | None) -> str | None:
     return (value.strip() or None) if value else None
 
 
-def _check_out(out: Path) -> None:
-    if out.is_dir():
-        raise CliError(f"--out {out} is a directory; give a .json file name such as {out / 'kb.json'}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise CliError(f"cannot write {out} ({exc.strerror or exc})") from None
-
-
 def run(args: argparse.Namespace) -> int:
     from ..describe import DescribeError, chat_url, describe_classes
     from ..vocab import parse_class_list
@@ -102,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--backoff must be >= 0, got {args.backoff:g}")
     key = _api_key(args.api_key_env)
     out = Path(args.out)
-    _check_out(out)
+    check_out_file(out, "kb.json")
 
     def progress(name: str, info: dict) -> None:
         k, req = info["descriptions"], info["requests"]

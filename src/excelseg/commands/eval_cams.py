@@ -1,6 +1,6 @@
 """Score CAM seeds as the paper reports them (excelseg eval-cams): VOC train, image-level GT labels.
 
-Reads the archives ``<cams>/<id>_cams.npz`` that ``excelseg cam --save-cams`` writes (``cams`` K×H×W in [0, 1],
+Reads the archives ``<cams>/<id>_cams.npz`` that ``excelseg cam --save-cams`` and ``pseudo-label --save-cams`` write (``cams`` K×H×W in [0, 1],
 ``class_ids`` (K,) their label values in the dataset's class order, e.g. ``--vocabulary voc``). As in the paper,
 only the CAMs of the classes in each image's GT image-level labels are used (``--no-gt-labels`` uses every CAM of
 the archive). Seed label per pixel = argmax over [threshold, cams…] mapped to {0} ∪ class_ids: the top class where
@@ -13,18 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
-import numpy as np
-
-from .eval import (
-    EvalInputError,
-    add_dataset_args,
-    chunks,
-    find_inputs,
-    open_gt_dataset,
-    progress_bar,
-    read_gt,
-    write_json,
-)
+from .common import add_dataset_args, open_dataset_args, write_metrics_json
 
 EXAMPLES = """examples:
   excelseg eval-cams --cams out/voc_train_cams --root ~/data/VOCdevkit
@@ -58,84 +47,25 @@ def parse_thresholds(text: str) -> list[float]:
 def register(sub) -> None:
     p = sub.add_parser("eval-cams", help="mIoU of CAM seeds (<id>_cams.npz) over a background-threshold sweep",
                        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cams", required=True, help="folder of <id>_cams.npz written by 'excelseg cam --save-cams'")
+    p.add_argument("--cams", required=True, help="folder of <id>_cams.npz archives, as written by 'excelseg cam --save-cams' or "
+                        "'excelseg pseudo-label --save-cams' (any stored size: upsampled to the ground truth)")
     p.add_argument("--bg-threshold", type=parse_thresholds, default=parse_thresholds("0.3:0.7:0.05"),
                    help="background threshold: a value, a comma list or START:STOP:STEP (default 0.3:0.7:0.05)")
     p.add_argument("--gt-labels", action=argparse.BooleanOptionalAction, default=True,
                    help="keep only the CAMs of each image's GT image-level classes (paper protocol; default on)")
     p.add_argument("--out", default=None, help="metrics JSON (default <CAMS>/cam_metrics.json)")
-    add_dataset_args(p, "voc", None, "train for voc/coco, all for folder")
+    add_dataset_args(p, "eval-cams", allow_missing=True)
     p.set_defaults(func=run)
 
 
-def read_cams(path: str, num_classes: int, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """``(cams K×H×W float32, class_ids (K,) int64)`` of an archive, checked against the GT size."""
-    try:
-        with np.load(path) as z:
-            cams, ids, stored_size = z["cams"], z["class_ids"], z["size"] if "size" in z.files else None
-        if stored_size is not None and tuple(cams.shape[1:]) != tuple(hw):
-            # reduced-resolution archive (excelseg pseudo-label --save-cams): upsample to the GT size
-            from ..batch import read_cam_archive
-
-            cams, ids = read_cam_archive(path, size=tuple(hw))
-    except KeyError as exc:
-        raise EvalInputError(f"CAM archive {path} lacks {exc}: expected 'cams' and 'class_ids'") from None
-    except Exception as exc:  # noqa: BLE001 (any unreadable archive is named)
-        raise EvalInputError(f"cannot read CAM archive {path}: {type(exc).__name__}: {exc}") from None
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if cams.ndim != 3 or cams.shape[0] != ids.size:
-        raise EvalInputError(f"CAM archive {path}: cams of shape {cams.shape} for {ids.size} class_ids")
-    if tuple(cams.shape[1:]) != tuple(hw):
-        raise EvalInputError(f"CAM archive {path} is {cams.shape[2]}x{cams.shape[1]} but its ground truth is "
-                             f"{hw[1]}x{hw[0]}")
-    if ids.size and (ids.min() < 1 or ids.max() > num_classes - 1):
-        raise EvalInputError(f"CAM archive {path} has class_ids {ids.tolist()} outside 1-{num_classes - 1}")
-    cams = cams.astype(np.float32)
-    if not np.isfinite(cams).all():
-        raise EvalInputError(f"CAM archive {path} holds NaN or infinite values")
-    return cams, ids
-
-
-def seed_labels(cams: np.ndarray, class_ids: np.ndarray, thresholds: list[float]) -> list[np.ndarray]:
-    """Seed label maps (uint8) for each threshold: argmax over [t, cams…] → {0} ∪ class_ids."""
-    hw = cams.shape[1:]
-    if cams.shape[0] == 0:
-        return [np.zeros(hw, dtype=np.uint8) for _ in thresholds]
-    peak = cams.max(axis=0)
-    top = class_ids.astype(np.uint8)[cams.argmax(axis=0)]
-    return [np.where(peak > t, top, np.uint8(0)) for t in thresholds]
-
-
-def _cams_chunk(task: tuple[list[tuple[str, str, str]], int, list[float], dict[str, list[int]] | None]
-                ) -> tuple[np.ndarray, list[str]]:
-    """Worker: confusion matrices (T×C×C) and the ids whose archive lacks the CAM of a GT class.
-
-    With ``labels`` ({id: GT label values}) only the CAMs of each image's GT classes are used."""
-    from ..metrics import SegmentationMetric
-
-    items, num_classes, thresholds, labels = task
-    metrics = [SegmentationMetric(num_classes) for _ in thresholds]
-    differ = []
-    for name, cam_path, gt_path in items:
-        gt = read_gt(gt_path, num_classes)
-        cams, ids = read_cams(cam_path, num_classes, gt.shape)
-        if labels is not None:
-            keep = np.isin(ids, labels[name])
-            cams, ids = cams[keep], ids[keep]
-            if set(labels[name]) - set(ids.tolist()):
-                differ.append(name)
-        for metric, pred in zip(metrics, seed_labels(cams, ids, thresholds)):
-            metric.update(pred, gt)
-    return np.stack([m.confusion for m in metrics]), differ
-
-
 def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..data.index import parallel_map
+    from ..evaluation import cams_chunk, chunks, find_inputs, progress_bar
     from ..metrics import SegmentationMetric, format_table
 
-    if args.split is None:
-        args.split = "all" if args.dataset == "folder" else "train"
-    ds = open_gt_dataset(args)
+    ds = open_dataset_args(args, "eval-cams", need_masks=True)
     cams_dir = Path(args.cams).expanduser()
     items, missing = find_inputs(ds, cams_dir, "_cams.npz", "CAM archive", args.allow_missing)
     c = ds.num_classes + 1
@@ -145,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = [(*t, {name: ds.class_ids(name) for name, _, _ in t[0]} if args.gt_labels else None)
              for t in chunks(items, c, thresholds)]
     differ: list[str] = []
-    for part, d in parallel_map(_cams_chunk, tasks, args.workers, 1, progress_bar("eval-cams", len(items)), ""):
+    for part, d in parallel_map(cams_chunk, tasks, args.workers, 1, progress_bar("eval-cams", len(items)), ""):
         confusion += part
         differ += d
     results = [SegmentationMetric.from_confusion(m, class_names=names).compute() for m in confusion]
@@ -170,5 +100,5 @@ def run(args: argparse.Namespace) -> int:
         "evaluated": len(items), "missing": len(missing), "missing_ids": missing[:100],
         "gt_labels": bool(args.gt_labels), "archives_missing_gt_classes": len(differ),
     }
-    write_json(Path(args.out) if args.out else cams_dir / "cam_metrics.json", out, explicit=args.out is not None)
+    write_metrics_json(Path(args.out) if args.out else cams_dir / "cam_metrics.json", out, explicit=args.out is not None)
     return 0

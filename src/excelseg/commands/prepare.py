@@ -11,102 +11,68 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import CliError
+from .common import DATASET_KINDS, CliError, default_workers, progress, workers_arg
 
 EXAMPLES = """examples:
-  excelseg prepare voc ~/data/VOCdevkit
-  excelseg prepare voc ~/data/VOCdevkit --labels ExCEL/datasets/voc/cls_labels_onehot.npy
-  excelseg prepare coco ~/data/coco --annotations annotations/instances_train2014.json \\
+  excelseg prepare --dataset voc --root ~/data/VOCdevkit
+  excelseg prepare --dataset voc --root ~/data/VOCdevkit --labels ExCEL/datasets/voc/cls_labels_onehot.npy
+  excelseg prepare --dataset coco --root ~/data/coco --annotations annotations/instances_train2014.json \\
       --annotations annotations/instances_val2014.json --workers 16
-  excelseg prepare folder photos/ --labels labels.csv --masks photo_masks/ --classes "cat,dog"
+  excelseg prepare --dataset folder --root photos/ --labels labels.csv --masks photo_masks/ --classes "cat,dog"
 
+The old spelling 'excelseg prepare voc ROOT' still works in this release (with a deprecation warning).
 The index goes to <ROOT>/excelseg_index.json (--out to choose); 'excelseg eval' and the datasets read it.
 Exit status: 0 all good, 1 problems found (listed; the index was written without the bad images),
 2 the dataset is unusable or the arguments are wrong."""
 
 
-def _workers(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--workers must be an integer, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"--workers must be >= 0, got {n}")
-    return n
-
-
 def register(sub) -> None:
-    from ..data.index import default_workers
-
     p = sub.add_parser("prepare", help="check a dataset (voc, coco, folder) and write its index",
                        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    kinds = p.add_subparsers(dest="kind", metavar="KIND")
-    kinds.required = True
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset", choices=DATASET_KINDS, required=True, help="dataset kind")
+    g.add_argument("--root", required=True,
+                   help="voc: VOCdevkit/VOC2012 (or VOCdevkit, or the folder holding VOCdevkit); coco: images in "
+                        "JPEGImages/{train,val}/ or {train,val}2014/; folder: the folder the labels file's image "
+                        "paths are relative to")
+    g.add_argument("--out", default=None, help="index file (default <ROOT>/excelseg_index.json; for voc the "
+                                               "VOC2012 folder; for coco splits of an existing index not given "
+                                               "here are kept)")
     nw = default_workers()
-
-    v = kinds.add_parser("voc", help="PASCAL VOC 2012 (+ SBD SegmentationClassAug)",
-                         description="Check a VOC 2012 tree and write its index: splits train, val, trainval, "
-                                     "test (ImageSets/Segmentation), train_aug (SegmentationClassAug minus val), "
-                                     "image-level labels, image sizes. Labels: every <object> <name> of "
-                                     "Annotations/<id>.xml that is a VOC class (difficult and truncated objects "
-                                     "included, part names ignored: the field's cls_labels convention); the mask's "
-                                     "classes where there is no XML (reported). Disagreements between annotations "
-                                     "and masks are reported in both directions.")
-    v.add_argument("root", help="VOCdevkit/VOC2012 (or VOCdevkit, or the folder holding VOCdevkit)")
-    v.add_argument("--labels", default=None, metavar="FILE",
-                   help="ready-made image-level labels, used for the images they list: cls_labels_onehot.npy "
-                        "(the reference's), cls_labels.npy (pickled dict id -> 20-vector, read without running "
-                        "code) or a CSV/JSON as for 'prepare folder' (image,classes)")
-    v.add_argument("--labels-from", choices=("annotations", "mask"), default="annotations",
-                   help="annotations (default: Annotations/*.xml, the mask where there is no XML) or mask "
-                        "(foreground values of each mask; not the field's convention)")
-    v.add_argument("--out", default=None, help="index file (default <VOC2012>/excelseg_index.json)")
-    v.add_argument("--workers", type=_workers, default=nw, help=f"processes reading masks (default {nw})")
-    v.set_defaults(func=run_voc)
-
-    c = kinds.add_parser("coco", help="MS-COCO: instance annotations -> index masks (needs pycocotools)",
-                         description="Convert COCO instance annotations to VOC-style index masks "
-                                     "(0 background, 1-80 categories by id, 255 crowd) and write the index. "
-                                     "Overlap rule: crowd regions 255 first, then instances by decreasing area, "
-                                     "so the smaller instance wins. Resumable; writes are atomic.")
-    c.add_argument("root", help="COCO root: images in JPEGImages/{train,val}/ or {train,val}2014/")
-    c.add_argument("--annotations", action="append", required=True, metavar="JSON",
-                   help="instances_train2014.json / instances_val2014.json (repeat for both)")
+    g.add_argument("--workers", type=workers_arg, default=nw, help=f"processes reading files (default {nw})")
+    lab = p.add_argument_group("image-level labels")
+    lab.add_argument("--labels", default=None, metavar="FILE",
+                     help="voc/coco: ready-made labels used for the images they list — cls_labels_onehot.npy "
+                          "(the reference's), cls_labels.npy (pickled dict id -> vector, read without running "
+                          "code) or a CSV/JSON as for folder; folder: the labels file (.csv image,classes with "
+                          "';'-separated classes, or .json {\"img.jpg\": [\"cat\"]}), required")
+    lab.add_argument("--labels-from", choices=("annotations", "mask"), default="annotations",
+                     help="voc: Annotations/*.xml (default; the mask where there is no XML) or mask; coco: the "
+                          "categories of every annotation of the image, crowd included (default) or the classes "
+                          "visible in the written mask. Disagreements are reported either way")
+    c = p.add_argument_group("coco only")
+    c.add_argument("--annotations", action="append", default=None, metavar="JSON",
+                   help="instances_train2014.json / instances_val2014.json (repeat for both; required for coco)")
     c.add_argument("--out-masks", default=None, help="mask folder (default <ROOT>/SegmentationClass)")
-    c.add_argument("--out", default=None, help="index file (default <ROOT>/excelseg_index.json; "
-                                               "splits of an existing index not given here are kept)")
-    c.add_argument("--workers", type=_workers, default=nw, help=f"processes making masks (default {nw})")
     c.add_argument("--val-part", type=int, default=5000, help="size of val_part (first ids of val; default 5000)")
     c.add_argument("--overwrite", action="store_true", help="redo masks that already exist")
-    c.add_argument("--labels-from", choices=("annotations", "mask"), default="annotations",
-                   help="image-level labels: annotations (default: the categories of every annotation of the "
-                        "image, crowd included, as the field's COCO label files) or mask (classes visible in "
-                        "the written mask; hidden and crowd-only categories drop out). The count of images on "
-                        "which they differ is reported either way")
-    c.add_argument("--labels", default=None, metavar="FILE",
-                   help="ready-made image-level labels, used for the images they list: a cls_labels_onehot.npy "
-                        "(dict COCO_train2014_<id> -> 80-vector, read without running code) or a CSV/JSON as "
-                        "for 'prepare folder'")
-    c.set_defaults(func=run_coco)
-
-    f = kinds.add_parser("folder", help="your own images with a labels file of tags",
-                         description="Index your own images: a labels CSV (image,classes with classes "
-                                     "separated by ';' or '|') or JSON ({\"img.jpg\": [\"cat\"]}), optional "
-                                     "<id>.png index masks for evaluation.")
-    f.add_argument("images", help="folder the labels file's image paths are relative to")
-    f.add_argument("--labels", required=True, help="labels file (.csv or .json)")
+    f = p.add_argument_group("folder only")
     f.add_argument("--masks", default=None, help="folder of <id>.png index masks (optional)")
     f.add_argument("--classes", default=None,
                    help="class list: voc, coco, a comma list or a .txt/.json file (default: sorted unique tags)")
-    f.add_argument("--out", default=None, help="index file (default <IMAGES>/excelseg_index.json)")
-    f.add_argument("--workers", type=_workers, default=nw, help=f"processes reading images (default {nw})")
-    f.set_defaults(func=run_folder)
+    p.set_defaults(func=run)
 
 
-def _progress():
-    from tqdm import tqdm
+_ONLY = {"coco": ("annotations", "out_masks", "overwrite"), "folder": ("masks", "classes")}
 
-    return lambda it, total, desc: tqdm(it, total=total, desc=desc, unit="img", disable=None)
+
+def run(args: argparse.Namespace) -> int:
+    for kind, names in _ONLY.items():
+        given = [n for n in names if getattr(args, n) not in (None, False)]
+        if given and args.dataset != kind:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise CliError(f"{flags} only apply to --dataset {kind}")
+    return {"voc": run_voc, "coco": run_coco, "folder": run_folder}[args.dataset](args)
 
 
 def _finish(result, out: Path, kind: str) -> int:
@@ -134,7 +100,7 @@ def run_voc(args: argparse.Namespace) -> int:
     from ..data.index import DEFAULT_INDEX_NAME
     from ..data.voc import build_voc_index
 
-    result = build_voc_index(args.root, workers=args.workers, progress=_progress(), labels_file=args.labels,
+    result = build_voc_index(args.root, workers=args.workers, progress=progress(), labels_file=args.labels,
                              labels_from=args.labels_from)
     out = Path(args.out) if args.out else Path(result.index["root"]) / DEFAULT_INDEX_NAME
     return _finish(result, out, "VOC")
@@ -148,12 +114,14 @@ def run_coco(args: argparse.Namespace) -> int:
         require_pycocotools()
     except ImportError as exc:
         raise CliError(str(exc)) from None
+    if not args.annotations:
+        raise CliError("--dataset coco needs --annotations instances_train2014.json [--annotations ...]")
     if args.val_part < 0:
         raise CliError(f"--val-part must be >= 0, got {args.val_part}")
     out = Path(args.out) if args.out else Path(args.root).expanduser() / DEFAULT_INDEX_NAME
     result = build_coco_index(args.root, args.annotations, out_masks=args.out_masks, workers=args.workers,
                               val_part=args.val_part, overwrite=args.overwrite, merge_with=out,
-                              progress=_progress(), labels_from=args.labels_from,
+                              progress=progress(), labels_from=args.labels_from,
                               labels_file=args.labels)
     return _finish(result, out, "COCO")
 
@@ -162,7 +130,11 @@ def run_folder(args: argparse.Namespace) -> int:
     from ..data.folder import build_folder_index
     from ..data.index import DEFAULT_INDEX_NAME
 
-    result = build_folder_index(args.images, args.labels, masks_dir=args.masks, classes=args.classes,
-                                workers=args.workers, progress=_progress())
-    out = Path(args.out) if args.out else Path(args.images).expanduser() / DEFAULT_INDEX_NAME
+    if args.labels is None:
+        raise CliError("--dataset folder needs --labels FILE (image,classes CSV or JSON)")
+    if args.labels_from != "annotations":
+        raise CliError("--labels-from applies to voc and coco")
+    result = build_folder_index(args.root, args.labels, masks_dir=args.masks, classes=args.classes,
+                                workers=args.workers, progress=progress())
+    out = Path(args.out) if args.out else Path(args.root).expanduser() / DEFAULT_INDEX_NAME
     return _finish(result, out, "folder")

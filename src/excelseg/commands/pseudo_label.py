@@ -10,29 +10,39 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-from ..cli import CliError, add_model_args, clusters_arg, config_from_args
+from .common import (
+    CliError,
+    add_dataset_args,
+    add_model_args,
+    add_out_dir,
+    check_writable,
+    config_from_args,
+    open_dataset_args,
+    out_dir_arg,
+    write_resolved_config,
+)
 
 EXAMPLES = """examples:
-  excelseg prepare voc ~/data/VOCdevkit
-  excelseg pseudo-label --dataset voc --root ~/data/VOCdevkit --split train --out out/voc_train --save-cams
+  excelseg prepare --dataset voc --root ~/data/VOCdevkit
+  excelseg pseudo-label --dataset voc --root ~/data/VOCdevkit --split train --out-dir out/voc_train --save-cams
   excelseg eval --pred out/voc_train --root ~/data/VOCdevkit --split train
   excelseg eval-cams --cams out/voc_train --root ~/data/VOCdevkit
-  excelseg pseudo-label --dataset coco --root ~/data/coco --split train --preset paper-coco --out out/coco_train \\
+  excelseg pseudo-label --dataset coco --root ~/data/coco --split train --config coco --out-dir out/coco_train \\
       --knowledge coco --batch-size 16 --workers 8 --device cuda
   torchrun --standalone --nproc_per_node 4 -m excelseg.cli pseudo-label --dataset voc --root ~/data/VOCdevkit \\
-      --split train_aug --out out/voc_train_aug --batch-size 16 --workers 4
-  excelseg pseudo-label --dataset voc --root ~/data/VOCdevkit --split train_aug --out out/aug --shard 1/3
+      --split train_aug --out-dir out/voc_train_aug --batch-size 16 --workers 4
+  excelseg pseudo-label --dataset voc --root ~/data/VOCdevkit --split train_aug --out-dir out/aug --shard 1/3
+  excelseg pseudo-label --root ~/data/VOCdevkit --out-dir out/flip cam.flip=true cam.scales=[1,0.75]
 
-Outputs in --out: <id>.png (palette label: 0 = background, i = i-th class, the VOC palette) and, with --save-cams,
+Outputs in --out-dir: <id>.png (palette label: 0 = background, i = i-th class, the VOC palette) and, with --save-cams,
 <id>_cams.npz: float16 'cams' K×h×w in [0, 1] of the K present classes at a REDUCED size (--cam-size: the patch
 grid, 20×20 for --size 320, i.e. K × 800 bytes; or N = longer side), 'class_ids', 'class_names' and 'size' (the
 original H, W; excelseg.batch.read_cam_archive upsamples to it).
 
 Sharding: with torchrun (RANK / WORLD_SIZE set) or --shard i/n, each process takes sorted(ids)[i::n] of the split
 (disjoint, nothing missing; no process group is created) and, on CUDA, the GPU cuda:LOCAL_RANK. All shards write to
-the same --out; score the union with 'excelseg eval' once every process has finished.
+the same --out-dir; score the union with 'excelseg eval' once every process has finished.
 
 Resume: images whose outputs exist are skipped before any decoding (--overwrite redoes them); every file is
 written atomically and temporary files a killed run left behind are removed. Exit status: 0 all done, 1 some
@@ -48,19 +58,11 @@ SHOW_FAILURES = 20
 def register(sub) -> None:
     p = sub.add_parser("pseudo-label", help="training-free pseudo-labels (and CAMs) for every image of a dataset",
                        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset", default="voc", choices=["voc", "coco", "folder"],
-                   help="dataset kind, prepared with 'excelseg prepare' (default voc)")
-    d.add_argument("--root", default=None, help="dataset root (VOC: VOCdevkit, VOC2012 or their parent)")
-    d.add_argument("--index", default=None, help="index JSON (default: the one 'prepare' wrote under --root)")
-    d.add_argument("--split", default=None,
-                   help="split to label (default: train for voc/coco — the paper's pseudo-label set — all for folder)")
-    d.add_argument("--workers", type=int, default=2,
-                   help="DataLoader processes decoding images (0 = in the main process; default 2)")
+    d = add_dataset_args(p, "pseudo-label", workers_help="DataLoader processes decoding images")
     d.add_argument("--shard", default=None,
                    help="i/n: label only sorted(ids)[i::n] (default: RANK/WORLD_SIZE when set, e.g. by torchrun)")
     o = p.add_argument_group("outputs")
-    o.add_argument("--out", required=True, help="output folder for <id>.png (and <id>_cams.npz)")
+    add_out_dir(o, None, "folder for <id>.png (and <id>_cams.npz)")
     o.add_argument("--save-cams", action="store_true",
                    help="also write float16 <id>_cams.npz at a reduced size (see --cam-size)")
     o.add_argument("--cam-size", default="grid",
@@ -74,18 +76,6 @@ def register(sub) -> None:
     o.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     add_model_args(p)
     p.set_defaults(func=run)
-
-
-def _open(args: argparse.Namespace):
-    from ..data import open_dataset
-
-    if args.root is None and args.index is None:
-        raise CliError("give --root (the prepared dataset) or --index")
-    split = args.split or ("all" if args.dataset == "folder" else "train")
-    ds = open_dataset(args.dataset, root=args.root, split=split, index=args.index, with_mask=False)
-    if not ds.ids:
-        raise CliError(f"split {ds.split!r} of {ds.kind} is empty")
-    return ds
 
 
 def _check_labels(ds, all_classes: bool) -> None:
@@ -114,12 +104,11 @@ def run(args: argparse.Namespace) -> int:
         write_outputs,
     )
     from ..crf import REFERENCE_CRF, require_crf
-    from ..predictor import CamPredictor
-    from .cam import check_writable
+    from ..predictor import CamPredictor, resolve_device
+    from ..weights import load_clip
 
-    cfg = config_from_args(args)
-    if args.workers < 0:
-        raise CliError(f"--workers must be >= 0, got {args.workers}")
+    overrides = args.overrides  # section.key=value words
+    config_from_args(args, overrides=overrides)  # bad settings fail here, before any model is loaded
     try:
         cam_size = parse_cam_size(args.cam_size)
         shard = Shard.parse(args.shard) if args.shard is not None else (Shard.from_env() or Shard())
@@ -130,10 +119,10 @@ def run(args: argparse.Namespace) -> int:
             require_crf()
         except ImportError as exc:
             raise CliError(str(exc)) from None
-    ds = _open(args)
+    ds = open_dataset_args(args, "pseudo-label", with_mask=False)
     _check_labels(ds, args.all_classes)
     vocab = dataset_vocabulary(ds.class_names, ds.kind)
-    out_dir = Path(args.out).expanduser()
+    out_dir = out_dir_arg(args)
     check_writable(out_dir)
 
     names = shard.select(ds.ids)
@@ -154,9 +143,13 @@ def run(args: argparse.Namespace) -> int:
             return None
         return [vocab.names[v - 1] for v in ds.class_ids(name)]
 
-    device = device_for_rank(args.device)
-    predictor = CamPredictor(args.clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
-                             clusters=clusters_arg(args.clusters), config=cfg, device=device)
+    device = resolve_device(device_for_rank(args.device))
+    clip = load_clip(args.clip, device=device)
+    cfg = config_from_args(args, clip, overrides)  # default: the settings these weights were made for
+    predictor = CamPredictor(clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
+                             clusters=args.clusters, config=cfg, device=device)
+    write_resolved_config(out_dir, cfg, clip=clip.identity, command="pseudo-label", dataset=ds.kind,
+                          split=ds.split)
     failures: list[tuple[str, str]] = []
     written = 0
     start = time.perf_counter()

@@ -12,11 +12,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cli import CliError
+from .common import CliError, DeprecatedAlias, deprecated
 
 EXAMPLES = """examples:
-  excelseg train-clip --synthetic --out synthetic_clip.safetensors --minutes 25 --batch 64 --seed 0 --threads 1
-  excelseg train-clip --synthetic --out quick.safetensors --steps 50 --batch 32 --eval-every 25
+  excelseg train-clip --out synthetic_clip.safetensors --minutes 25 --batch-size 64 --seed 0 --threads 1
+  excelseg train-clip --out quick.safetensors --steps 50 --batch-size 32 --eval-every 25
 
 Writes OUT (fp16 safetensors with the open_clip config in its metadata), OUT's sibling <stem>.json (config,
 command, seed, steps, time, final loss, held-out zero-shot accuracy, sha256) and <stem>.log (the training log).
@@ -27,12 +27,14 @@ over the steps and the run is reproducible for a given seed and thread count."""
 def register(sub) -> None:
     p = sub.add_parser("train-clip", help="train the small synthetic CLIP on generated scenes (CPU)",
                        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--synthetic", action="store_true", required=True,
-                   help="train on generated scenes and captions (the only data source for now)")
+    p.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)  # deprecated: always synthetic
     p.add_argument("--out", default="synthetic_clip.safetensors", help="output .safetensors file")
     p.add_argument("--minutes", type=float, default=25.0, help="wall-clock limit in minutes (default 25)")
     p.add_argument("--steps", type=int, default=None, help="number of steps (default: until --minutes)")
-    p.add_argument("--batch", type=int, default=64, help="scene/caption pairs per step (default 64)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64,
+                   help="scene/caption pairs per step (default 64)")
+    p.add_argument("--batch", dest="batch_size", type=int, action=DeprecatedAlias, new="--batch-size",
+                   help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help="initialisation and training-scene seed (default 0)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch CPU threads (default 2; on a machine shared with other jobs 1 can be much faster)")
@@ -51,13 +53,15 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--steps must be >= 1, got {args.steps}")
     if args.minutes is not None and args.minutes <= 0:
         raise CliError(f"--minutes must be positive, got {args.minutes}")
-    if args.batch < 2:
-        raise CliError(f"--batch must be >= 2 (contrastive pairs), got {args.batch}")
+    if args.synthetic:
+        deprecated("train-clip --synthetic", "train-clip (generated scenes are its only data)")
+    if args.batch_size < 2:
+        raise CliError(f"--batch-size must be >= 2 (contrastive pairs), got {args.batch_size}")
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise CliError(f"--out must end in .safetensors, got {out}")
     command = "excelseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
-    rec = train_clip(out, minutes=args.minutes, steps=args.steps, batch=args.batch, seed=args.seed,
+    rec = train_clip(out, minutes=args.minutes, steps=args.steps, batch=args.batch_size, seed=args.seed,
                      threads=args.threads, log_every=args.log_every, eval_every=args.eval_every, lr=args.lr,
                      log_file=out.with_suffix(".log"), command=command, fp16=not args.fp32)
     print(f"wrote {out} and {out.with_suffix('.json')}: {rec['steps']} steps, {rec['seconds']:.0f}s, "

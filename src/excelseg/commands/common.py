@@ -1,0 +1,302 @@
+"""What every subcommand shares: one error type, one vocabulary of options, one place for defaults.
+
+Loaded whenever the ``excelseg`` parser is built, so it imports only the standard library at module level
+(``excelseg --help`` must not import torch). Commands import from here, never from each other.
+
+Option vocabulary (one meaning each, in every command):
+
+``--out``          a FILE the command writes (bank, knowledge base, metrics JSON, index, weights)
+``--out-dir``      a FOLDER of per-image outputs (cam, pseudo-label, demo)
+``--dataset/--root/--index/--split``   a dataset prepared by ``excelseg prepare``
+``--workers``      worker processes (0 = in the main process), default :func:`default_workers`
+``--batch-size``   items per forward pass
+``--device``       cpu, cuda, cuda:N or auto
+``--config``       pipeline settings: a shipped name (voc, coco, synthetic) or a YAML file; positional
+                   ``section.key=value`` words override single settings (``cam.flip=true``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+DATASET_KINDS = ("voc", "coco", "folder")
+OVERRIDE_RE = re.compile(r"^(text|cam|refine)\.[a-z_]+=")
+RESOLVED_CONFIG_NAME = "excelseg_config.yaml"
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+# ---- defaults (decided here only) --------------------------------------------------------------------------
+
+
+def default_workers() -> int:
+    """Worker processes for file-bound work: the CPU count, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def default_split(kind: str, purpose: str) -> str:
+    """The split a dataset command uses without ``--split``.
+
+    ``purpose``: ``"pseudo-label"`` / ``"eval-cams"`` (the paper scores CAM seeds and makes pseudo-labels on
+    train) or ``"eval"`` (predictions are scored on val). Folder datasets have one split, ``all``."""
+    if kind == "folder":
+        return "all"
+    return "val" if purpose == "eval" else "train"
+
+
+# ---- argument types -------------------------------------------------------------------------------------------
+
+
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer, got {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{what} must be >= {low}, got {n}")
+        return n
+
+    return parse
+
+
+workers_arg = _int_at_least(0, "--workers")
+batch_size_arg = _int_at_least(1, "--batch-size")
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    """``N`` or ``HxW`` (also ``H,W``), sides ≥ 16."""
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        vals = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be N or HxW, got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * 2
+    if len(vals) != 2 or min(vals) < 16:
+        raise argparse.ArgumentTypeError(f"size must be N or HxW with sides >= 16, got {text!r}")
+    return vals[0], vals[1]
+
+
+def scales_arg(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scales must be a comma list of numbers, got {text!r}") from None
+    if not vals or min(vals) <= 0:
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    return vals
+
+
+def clusters_arg(text: str | None) -> int | str | None:
+    """``--clusters``: None, ``auto`` or a positive integer (argparse type and plain parser)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--clusters must be a positive integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--clusters must be a positive integer or 'auto', got {text!r}")
+    return value
+
+
+# ---- deprecated spellings -------------------------------------------------------------------------------------
+
+
+def deprecated(old: str, new: str) -> None:
+    """Warn once on stderr that ``old`` is deprecated (kept for one release) in favour of ``new``."""
+    message = f"{old} is deprecated and will be removed in the next release; use {new}"
+    warnings.warn(message, FutureWarning, stacklevel=3)
+    print(f"warning: {message}", file=sys.stderr)
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old option spelling: stores into the new option's ``dest`` and warns (``new`` names the new one)."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        deprecated(option_string, self.new)
+        setattr(namespace, self.dest, True if self.nargs == 0 else values)
+
+
+def add_out_dir(p: argparse.ArgumentParser, default: str | None, what: str) -> None:
+    """``--out-dir`` (a folder of per-image outputs) and its deprecated spelling ``--out``. Without a default the
+    command must call :func:`out_dir_arg` (argparse's ``required`` would refuse the old spelling)."""
+    shown = f" (default: {default})" if default is not None else " (required)"
+    p.add_argument("--out-dir", dest="out_dir", default=default, metavar="DIR", help=f"{what}{shown}")
+    p.add_argument("--out", dest="out_dir", action=DeprecatedAlias, new="--out-dir", help=argparse.SUPPRESS)
+
+
+def out_dir_arg(args: argparse.Namespace) -> Path:
+    if args.out_dir is None:
+        raise CliError("give --out-dir DIR (the folder for the outputs)")
+    return Path(args.out_dir).expanduser()
+
+
+# ---- shared option groups -------------------------------------------------------------------------------------
+
+
+def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1) -> None:
+    """Options of every command that runs the training-free pipeline."""
+    g = p.add_argument_group("model")
+    g.add_argument("--clip", default=None,
+                   help="CLIP weights: open_clip tag (default ViT-B-16, OpenAI weights), a weight file "
+                        "(.pt TorchScript or state dict, .pth, .bin, .safetensors), hf-hub:ORG/NAME or "
+                        "'synthetic' (shipped); default $EXCELSEG_CLIP, then ViT-B-16")
+    g.add_argument("--bank", default=None,
+                   help="TSE attribute bank (.pth reference format, .safetensors, .npz) enriching every class; "
+                        "default: plain prompts")
+    g.add_argument("--knowledge", default=None,
+                   help="knowledge base instead of a bank (voc, coco or a JSON file): its attribute bank is built "
+                        "once and cached; classes it does not describe keep plain prompts (with a warning)")
+    g.add_argument("--clusters", type=clusters_arg, default=None,
+                   help="attribute clusters B for --knowledge: N or auto (default 112 voc, 224 coco, else auto)")
+    g.add_argument("--config", default=None, metavar="NAME|YAML",
+                   help="pipeline settings: voc (the paper's, default), coco, synthetic or a YAML file; "
+                        "section.key=value words override single settings (see 'Settings' in the README)")
+    g.add_argument("--preset", default=None, choices=["paper", "paper-voc", "paper-coco"], help=argparse.SUPPRESS)
+    g.add_argument("--size", type=size_arg, default=None, help="network input N or HxW (= cam.size; paper: 320)")
+    g.add_argument("--scales", type=scales_arg, default=None,
+                   help="CAM scales, e.g. 1,0.75,1.25 (= cam.scales; paper: 1)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="also average horizontally flipped CAMs (= cam.flip; paper: off)")
+    g.add_argument("--box-threshold", type=float, default=None,
+                   help="τ_box of the box mask (= refine.box_threshold; paper: 0.79)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    g.add_argument("--batch-size", type=batch_size_arg, default=batch_default,
+                   help=f"images per backbone forward (default {batch_default})")
+    p.set_defaults(overrides=[])  # section.key=value words, collected by excelseg.cli.main
+
+
+def add_dataset_args(p: argparse.ArgumentParser, purpose: str, *, workers_help: str = "processes reading files",
+                     allow_missing: bool = False) -> argparse._ArgumentGroup:
+    """``--dataset --root --index --split --workers`` (default split: :func:`default_split`); with
+    ``allow_missing`` also ``--allow-missing`` (scoring commands)."""
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset", choices=DATASET_KINDS, default="voc", help="dataset kind (default voc)")
+    g.add_argument("--root", default=None,
+                   help="dataset root as given to 'excelseg prepare' (finds <ROOT>/excelseg_index.json)")
+    g.add_argument("--index", default=None, help="index JSON written by 'excelseg prepare' (instead of --root)")
+    shown = default_split("voc", purpose), default_split("folder", purpose)
+    g.add_argument("--split", default=None, help=f"split (default {shown[0]} for voc/coco, {shown[1]} for folder)")
+    nw = default_workers()
+    g.add_argument("--workers", type=workers_arg, default=nw, help=f"{workers_help} (default {nw}; 0 = none)")
+    if allow_missing:
+        g.add_argument("--allow-missing", action="store_true",
+                       help="skip images without an input file (reported) instead of failing")
+    return g
+
+
+def open_dataset_args(args: argparse.Namespace, purpose: str, *, need_masks: bool = False, **kw):
+    """The dataset of ``--dataset/--root/--index/--split``, with one-line errors."""
+    from ..data import open_dataset
+
+    if args.root is None and args.index is None:
+        raise CliError("give --root (the prepared dataset) or --index")
+    split = args.split or default_split(args.dataset, purpose)
+    ds = open_dataset(args.dataset, root=args.root, split=split, index=args.index, **kw)
+    if need_masks and not ds.has_masks:
+        raise CliError(f"split {ds.split!r} of {ds.kind} has no ground-truth masks to score against")
+    if not ds.ids:
+        raise CliError(f"split {ds.split!r} of {ds.kind} is empty")
+    return ds
+
+
+# ---- pipeline settings ----------------------------------------------------------------------------------------
+
+
+def split_overrides(words: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``section.key=value`` words from other positional words (image paths)."""
+    return [w for w in words if not OVERRIDE_RE.match(w)], [w for w in words if OVERRIDE_RE.match(w)]
+
+
+def config_from_args(args: argparse.Namespace, clip: Any = None, overrides: list[str] | None = None):
+    """The pipeline configuration of a command, resolved in one order:
+    ``--config`` (or the deprecated ``--preset``; default: the weights' own settings, else voc) →
+    ``section.key=value`` overrides → the dedicated flags (--size, --scales, --flip, --box-threshold)."""
+    from ..config import ConfigError, apply_overrides, load_config
+
+    spec = args.config
+    if getattr(args, "preset", None):
+        deprecated("--preset", "--config voc|coco")
+        spec = spec or {"paper": "voc", "paper-voc": "voc", "paper-coco": "coco"}[args.preset]
+    if spec is None:
+        spec = getattr(clip, "default_config", None) or "voc"
+    pairs = list(overrides or [])
+    for flag, key in (("size", "cam.size"), ("scales", "cam.scales"), ("flip", "cam.flip"),
+                      ("box_threshold", "refine.box_threshold")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            pairs.append((key, value))
+    try:
+        return apply_overrides(load_config(spec), pairs)
+    except (ConfigError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def write_resolved_config(out_dir: Path, cfg, **extra: Any) -> Path:
+    """Write the resolved settings next to a command's outputs (``excelseg_config.yaml``), atomically."""
+    from ..config import dump_config
+    from ..io import atomic_write
+
+    text = dump_config(cfg, **extra)
+    return atomic_write(Path(out_dir) / RESOLVED_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+# ---- files ----------------------------------------------------------------------------------------------------
+
+
+def check_writable(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove a file can be written there, or raise a one-line CliError."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise CliError(f"output directory {out_dir} is not writable ({exc.strerror or exc})") from None
+
+
+def check_out_file(out: Path, example: str = "out.json") -> None:
+    """``--out`` names a file that can be written (its folder is created), or a one-line CliError."""
+    out = Path(out)
+    if out.is_dir():
+        raise CliError(f"--out {out} is a directory; give a file name such as {out / example}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise CliError(f"cannot write {out} ({exc.strerror or exc})") from None
+
+
+def write_metrics_json(path: Path, obj: dict[str, Any], explicit: bool) -> None:
+    """Write a metrics JSON; a failure is an error when the user named the file, else a warning."""
+    from ..io import save_json
+
+    try:
+        save_json(path, obj)
+        print(f"metrics written to {path}")
+    except OSError as exc:
+        if explicit:
+            raise CliError(f"cannot write {path} ({exc.strerror or exc})") from None
+        print(f"warning: cannot write {path} ({exc.strerror or exc}); use --out", file=sys.stderr)
+
+
+def progress(desc: str | None = None, unit: str = "img"):
+    """``wrap(iterable, total, desc)`` with a tqdm bar (silent when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    return lambda it, total, d: tqdm(it, total=total, desc=desc or d, unit=unit, disable=None)

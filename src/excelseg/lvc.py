@@ -31,6 +31,8 @@ __all__ = [
     "p_guided_affinity",
     "reference_attention",
     "relation",
+    "relation_logits",
+    "shift_from_logits",
 ]
 
 RELATION_GAIN = 3.0  # γ in R' = γ (R − mean R) (EXCEL_SPEC §4.2)
@@ -51,9 +53,16 @@ def relation(fts: Tensor) -> Tensor:
     return f.transpose(1, 2) @ f
 
 
-def _centred(r: Tensor, gain: float) -> Tensor:
-    """``gain · (R − mean(R))``, the mean over the whole batch tensor (batch-coupled, EXCEL_SPEC §10.8)."""
+def relation_logits(fts: Tensor, gain: float = RELATION_GAIN) -> Tensor:
+    """``R' = γ (R − mean R)`` (B, N, N) from (B, C, h, w) features; the mean over the whole batch tensor
+    (batch-coupled, EXCEL_SPEC §10.8). ``P = sigmoid(R')``; ``E`` masks ``R' < 0``."""
+    r = relation(fts)
     return gain * (r - r.mean())
+
+
+def shift_from_logits(logits: Tensor) -> Tensor:
+    """LVC shift ``E = softmax(R')`` over the last axis with every ``R' < 0`` set to −∞ (EXCEL_SPEC §4.2)."""
+    return logits.masked_fill(logits < 0, float("-inf")).softmax(dim=-1)
 
 
 def learned_affinity(fts: Tensor, gain: float = RELATION_GAIN, return_mean: bool = False):
@@ -75,8 +84,7 @@ def lvc_shift(fts: Tensor, gain: float = RELATION_GAIN) -> Tensor:
     mean couples the images). Computed without gradient (the reference detaches ``F_a`` here).
     """
     with torch.no_grad():
-        r = _centred(relation(fts.detach()), gain)
-        return r.masked_fill(r < 0, float("-inf")).softmax(dim=-1)
+        return shift_from_logits(relation_logits(fts.detach(), gain))
 
 
 def reference_attention(attn: Tensor, blocks: Sequence[int], svc_blocks: Sequence[int], num_heads: int,

@@ -28,7 +28,7 @@ from .lvc import affinity_from_attention, learned_affinity, lvc_shift, p_guided_
 from .preprocess import NORMALIZATIONS
 from .refine import box_mask, labels_from_cams, refine_cams, transition_matrix
 
-__all__ = ["ExcelModel", "ExcelOutput", "denormalize_uint8"]
+__all__ = ["ExcelModel", "ExcelOutput", "denormalize_uint8", "flip_max_cams"]
 
 
 @dataclass
@@ -43,6 +43,20 @@ class ExcelOutput:
     attn: Tensor  # (B, L_aff, N, N) refinement layers' patch×patch attention in the reference's scale
     cache: SvcCache  # stage (a) cache for the LVC dual path
     grid: tuple[int, int]  # (h, w)
+
+
+def flip_max_cams(cams: Tensor, cams_flipped: Tensor) -> Tensor:
+    """Flip-augmented CAMs as the reference's LVC inference combines them (parity README §4.2 ``cam_lvc_flip``).
+
+    Args:
+        cams: (B, C, h, w) CAMs of the images; cams_flipped: (B, C, h, w) CAMs of the mirrored images.
+
+    Returns:
+        (B, C, h, w) ``max(cams, mirror(cams_flipped))``, then per map ``(m − min) / (max(m − min) + 1e-5)``.
+    """
+    m = torch.maximum(cams, cams_flipped.flip(-1))
+    m = m - m.amin(dim=(-2, -1), keepdim=True)
+    return m / (m.amax(dim=(-2, -1), keepdim=True) + 1e-5)
 
 
 def denormalize_uint8(x: Tensor, normalization: str = "imagenet") -> Tensor:
@@ -106,7 +120,8 @@ class ExcelModel(nn.Module):
         return ExcelOutput(fts, logits, p, r_mean, out.features, attn, out.cache, out.grid)
 
     # ---- CAMs ---------------------------------------------------------------------------------------------------
-    def _cams(self, features: Tensor, grid: tuple[int, int]) -> Tensor:
+    def cams_from_features(self, features: Tensor, grid: tuple[int, int]) -> Tensor:
+        """(B, T, E) calibrated features → (B, C, h, w) CAMs in [0, 1] (EXCEL_SPEC §3.2)."""
         cams = surgery_cams(features, self.text_features, self.num_classes, self.config.cam.feature_norm,
                             self.config.cam.cls_weight_scale)
         return cams.view(cams.shape[0], cams.shape[1], *grid)
@@ -114,16 +129,19 @@ class ExcelModel(nn.Module):
     @torch.no_grad()
     def static_cams(self, out: ExcelOutput) -> Tensor:
         """(B, C, h, w) training-free CAMs from the static SVC features (EXCEL_SPEC §3.2)."""
-        return self._cams(out.features, out.grid)
+        return self.cams_from_features(out.features, out.grid)
 
     @torch.no_grad()
-    def lvc_cams(self, out: ExcelOutput, fts: Tensor | None = None) -> Tensor:
-        """(B, C, h, w) LVC CAMs: SVC dual path with the shift ``E`` of ``fts`` (default ``out.adapter_fts``;
-        detached; batch-coupled mean) re-run from the cache (EXCEL_SPEC §4.2)."""
-        fts = out.adapter_fts if fts is None else fts
-        shift = lvc_shift(fts, self.config.heads.relation_gain)
+    def lvc_cams(self, out: ExcelOutput, fts: Tensor | None = None, *, shift: Tensor | None = None) -> Tensor:
+        """(B, C, h, w) LVC CAMs: the SVC dual path re-run from the cache with the shift ``E`` (EXCEL_SPEC §4.2).
+
+        ``E`` comes from ``fts`` (default ``out.adapter_fts``; detached; batch-coupled mean), or is given as
+        ``shift`` (B, N, N).
+        """
+        if shift is None:
+            shift = lvc_shift(out.adapter_fts if fts is None else fts, self.config.heads.relation_gain)
         features, _ = self.encoder.calibrate(out.cache, shift)
-        return self._cams(features, out.grid)
+        return self.cams_from_features(features, out.grid)
 
     # ---- refinement and pseudo-labels --------------------------------------------------------------------------
     @torch.no_grad()

@@ -44,7 +44,9 @@ def test_p_mean_is_batch_coupled_and_differentiable():
 def test_lvc_shift_masks_negative_logits_and_has_no_gradient():
     f = _feats(2).requires_grad_(True)
     e = lvc_shift(f)
-    logits = relation_logits(f.detach())
+    r = relation(f.detach())
+    logits = 3 * (r - r.mean())  # one mean over the whole batch (EXCEL_SPEC §10.8)
+    assert torch.allclose(relation_logits(f.detach()), logits)
     assert not e.requires_grad
     assert torch.all(e[logits < 0] == 0)
     assert torch.all(e[logits >= 0] > 0)
@@ -250,7 +252,7 @@ def test_excel_model_pseudo_labels_use_present_classes():
     out = model(x)
     cls = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     for guided in (False, True):
-        trans, diff, kept = model.transition(out, guided)
+        trans, diff, _ = model.transition(out, guided)
         assert trans.shape == (2, 16, 16)
         assert (diff is None) == (not guided)
         labels = model.pseudo_labels(model.static_cams(out), cls, trans, denormalize_uint8(x), (32, 32))

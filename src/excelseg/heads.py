@@ -63,7 +63,7 @@ class LvcAdapter(nn.Module):
         """(B, L, D, h, w) per-layer patch tokens → (B, dim, h, w) adapter features ``F_a``."""
         if tokens.dim() != 5 or tokens.shape[1] != self.num_layers or tokens.shape[2] != self.in_dim:
             raise ValueError(f"tokens must be (B, {self.num_layers}, {self.in_dim}, h, w), got {tuple(tokens.shape)}")
-        b, n_layers, d, h, w = tokens.shape
+        b, n_layers, _, h, w = tokens.shape
         x = tokens.flatten(3).transpose(2, 3)  # (B, L, N, D)
         per_layer = [mlp(x[:, i]) for i, mlp in enumerate(self.mlps)]  # L × (B, N, dim)
         cat = torch.cat(per_layer, dim=-1).transpose(1, 2).reshape(b, n_layers * self.dim, h, w)

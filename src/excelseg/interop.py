@@ -48,7 +48,7 @@ def _read_state(path: Path) -> dict[str, Tensor]:
         return load_file(str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+    except Exception as exc:  # unpickling errors come in many types
         raise CheckpointError(f"{path}: not a readable torch state dict with weights_only=True "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     for key in ("state_dict", "model"):  # common wrappers
@@ -71,7 +71,7 @@ def convert_reference_state(state: Mapping[str, Tensor], num_classes: int | None
     Raises:
         CheckpointError: unknown keys, missing keys or shape mismatches (each listed).
     """
-    stripped = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    stripped = {k.removeprefix("module."): v for k, v in state.items()}
     kept = {k: v for k, v in stripped.items() if not k.startswith(FROZEN_PREFIXES)}
     if heads is None:
         pred = kept.get("decoder.linear_pred.weight")
@@ -152,7 +152,7 @@ def load_heads(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, st
         if meta.get("format") != FORMAT:
             raise CheckpointError(f"{path}: not an excelseg heads checkpoint (format {meta.get('format')!r}); "
                                   "convert a reference checkpoint with 'excelseg import-checkpoint'")
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+        return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (safe_open is not a dict)
 
 
 def source_sha256(path: str | os.PathLike) -> str:

@@ -42,6 +42,37 @@ class DenseOutput:
     svc_blocks: tuple[int, ...]  # calibrated block indices
     grid: tuple[int, int]  # (h, w) patch grid
     pooled: Tensor  # (B, E) ordinary CLIP image embedding (= open_clip encode_image)
+    cache: SvcCache | None = None  # stage (a) cache for re-running the SVC dual path (``keep_cache=True``)
+
+    def layer_tokens(self) -> Tensor:
+        """(B, L, D, h, w) patch tokens of every block (the LVC adapter's input, EXCEL_SPEC §4.1)."""
+        if not self.tokens:
+            raise ValueError("this forward kept no tokens (return_tokens=False)")
+        t = torch.stack([tok[:, 1:] for tok in self.tokens], dim=1)  # (B, L, N, D)
+        return t.transpose(2, 3).reshape(t.shape[0], t.shape[1], t.shape[3], *self.grid)
+
+
+@dataclass
+class SvcCache:
+    """What the SVC dual path needs, kept by one frozen forward (DESIGN "Training architecture", stage (a)).
+
+    The original stream, and so every calibrated block's ln_1 q/k/v, does not depend on the LVC shift ``E``;
+    the cache therefore holds, per calibrated block, the static head-reduced intra-correlation map (a function
+    of that block's ln_1 q/k/v) and the merged values v, so :meth:`DenseEncoder.calibrate` re-runs only the
+    calibrated stream (no softmax, no second CLIP forward).
+    """
+
+    start: Tensor  # (B, T, D) input of the first calibrated block (= start of the calibrated stream)
+    maps: list[Tensor]  # per calibrated block: (B, T, T) static SVC map, head-summed (or -averaged)
+    values: list[Tensor]  # per calibrated block: (B, T, D) merged values of ln_1(x_ori)
+    blocks: tuple[int, ...]  # calibrated block indices
+    cls: Tensor  # (B, 1, D) final CLS token of the original stream
+    shift_scale: float  # how a per-head shift enters the reduced map: H (head sum) or 1 (head mean)
+
+    def select(self, index: slice | Tensor | list[int]) -> SvcCache:
+        """The cache of some images of the batch (the dual path is per image; only ``E`` couples a batch)."""
+        return SvcCache(self.start[index], [m[index] for m in self.maps], [v[index] for v in self.values],
+                        self.blocks, self.cls[index], self.shift_scale)
 
 
 def interpolate_pos_embed(pos: Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> Tensor:
@@ -122,6 +153,8 @@ class DenseEncoder(nn.Module):
         head_sum: bool = True,
         pos_via_grid: tuple[int, int] | None = None,
         return_tokens: bool = True,
+        keep_cache: bool = False,
+        alias_tokens: bool = False,
     ) -> DenseOutput:
         """Dense forward.
 
@@ -135,6 +168,11 @@ class DenseEncoder(nn.Module):
             return_tokens: keep every block's tokens. False skips them and, in the last block, computes the
                 original stream's attention output and MLP for the CLS token only when SVC is on (all that the
                 SVC features and the pooled embedding need; ~5% of a ViT-B/16 forward); ``tokens`` is then empty.
+            keep_cache: also return the :class:`SvcCache` that :meth:`calibrate` re-runs the dual path from.
+            alias_tokens: return ``tokens`` as the reference's in-place aliasing leaves them (EXCEL_SPEC §10.1,
+                parity README §5.4): the slot of the block before the first calibrated one holds the final
+                calibrated stream (CLS replaced), and the slot of every calibrated block but the last holds
+                ``x_l + attn_{l+1}(ln_1 x_l)`` (the next block's attention residual, before its MLP).
         """
         vis = self.visual
         svc = tuple(sorted(svc_blocks))
@@ -157,6 +195,8 @@ class DenseEncoder(nn.Module):
         scale = (h.shape[-1] // self.num_heads) ** -0.5
         tokens: list[Tensor] = []
         attn_maps: list[Tensor] = []
+        mids: dict[int, Tensor] = {}  # block index → stream after its attention residual (for alias_tokens)
+        start, maps, values = None, [], []
         stream = None
         last = self.num_blocks - 1
         for i, block in enumerate(vis.transformer.resblocks):
@@ -175,14 +215,18 @@ class DenseEncoder(nn.Module):
                 o = F.scaled_dot_product_attention(q[:, :, :1] if cls_only else q, k, v)
             if svc and i >= svc[0]:
                 if stream is None:
-                    stream = h
+                    stream = start = h
                 a_svc = intra_correlation(q, k, v, scale, head_sum=head_sum)
-                delta = F.linear(torch.matmul(a_svc, self._merge(v)), block.attn.out_proj.weight,
-                                 block.attn.out_proj.bias)
-                stream = stream + block.ls_1(delta)
+                v_merged = self._merge(v)
+                stream = self._svc_step(block, stream, a_svc, v_merged)
+                if keep_cache:
+                    maps.append(a_svc)
+                    values.append(v_merged)
             if cls_only:
                 h = h[:, :1]
             h = h + block.ls_1(F.linear(self._merge(o), block.attn.out_proj.weight, block.attn.out_proj.bias))
+            if alias_tokens:
+                mids[i] = h
             h = h + block.ls_2(block.mlp(block.ln_2(h)))
             if return_tokens:
                 tokens.append(h)
@@ -195,4 +239,49 @@ class DenseEncoder(nn.Module):
         b = x.shape[0]
         t = stream.shape[1]
         attn = torch.stack(attn_maps, dim=1) if attn_maps else h.new_zeros(b, 0, t, t)
-        return DenseOutput(features, stream, tokens, attn, tuple(sorted(want_attn)), svc, grid, pooled)
+        if alias_tokens and svc and tokens:
+            if svc[0] > 0:
+                tokens[svc[0] - 1] = stream
+            for i in svc[:-1]:
+                tokens[i] = mids[i + 1]
+        cache = None
+        if keep_cache and svc:
+            cache = SvcCache(start, maps, values, svc, h[:, :1], float(self.num_heads) if head_sum else 1.0)
+        return DenseOutput(features, stream, tokens, attn, tuple(sorted(want_attn)), svc, grid, pooled, cache)
+
+    def _svc_step(self, block: nn.Module, stream: Tensor, a_svc: Tensor, v: Tensor,
+                  shift: Tensor | None = None, shift_scale: float = 1.0) -> Tensor:
+        """One calibrated block on the new stream: ``stream + W_o ((A + s·E) v) + b_o`` (EXCEL_SPEC §3.1, §4.2).
+
+        ``a_svc`` (B, T, T) head-reduced map; ``v`` (B, T, D) merged values; ``shift`` (B, N, N) per-head LVC
+        shift ``E`` added to the patch×patch block of every head's map before the head reduction, i.e.
+        ``shift_scale`` (H for the head sum) times ``E`` on the reduced map; computed as ``A v + s·E v_patch``.
+        """
+        av = torch.matmul(a_svc, v)
+        if shift is not None:
+            av = torch.cat([av[:, :1], av[:, 1:] + shift_scale * torch.matmul(shift, v[:, 1:])], dim=1)
+        delta = F.linear(av, block.attn.out_proj.weight, block.attn.out_proj.bias)
+        return stream + block.ls_1(delta)
+
+    def calibrate(self, cache: SvcCache, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Stage (b): the SVC dual path from a stage-(a) cache, with an optional LVC shift (EXCEL_SPEC §4.2).
+
+        Args:
+            cache: from ``forward(..., keep_cache=True)``.
+            shift: (B, N, N) LVC shift ``E`` (e.g. :func:`excelseg.lvc.lvc_shift`), or None (static SVC; then
+                the result equals the forward's ``features`` / ``svc_stream`` bit for bit).
+
+        Returns:
+            features (B, T, E) after ln_post and projection, and the calibrated stream (B, T, D) with the
+            original stream's CLS token.
+        """
+        n = cache.start.shape[1] - 1
+        if shift is not None and shift.shape != (cache.start.shape[0], n, n):
+            raise ValueError(f"shift must be {(cache.start.shape[0], n, n)}, got {tuple(shift.shape)}")
+        blocks = self.visual.transformer.resblocks
+        stream = cache.start
+        for i, a_svc, v in zip(cache.blocks, cache.maps, cache.values):
+            stream = self._svc_step(blocks[i], stream, a_svc, v,
+                                    None if shift is None else shift.to(v.dtype), cache.shift_scale)
+        stream = torch.cat([cache.cls, stream[:, 1:]], dim=1)
+        return self.visual.ln_post(stream) @ self.visual.proj, stream

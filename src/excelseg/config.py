@@ -71,10 +71,26 @@ class RefineConfig:
 
 
 @dataclass(frozen=True)
+class HeadsConfig:
+    """Trainable heads (LVC adapter, decoder) and their inputs (EXCEL_SPEC §4, §5.1, §10.1)."""
+
+    alias_features: bool = True  # reference quirk (EXCEL_SPEC §10.1): adapter slot 6 = final SVC stream, slots
+    # 7–10 = block output + next block's attention residual; False feeds the clean block outputs
+    dim: int = 256  # adapter / decoder width
+    decoder_depth: int = 3
+    decoder_heads: int = 8
+    dropout: float = 0.1  # adapter Dropout2d
+    relation_gain: float = 3.0  # γ in P = sigmoid(γ (R − mean R)) and in the LVC shift
+    train_box_threshold: float = 0.79  # τ_box of training pseudo-labels (VOC 0.79, COCO 0.88)
+    val_box_threshold: float = 0.75  # τ_box of the reference's in-training validation pseudo-labels
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     text: TextConfig = field(default_factory=TextConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
 
     def with_(self, **sections) -> PipelineConfig:
         """Return a copy with whole sections replaced, e.g. ``cfg.with_(cam=replace(cfg.cam, flip=True))``."""
@@ -82,7 +98,7 @@ class PipelineConfig:
 
 
 PAPER_VOC = PipelineConfig()
-PAPER_COCO = PipelineConfig(refine=RefineConfig(box_threshold=0.88))
+PAPER_COCO = PipelineConfig(refine=RefineConfig(box_threshold=0.88), heads=HeadsConfig(train_box_threshold=0.88))
 PRESETS = {"paper": PAPER_VOC, "paper-voc": PAPER_VOC, "paper-coco": PAPER_COCO}
 
 

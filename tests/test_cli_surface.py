@@ -13,7 +13,8 @@ import pytest
 from excelseg.cli import build_parser, command_modules, main
 from excelseg.config import PAPER_COCO, PAPER_VOC, ConfigError, apply_overrides, dump_config, load_config
 
-COMMANDS = ["cam", "pseudo-label", "prepare", "bank", "describe", "eval", "eval-cams", "demo", "train-clip"]
+COMMANDS = ["cam", "pseudo-label", "prepare", "bank", "describe", "eval", "eval-cams", "import-checkpoint",
+            "demo", "train-clip"]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -106,7 +107,7 @@ def test_overrides_are_typed_and_unknown_keys_list_the_valid_ones(tmp_path):
         apply_overrides(PAPER_VOC, ["refine.par_iters=2.5"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("cams:\n  flip: true\n")
-    with pytest.raises(ConfigError, match="unknown section.*cams.*valid: text, cam, refine"):
+    with pytest.raises(ConfigError, match="unknown section.*cams.*valid: text, cam, refine, heads"):
         load_config(bad)
 
 

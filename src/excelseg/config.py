@@ -4,7 +4,7 @@ Every number here is the value the reference implementation uses (EXCEL_SPEC §1
 extension is a named field whose paper value is the default. ``PAPER_VOC`` / ``PAPER_COCO`` are the presets.
 
 YAML: ``configs/voc.yaml``, ``coco.yaml`` and ``synthetic.yaml`` ship inside the package (:func:`load_config`
-takes their name or any file path). A file has the sections ``text``, ``cam`` and ``refine``; every key it leaves
+takes their name or any file path). A file has the sections ``text``, ``cam``, ``refine`` and ``heads``; every key it leaves
 out keeps the paper value, unknown sections or keys are refused with the list of valid ones.
 :func:`apply_overrides` applies ``section.key=value`` words (values parsed as YAML: ``cam.flip=true``,
 ``cam.size=448``, ``cam.scales=[1,0.75]``); :func:`dump_config` writes the resolved settings back.
@@ -104,7 +104,7 @@ PRESETS = {"paper": PAPER_VOC, "paper-voc": PAPER_VOC, "paper-coco": PAPER_COCO}
 
 # ---- YAML configuration files ---------------------------------------------------------------------------------
 
-SECTIONS = ("text", "cam", "refine")
+SECTIONS = ("text", "cam", "refine", "heads")
 SHIPPED_CONFIGS = ("voc", "coco", "synthetic")
 
 
@@ -228,5 +228,12 @@ def apply_overrides(cfg: PipelineConfig, overrides: Iterable[str | tuple[str, An
 
 def dump_config(cfg: PipelineConfig, **extra: Any) -> str:
     """YAML text of ``cfg`` (every setting), with ``extra`` top-level entries as comments first."""
+    yaml = _yaml()
+
+    class _Dumper(yaml.SafeDumper):  # sections as blocks, lists inline: one setting per line
+        pass
+
+    _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
     head = "".join(f"# {k}: {v}\n" for k, v in extra.items())
-    return head + _yaml().safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True, default_flow_style=None)
+    return head + yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True,
+                            default_flow_style=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import CliError
+from .common import CliError
 
 EXAMPLES = """examples:
   excelseg import-checkpoint checkpoints/model_iter_30000.pth --out voc_heads.safetensors

@@ -22,7 +22,7 @@ import open_clip
 import torch
 
 from excelseg.config import PAPER_VOC, CamConfig
-from excelseg.io import read_image, to_rgb_array
+from excelseg.images import read_image, to_rgb_array
 from excelseg.predictor import CamPredictor
 from excelseg.weights import LoadedClip
 

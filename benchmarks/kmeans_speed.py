@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from excelseg.bank import kmeans
+from excelseg.kmeans import kmeans
 
 
 def data(n: int, dim: int, groups: int, seed: int = 0, rank: int = 32) -> torch.Tensor:

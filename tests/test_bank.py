@@ -13,20 +13,18 @@ import torch.nn.functional as F
 
 from excelseg.bank import (
     BANK_FORMAT,
-    auto_candidates,
+    AttributeBank,
     bank_for,
     bank_sentences,
     build_bank,
     check_bank_identity,
     encode_sentences,
-    kmeans,
     save_bank,
-    select_clusters,
-    silhouette_score,
 )
 from excelseg.cli import main
+from excelseg.kmeans import auto_candidates, kmeans, select_clusters, silhouette_score
 from excelseg.knowledge import load_knowledge
-from excelseg.text import AttributeBank, TextEncoder, enrich
+from excelseg.text import TextEncoder, enrich
 from excelseg.vocab import COCO_CLASSES, VOC_CLASSES
 from tiny_clip import save_tiny, tiny_clip
 

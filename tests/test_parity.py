@@ -42,7 +42,7 @@ def predictor():
 def run(predictor):
     """``run(name)`` → (state, result for the golden's present classes); computed once per image, whichever test
     asks first, so every test works alone and in any order."""
-    from excelseg.io import read_image, to_rgb_array
+    from excelseg.images import read_image, to_rgb_array
 
     cache: dict = {}
 

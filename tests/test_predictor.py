@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from excelseg import CamPredictor
+from excelseg.bank import AttributeBank
 from excelseg.config import CamConfig, PipelineConfig, RefineConfig
-from excelseg.text import AttributeBank
 from excelseg.vocab import Vocabulary
 from tiny_clip import tiny_clip
 

@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from excelseg.batch import Shard, cam_size_for, read_cam_archive, remove_stale_temps
+from excelseg.batch import Shard
 from excelseg.cli import main
 from excelseg.config import load_config
 from excelseg.data import open_dataset
-from excelseg.io import read_label_png, save_label_png
+from excelseg.outputs import cam_size_for, read_cam_archive, read_label_png, save_label_png, stale_temps_of
 from tiny_clip import save_tiny
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc_sample"
@@ -199,7 +199,6 @@ def replace(src, dst, *a, **kw):
     return real_replace(src, dst, *a, **kw)
 os.replace = replace
 from excelseg.cli import main
-from excelseg.config import load_config
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -265,7 +264,7 @@ def test_usage_errors(setup, tmp_path, capsys):
     assert pseudo_label(root, clip, tmp_path / "o", "--shard", "2/2") == 2
     assert "shard must be i/n" in capsys.readouterr().err
     assert pseudo_label(root, clip, tmp_path / "o", "--cam-size", "1024", "--save-cams") == 2
-    assert "reduced size" in capsys.readouterr().err
+    assert "a reduced size keeps" in capsys.readouterr().err
     assert main(["pseudo-label", "--out-dir", str(tmp_path / "o")]) == 2
     assert "give --root" in capsys.readouterr().err
 
@@ -273,7 +272,7 @@ def test_usage_errors(setup, tmp_path, capsys):
 def test_stale_temp_cleanup_touches_only_given_ids(tmp_path):
     for name in (".a.png.x1.png", ".a_cams.npz.y2.npz", ".b.png.z3.png", ".a.png", "a.png", ".other"):
         (tmp_path / name).write_bytes(b"x")
-    assert remove_stale_temps(tmp_path, ["a"]) == 2
+    assert stale_temps_of(tmp_path, ["a"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == [".a.png", ".b.png.z3.png", ".other", "a.png"]
 
 

@@ -10,8 +10,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from excelseg.io import read_image, read_label_png
+from excelseg.images import read_image
 from excelseg.knowledge import parse_knowledge
+from excelseg.outputs import read_label_png
 from excelseg.synthetic import (
     CLASSES,
     COLOURS,

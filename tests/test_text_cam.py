@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from excelseg.bank import AttributeBank
 from excelseg.cam import surgery_cams
 from excelseg.config import TextConfig
-from excelseg.text import AttributeBank, TextEncoder, build_prompts, class_text_features, enrich
+from excelseg.text import TextEncoder, build_prompts, class_text_features, enrich
 from excelseg.vocab import Vocabulary
 from tiny_clip import tiny_clip
 

@@ -22,7 +22,7 @@ _EXPORTS = {
     "PAPER_COCO": "config", "PAPER_VOC": "config", "PRESETS": "config", "CamConfig": "config",
     "PipelineConfig": "config", "RefineConfig": "config", "TextConfig": "config", "load_config": "config",
     "CamPredictor": "predictor", "CamResult": "predictor",
-    "AttributeBank": "text",
+    "AttributeBank": "bank",
     "Vocabulary": "vocab",
     "LoadedClip": "weights", "load_clip": "weights",
 }
@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .bank import AttributeBank
     from .config import (
         PAPER_COCO,
         PAPER_VOC,
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
         load_config,
     )
     from .predictor import CamPredictor, CamResult
-    from .text import AttributeBank
     from .vocab import Vocabulary
     from .weights import LoadedClip, load_clip
 

@@ -6,26 +6,12 @@ dataset's whole vocabulary). This module adds what a run over 10⁴–10⁵ imag
 
 * :class:`Shard`: a disjoint, deterministic slice ``sorted(ids)[rank::world]`` for one of ``world`` processes
   (``--shard i/n`` or torchrun's ``RANK`` / ``WORLD_SIZE``); no process group is needed (embarrassingly parallel).
-* resume: :func:`is_done` (outputs written atomically, so an existing file is a complete one) and
-  :func:`remove_stale_temps` (temporary files left by a killed process).
+* resume and outputs: :mod:`excelseg.outputs` (``is_done``, ``stale_temps_of``, the CAM archive format).
 * :func:`iter_pseudo_labels`: images decoded by a ``DataLoader`` (``workers`` processes), backbone forwards in
   batches of ``batch_size`` (the network input has a fixed size, so images of any size batch), per-image
   :class:`LabelOutput`; unreadable images come back as errors, not exceptions.
 * optional dense CRF (:mod:`excelseg.crf`) on the ``[bg, cams]`` scores after PAR, at the full image size.
-* CAM archives at a *reduced* resolution (:func:`cam_archive`, :func:`read_cam_archive`).
-
-CAM archive ``<id>_cams.npz`` (``np.savez_compressed``)::
-
-    cams         (K, h, w) float16 in [0, 1]: the refined CAMs of the K present classes on the patch grid (20×20 for
-                 a 320 input; or resized so that the longer side is ``cam_size``)
-    class_ids    (K,) int64 label values (vocabulary index + 1)
-    class_names  (K,) str
-    size         (2,) int64 original image (H, W)
-
-A 20×20 archive holds K × 800 bytes of CAMs before compression (3 classes ≈ 2.4 kB; all 20 VOC classes 16 kB),
-instead of K × H × W × 2 bytes at full size (≈ 375 kB per class for a 500×375 image).
-:func:`read_cam_archive` upsamples bilinearly to the original size, which from a grid archive is exactly how
-:attr:`excelseg.predictor.CamResult.cams` is made (up to float16 rounding).
+* CAM archives: :func:`excelseg.outputs.cam_archive`, one format for every command.
 """
 
 from __future__ import annotations
@@ -33,7 +19,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,28 +27,10 @@ import torch.nn.functional as F
 import torch.utils.data
 
 from .crf import CrfConfig, dense_crf
-from .io import save_label_png, save_npz
 from .predictor import CamPredictor, CamResult
 from .vocab import Vocabulary, _norm
 
-__all__ = [
-    "LabelOutput",
-    "Shard",
-    "cam_archive",
-    "cam_size_for",
-    "cams_path",
-    "dataset_vocabulary",
-    "device_for_rank",
-    "is_done",
-    "iter_pseudo_labels",
-    "label_path",
-    "parse_cam_size",
-    "read_cam_archive",
-    "remove_stale_temps",
-    "write_outputs",
-]
-
-CAM_SIZE_RANGE = (4, 256)  # --cam-size N bounds: archives stay small by construction
+__all__ = ["LabelOutput", "Shard", "dataset_vocabulary", "device_for_rank", "iter_pseudo_labels"]
 
 
 # ---- sharding ----------------------------------------------------------------------------------------------
@@ -120,113 +87,6 @@ def device_for_rank(device: str | None, environ: Mapping[str, str] | None = None
     if local is None or str(device or "auto") not in ("auto", "cuda") or not torch.cuda.is_available():
         return device
     return f"cuda:{int(local) % max(1, torch.cuda.device_count())}"
-
-
-# ---- outputs and resume ------------------------------------------------------------------------------------
-
-
-def label_path(out_dir: Path, name: str) -> Path:
-    return Path(out_dir) / f"{name}.png"
-
-
-def cams_path(out_dir: Path, name: str) -> Path:
-    return Path(out_dir) / f"{name}_cams.npz"
-
-
-def is_done(out_dir: Path, name: str, save_cams: bool) -> bool:
-    """True when ``<name>.png`` (and ``<name>_cams.npz`` with ``save_cams``) exist; writes are atomic, so an
-    existing file is a complete file."""
-    return label_path(out_dir, name).is_file() and (not save_cams or cams_path(out_dir, name).is_file())
-
-
-def remove_stale_temps(out_dir: Path, names: Sequence[str]) -> int:
-    """Delete the hidden temporary files (``.<file>.<random><suffix>``, see :func:`excelseg.io.atomic_path`) that
-    a killed process left for the outputs of ``names``; returns how many. Only these ids' files are touched, so
-    processes working on other shards of the same folder are safe."""
-    finals: dict[Path, set[str]] = {}
-    for name in names:
-        png, npz = label_path(out_dir, name), cams_path(out_dir, name)
-        finals.setdefault(png.parent, set()).update((png.name, npz.name))
-    removed = 0
-    for folder, wanted in finals.items():
-        if not folder.is_dir():
-            continue
-        with os.scandir(folder) as entries:
-            for e in entries:
-                if not e.name.startswith(".") or not e.is_file(follow_symlinks=False):
-                    continue
-                parts = e.name[1:].rsplit(".", 2)  # <final>.<random>.<suffix>
-                if len(parts) == 3 and parts[0] in wanted and parts[0].endswith("." + parts[2]):
-                    try:
-                        os.unlink(e.path)
-                        removed += 1
-                    except FileNotFoundError:
-                        pass
-    return removed
-
-
-def parse_cam_size(text: str) -> int | None:
-    """``--cam-size``: ``grid`` (``None``: the patch grid) or N, the longer side of the stored maps."""
-    if str(text).lower() == "grid":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        raise ValueError(f"--cam-size must be 'grid' or an integer, got {text!r}") from None
-    lo, hi = CAM_SIZE_RANGE
-    if not lo <= n <= hi:
-        raise ValueError(f"--cam-size must be 'grid' or between {lo} and {hi} (CAM archives are stored at a reduced "
-                         f"size), got {n}")
-    return n
-
-
-def cam_size_for(cam_size: int | None, grid: tuple[int, int], image_size: tuple[int, int]) -> tuple[int, int]:
-    """Stored map size: the patch ``grid`` for ``None``, else the image aspect with longer side ``cam_size``."""
-    if cam_size is None:
-        return int(grid[0]), int(grid[1])
-    h, w = image_size
-    f = cam_size / max(h, w)
-    return max(1, round(h * f)), max(1, round(w * f))
-
-
-def cam_archive(result: CamResult, cam_size: int | None = None) -> dict[str, np.ndarray]:
-    """The arrays of a reduced-resolution CAM archive (module docstring) for one result."""
-    grid = tuple(result.grid_cams.shape[-2:])
-    size = cam_size_for(cam_size, grid, result.image_size)
-    if size == grid:
-        cams = result.grid_cams.float().clamp(0, 1).cpu().numpy()
-    else:
-        cams = result.cams_at(size)
-    return {"cams": cams.astype(np.float16), "class_ids": np.asarray(result.class_ids, dtype=np.int64),
-            "class_names": np.asarray(list(result.class_names), dtype=str),
-            "size": np.asarray(result.image_size, dtype=np.int64)}
-
-
-def read_cam_archive(path: str | os.PathLike[str], size: tuple[int, int] | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """``(cams (K, H, W) float32 in [0, 1], class_ids (K,) int64)`` of an archive, bilinearly upsampled to
-    ``size`` (default: the original image size recorded in the archive; archives without ``size`` are returned
-    as stored)."""
-    with np.load(path) as z:
-        cams = np.asarray(z["cams"], dtype=np.float32)
-        ids = np.asarray(z["class_ids"], dtype=np.int64).reshape(-1)
-        stored = tuple(int(v) for v in z["size"]) if "size" in z.files else None
-    target = tuple(size) if size is not None else stored
-    if cams.ndim != 3 or cams.shape[0] != ids.size:
-        raise ValueError(f"CAM archive {path}: cams of shape {cams.shape} for {ids.size} class_ids")
-    if target is None or tuple(cams.shape[1:]) == target:
-        return cams, ids
-    if cams.shape[0] == 0:
-        return np.zeros((0, *target), np.float32), ids
-    up = F.interpolate(torch.from_numpy(cams)[None], size=target, mode="bilinear", align_corners=False)[0]
-    return up.clamp_(0, 1).numpy(), ids
-
-
-def write_outputs(out_dir: Path, name: str, label: np.ndarray, archive: dict[str, np.ndarray] | None) -> None:
-    """Write ``<name>_cams.npz`` (when given) then ``<name>.png``, each atomically."""
-    if archive is not None:
-        save_npz(cams_path(out_dir, name), **archive)
-    save_label_png(label_path(out_dir, name), label)
 
 
 # ---- vocabulary ------------------------------------------------------------------------------------------

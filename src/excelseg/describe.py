@@ -51,7 +51,7 @@ Resume
     With ``out_path``, an existing file (this format, or the reference's plain ``{"class": ["sentence", ...]}``)
     is read first: requested classes that already have ≥ ``n`` descriptions are not asked again, those with
     fewer get only the missing ones, other classes in the file are kept. The file is rewritten atomically
-    (:func:`excelseg.io.save_json`) after every class, so an interrupted run loses at most the class in
+    (:func:`excelseg.outputs.save_json`) after every class, so an interrupted run loses at most the class in
     progress. ``overwrite=True`` re-asks every requested class.
 """
 
@@ -420,7 +420,7 @@ def _load_existing(path: Path) -> dict | None:
 
 
 def _write(path: Path, kb: dict) -> None:
-    from .io import save_json
+    from .outputs import save_json
 
     save_json(path, kb, indent=2)
 

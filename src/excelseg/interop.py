@@ -129,7 +129,7 @@ def save_heads(path: str | os.PathLike, state: Mapping[str, Tensor], metadata: M
     values) in the header."""
     from safetensors.torch import save_file
 
-    from .io import atomic_write
+    from .outputs import atomic_write
 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION}
     if "decoder.classifier.weight" in state:

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backbone import DenseEncoder
-from .bank import PAPER_CLUSTERS, bank_for, check_bank_identity
+from .bank import PAPER_CLUSTERS, AttributeBank, bank_for, check_bank_identity
 from .cam import surgery_cams
 from .config import PipelineConfig, load_config
-from .io import to_rgb_array
+from .images import to_rgb_array
 from .preprocess import network_input
 from .refine import box_mask, labels_from_cams, refine_cams, transition_matrix
-from .text import AttributeBank, TextEncoder, class_text_features
+from .text import TextEncoder, class_text_features
 from .vocab import Vocabulary, _norm, parse_class_list
 from .weights import LoadedClip, load_clip
 

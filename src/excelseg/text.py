@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .config import TextConfig
 from .vocab import Vocabulary
+
+if TYPE_CHECKING:
+    from .bank import AttributeBank
 
 _logger = logging.getLogger(__name__)
 
@@ -59,61 +59,6 @@ class TextEncoder:
             feats = F.normalize(feats, dim=-1)
             self._cache.update(zip(chunk, feats))
         return torch.stack([self._cache[p] for p in prompts]) if prompts else torch.zeros(0, 0, device=device)
-
-
-@dataclass
-class AttributeBank:
-    """TSE attribute bank: B cluster centres in CLIP text space and the class→cluster membership flags."""
-
-    attributes: Tensor  # (B, E) cluster centres (not re-normalised, as in the reference)
-    flags: Tensor | None = None  # (C, B) 0/1: class c has a description in cluster k (unused by enrichment)
-    meta: dict = field(default_factory=dict)
-    source: str = ""
-
-    @property
-    def num_attributes(self) -> int:
-        return self.attributes.shape[0]
-
-    @classmethod
-    def load(cls, path: str | Path) -> AttributeBank:
-        """Load a bank from the reference ``.pth`` (a list ``[centres E×B, flags C×B]``), excelseg's
-        ``.safetensors`` (``attributes`` B×E or ``centres`` E×B, optional ``flags``, string metadata) or ``.npz``
-        (``centres`` E×B as in the parity kit, or ``attributes`` B×E).
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"attribute bank not found: {path}")
-        suffix = path.suffix.lower()
-        meta: dict = {}
-        try:
-            if suffix in (".pth", ".pt"):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-                if not (isinstance(obj, (list, tuple)) and len(obj) == 2 and all(torch.is_tensor(t) for t in obj)):
-                    raise ValueError("expected the reference format: a list [centres (E, B), flags (C, B)]")
-                arrays = {"centres": obj[0], "flags": obj[1]}
-            elif suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(str(path), framework="pt") as f:
-                    arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-                    meta = dict(f.metadata() or {})
-            elif suffix == ".npz":
-                with np.load(path) as z:
-                    arrays = {k: torch.from_numpy(z[k]) for k in z.files}
-            else:
-                raise ValueError(f"unknown bank format {suffix!r} (use .pth, .safetensors or .npz)")
-        except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
-            raise ValueError(f"cannot read attribute bank {path}: {exc}") from None
-        if "attributes" in arrays:
-            attrs = arrays["attributes"]
-        elif "centres" in arrays:
-            attrs = arrays["centres"].T
-        else:
-            raise ValueError(f"attribute bank {path} has neither 'attributes' nor 'centres': {sorted(arrays)}")
-        if attrs.ndim != 2 or attrs.shape[0] == 0:
-            raise ValueError(f"attribute bank {path}: attributes must be a non-empty 2-D array, got {tuple(attrs.shape)}")
-        flags = arrays.get("flags")
-        return cls(attrs.float().contiguous(), None if flags is None else flags.float(), meta, str(path))
 
 
 def enrich(text: Tensor, attributes: Tensor, keep_ratio: float = 0.9, temperature: float = 1.0,

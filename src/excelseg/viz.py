@@ -16,15 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .io import (
-    _WHITE,
-    IGNORE_INDEX,
-    VOC_PALETTE,
-    _apply_exif_orientation_needed,
-    _check_layout,
-    _pil_to_rgb,
-    to_rgb_array,
-)
+from .images import WHITE, check_layout, exif_swaps_sides, pil_to_rgb, to_rgb_array
+from .outputs import IGNORE_INDEX, VOC_PALETTE
 
 __all__ = ["heatmap", "jet_colormap", "overlay", "overlay_sheet"]
 
@@ -98,7 +91,7 @@ def _legend_strip(width: int, entries: list[tuple[tuple[int, int, int], str]]) -
         positions.append((x, y))
         x += ew
     height = y + row_h + pad
-    strip = Image.new("RGB", (width, height), _WHITE)
+    strip = Image.new("RGB", (width, height), WHITE)
     draw = ImageDraw.Draw(strip)
     for (colour, name), (ex, ey) in zip(entries_text, positions):
         tx = ex
@@ -114,7 +107,7 @@ def _title_strip(width: int, title: str) -> np.ndarray:
     font = _font(_font_size(width))
     text_h = max(_text_size(font, "Ag")[1], _text_size(font, title)[1])  # same height for every title
     pad = max(3, text_h // 3)
-    strip = Image.new("RGB", (width, text_h + 2 * pad), _WHITE)
+    strip = Image.new("RGB", (width, text_h + 2 * pad), WHITE)
     ImageDraw.Draw(strip).text((pad, pad), title, fill=(0, 0, 0), font=font)
     return np.array(strip)
 
@@ -235,12 +228,12 @@ def _fit(hw: tuple[int, int], max_side: int) -> tuple[int, int]:
 def _downscale_rgb(image: np.ndarray | Image.Image, hw: tuple[int, int]) -> np.ndarray:
     h, w = hw
     if isinstance(image, Image.Image):
-        rgb = _pil_to_rgb(image)
+        rgb = pil_to_rgb(image)
         if rgb.size != (w, h):
             rgb = rgb.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
         return np.array(rgb)
     arr = np.asarray(image)
-    _check_layout(arr.shape)
+    check_layout(arr.shape)
     small = to_rgb_array(np.ascontiguousarray(_stride_down(arr, hw)))
     if small.shape[:2] == (h, w):
         return small
@@ -287,11 +280,11 @@ def overlay_sheet(
         raise ValueError(f"max_side must be ≥ 1, got {max_side}")
     if isinstance(image_rgb, Image.Image):
         H, W = image_rgb.height, image_rgb.width
-        if _apply_exif_orientation_needed(image_rgb):
+        if exif_swaps_sides(image_rgb):
             H, W = W, H
     else:
         shape = np.shape(image_rgb)
-        _check_layout(tuple(shape))
+        check_layout(tuple(shape))
         H, W = shape[:2]
     label = np.asarray(label)
     if label.shape != (H, W):

@@ -137,8 +137,7 @@ def _class_names(spec: str, rows: int) -> list[str]:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from ..bank import BANK_FORMAT, save_bank
-    from ..text import AttributeBank
+    from ..bank import BANK_FORMAT, AttributeBank, save_bank
 
     src, out = Path(args.source), Path(args.out)
     if out.suffix.lower() != ".safetensors":
@@ -168,7 +167,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from ..text import AttributeBank
+    from ..bank import AttributeBank
 
     bank = AttributeBank.load(args.file)
     a = bank.attributes

@@ -43,7 +43,10 @@ def register(sub) -> None:
                    help="texts the alignment is computed against: voc, coco, a comma list or a file "
                         "(default: the --classes themselves plus the paper's background words)")
     add_out_dir(p, "excelseg_out", "folder for the per-image outputs")
-    p.add_argument("--save-cams", action="store_true", help="also write float16 <stem>_cams.npz")
+    p.add_argument("--save-cams", action="store_true", help="also write the CAM archive <stem>_cams.npz")
+    p.add_argument("--cam-size", default="full",
+                   help="size of the archived CAMs: full (the image, default), grid (the patch grid) or N = longer "
+                        "side (4-256)")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     p.add_argument("--recursive", action="store_true", help="search directories recursively")
     add_model_args(p)
@@ -60,12 +63,16 @@ def unique_stems(paths: list[Path]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..io import ImageReadError, collect_images, read_image, to_rgb_array
+    from ..images import ImageReadError, collect_images, read_image, to_rgb_array
+    from ..outputs import is_done, parse_cam_size, write_result
     from ..predictor import CamPredictor, resolve_device
     from ..vocab import Vocabulary, parse_class_list
     from ..weights import load_clip
-    from ..writer import is_done, write_result
 
+    try:
+        cam_size = parse_cam_size(args.cam_size)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     inputs, overrides = split_overrides(args.inputs)
     overrides = [*args.overrides, *overrides]
     if not inputs:
@@ -81,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = out_dir_arg(args)
     check_writable(out_dir)
     stems = unique_stems(paths)
-    todo = [(p, s) for p, s in zip(paths, stems) if args.overwrite or not is_done(out_dir, s, args.save_cams)]
+    todo = [(p, s) for p, s in zip(paths, stems)
+            if args.overwrite or not is_done(out_dir, s, args.save_cams, overlay=True)]
     skipped = len(paths) - len(todo)
     if skipped:
         print(f"{skipped} of {len(paths)} images already done in {out_dir} (use --overwrite to redo)")
@@ -110,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         states = predictor.encode_batch([rgb for _, _, rgb in batch])
         for (path, stem, rgb), state in zip(batch, states):
             try:
-                write_result(out_dir, stem, rgb, predictor.predict_state(state, classes), args.save_cams)
+                write_result(out_dir, stem, rgb, predictor.predict_state(state, classes), args.save_cams, cam_size)
                 written += 1
             except OSError as exc:
                 failures.append((path, f"cannot write outputs: {exc}"))

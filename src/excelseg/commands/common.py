@@ -250,7 +250,7 @@ def config_from_args(args: argparse.Namespace, clip: Any = None, overrides: list
 def write_resolved_config(out_dir: Path, cfg, **extra: Any) -> Path:
     """Write the resolved settings next to a command's outputs (``excelseg_config.yaml``), atomically."""
     from ..config import dump_config
-    from ..io import atomic_write
+    from ..outputs import atomic_write
 
     text = dump_config(cfg, **extra)
     return atomic_write(Path(out_dir) / RESOLVED_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
@@ -284,7 +284,7 @@ def check_out_file(out: Path, example: str = "out.json") -> None:
 
 def write_metrics_json(path: Path, obj: dict[str, Any], explicit: bool) -> None:
     """Write a metrics JSON; a failure is an error when the user named the file, else a warning."""
-    from ..io import save_json
+    from ..outputs import save_json
 
     try:
         save_json(path, obj)

@@ -49,10 +49,10 @@ def sample_photos() -> list[tuple[Path, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import read_image, to_rgb_array
+    from ..images import read_image, to_rgb_array
+    from ..outputs import write_result
     from ..predictor import CamPredictor, resolve_device
     from ..weights import WeightsNotFoundError, load_clip
-    from ..writer import write_result
 
     out_dir = out_dir_arg(args)
     check_writable(out_dir)
@@ -90,6 +90,7 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     from ..bank import bank_for
     from ..config import load_config
     from ..knowledge import parse_knowledge
+    from ..outputs import write_result
     from ..predictor import CamPredictor
     from ..seeds import seed_miou
     from ..synthetic import (
@@ -98,7 +99,6 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
         synthetic_vocabulary,
     )
     from ..weights import load_clip
-    from ..writer import write_result
 
     if args.scenes < 1:
         raise CliError(f"--scenes must be >= 1, got {args.scenes}")

@@ -92,18 +92,9 @@ def _check_labels(ds, all_classes: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..batch import (
-        Shard,
-        cam_archive,
-        dataset_vocabulary,
-        device_for_rank,
-        is_done,
-        iter_pseudo_labels,
-        parse_cam_size,
-        remove_stale_temps,
-        write_outputs,
-    )
+    from ..batch import Shard, dataset_vocabulary, device_for_rank, iter_pseudo_labels
     from ..crf import REFERENCE_CRF, require_crf
+    from ..outputs import cam_archive, is_done, parse_cam_size, stale_temps_of, write_outputs
     from ..predictor import CamPredictor, resolve_device
     from ..weights import load_clip
 
@@ -127,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     names = shard.select(ds.ids)
     where = f" (shard {shard}: {len(names)} of {len(ds.ids)})" if shard.world > 1 else ""
-    stale = remove_stale_temps(out_dir, names)
+    stale = stale_temps_of(out_dir, names)
     if stale:
         print(f"removed {stale} temporary files left by an interrupted run")
     todo = [n for n in names if args.overwrite or not is_done(out_dir, n, args.save_cams)]

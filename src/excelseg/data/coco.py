@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import IGNORE_INDEX, read_label_png, save_label_png
+from ..outputs import IGNORE_INDEX, read_label_png, remove_stale_temps, save_label_png
 from .index import (
     INDEX_FORMAT,
     INDEX_VERSION,
@@ -71,7 +71,6 @@ OVERLAP_RULE = ("crowd regions = 255 first; non-crowd instances on top by decrea
 VAL_PART = 5000
 LABEL_SOURCES = ("annotations", "mask")
 ID_DIGITS = 12
-_TEMP_FILE = re.compile(r"^\.\d+\.png\.\w+\.png$")  # what io.atomic_path leaves behind when killed
 
 
 def require_pycocotools() -> Any:
@@ -209,20 +208,6 @@ def _image_layout(root: Path, split: str, images: list[dict[str, Any]]) -> tuple
     return best, len(names) - best_found
 
 
-def _remove_stale_temps(directory: Path) -> int:
-    if not directory.is_dir():
-        return 0
-    n = 0
-    for e in os.scandir(directory):
-        if _TEMP_FILE.match(e.name):
-            try:
-                os.unlink(e.path)
-                n += 1
-            except OSError:
-                pass
-    return n
-
-
 def build_coco_index(
     root: str | os.PathLike[str],
     annotations: list[str | os.PathLike[str]],
@@ -315,7 +300,7 @@ def build_coco_index(
 
         split_dir = mask_root / split
         split_dir.mkdir(parents=True, exist_ok=True)
-        stale = _remove_stale_temps(split_dir)
+        stale = remove_stale_temps(split_dir)
         if stale:
             notes.append(f"removed {stale} temporary files left by an interrupted run in {split_dir}")
         tasks = []

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
-from ..io import ImageReadError, read_label_png
+from ..images import ImageReadError
+from ..outputs import read_label_png
 from .index import check_index, fill_template, label_vector, load_index, load_rgb
 
 __all__ = ["SegDataset", "collate", "collate_fixed"]

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..io import IGNORE_INDEX, atomic_write, read_label_png
+from ..outputs import IGNORE_INDEX, atomic_write, read_label_png
 
 __all__ = [
     "DEFAULT_INDEX_NAME",
@@ -177,10 +177,10 @@ def load_rgb(path: str | os.PathLike[str], exif_transpose: bool = False) -> np.n
     """``(H, W, 3)`` uint8 RGB pixels of an image file.
 
     Without ``exif_transpose`` the pixels are taken as stored (how VOC / COCO masks are aligned); grey and
-    palette images are converted to RGB. With it, :func:`excelseg.io.read_image` is used (EXIF applied, alpha
+    palette images are converted to RGB. With it, :func:`excelseg.images.read_image` is used (EXIF applied, alpha
     over white), as ``excelseg cam`` reads photos.
     """
-    from ..io import ImageReadError, read_image, to_rgb_array
+    from ..images import ImageReadError, read_image, to_rgb_array
 
     if exif_transpose:
         return to_rgb_array(read_image(path))

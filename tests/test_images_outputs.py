@@ -10,19 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from excelseg import io
-from excelseg.io import (
+from excelseg.images import MAX_PIXELS, ImageReadError, collect_images, read_image, to_rgb_array
+from excelseg.outputs import (
     VOC_PALETTE,
-    ImageReadError,
     atomic_write,
-    collect_images,
-    read_image,
     read_label_png,
     save_jpeg,
     save_json,
     save_label_png,
     save_npz,
-    to_rgb_array,
 )
 from excelseg.viz import heatmap, jet_colormap, overlay, overlay_sheet
 
@@ -186,7 +182,7 @@ def test_pixel_limit_raised_locally_and_enforced(tmp_path, monkeypatch):
     msg = str(pytest.raises(ImageReadError, read_image, path, max_pixels=3000).value)
     assert "60x60 = 3,600 pixels" in msg and "limit of 3,000" in msg
     assert Image.MAX_IMAGE_PIXELS == 10**6
-    assert io.MAX_PIXELS >= 12000 * 9000
+    assert MAX_PIXELS >= 12000 * 9000
 
 
 # ------------------------------------------------------------------------------------------------------------

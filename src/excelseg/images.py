@@ -1,35 +1,25 @@
-"""Images in; masks, arrays and JSON out — every writer atomic.
+"""Reading images safely: any file Pillow decodes, any array layout, one clear error.
 
-Reading
-    :func:`read_image` opens any file Pillow can decode, forces the full decode (so truncated or corrupt files fail
-    here, with one clear :class:`ImageReadError`, not later inside a model), applies the EXIF orientation and
-    converts every Pillow mode to 8-bit RGB (rules in :func:`to_rgb_array`). :func:`collect_images` turns the
-    files / directories / glob patterns a user typed into a sorted, de-duplicated list of image paths.
+:func:`read_image` opens any file Pillow can decode, forces the full decode (so truncated or corrupt files fail
+here, with one clear :class:`ImageReadError`, not later inside a model), applies the EXIF orientation and
+converts every Pillow mode to 8-bit RGB (rules in :func:`to_rgb_array`). :func:`collect_images` turns the files /
+directories / glob patterns a user typed into a sorted, de-duplicated list of image paths.
 
-Writing
-    Masks are palette ("P" mode) PNGs with the PASCAL VOC palette (:data:`VOC_PALETTE`; index = class id,
-    255 = ignore). Every writer goes through :func:`atomic_write`: the data is written to a hidden temporary file in
-    the destination directory, fsynced and renamed over the destination, so an interrupted batch never leaves a
-    half-written output (DESIGN.md, Conventions).
-
-Overlays (label colours, heat-maps, sheets) live in :mod:`excelseg.viz`.
+Writing (masks, arrays, JSON, per-image outputs) is :mod:`excelseg.outputs`; overlays are :mod:`excelseg.viz`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
-import json
-import math
 import os
 import struct
-import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -37,26 +27,18 @@ from PIL import Image, ImageOps
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
-    "IGNORE_INDEX",
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
-    "VOC_PALETTE",
+    "WHITE",
     "ImageReadError",
-    "atomic_path",
-    "atomic_write",
+    "check_layout",
     "collect_images",
+    "exif_swaps_sides",
+    "one_line",
+    "pil_to_rgb",
     "read_image",
-    "read_label_png",
-    "save_jpeg",
-    "save_json",
-    "save_label_png",
-    "save_npz",
-    "save_png",
     "to_rgb_array",
-    "voc_palette",
 ]
-
-IGNORE_INDEX = 255
 
 #: Largest image (width × height) :func:`read_image` accepts by default: 200 megapixels. Pillow's own
 #: decompression-bomb guard (89 MP warning, 179 MP error) is raised to this value only while excelseg reads.
@@ -70,37 +52,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 # what a malformed EXIF block can make Pillow raise
 _EXIF_ERRORS = (OSError, ValueError, SyntaxError, KeyError, TypeError, IndexError, struct.error)
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-_WHITE = (255, 255, 255)
+WHITE = (255, 255, 255)
 
 
 class ImageReadError(ValueError):
     """An image file that cannot be used; the message names the file and the reason on one line."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# palette
-
-
-def voc_palette(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map, ``(n, 3)`` uint8.
-
-    Colour of index ``i``: the bits of ``i`` are dealt out three at a time (bit 0 → red, bit 1 → green,
-    bit 2 → blue, then the next three bits, …), each triple landing one bit lower in the colour bytes, starting
-    at bit 7. Index 1 → (128, 0, 0), 15 → (192, 128, 128), 255 → (224, 224, 192), VOC's boundary colour.
-    """
-    idx = np.arange(n, dtype=np.int64)
-    pal = np.zeros((n, 3), dtype=np.int64)
-    for j in range(8):  # up to 24 bits of the index, 3 per round
-        shift = 3 * j
-        for ch in range(3):
-            bit = (idx >> (shift + ch)) & 1
-            pal[:, ch] |= bit << (7 - j)
-    return pal.astype(np.uint8)
-
-
-#: The standard 256-entry PASCAL VOC palette, ``(256, 3)`` uint8 (read-only).
-VOC_PALETTE: np.ndarray = voc_palette(256)
-VOC_PALETTE.setflags(write=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -135,9 +91,14 @@ def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
                 Image.MAX_IMAGE_PIXELS = _bomb_saved
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+def one_line(exc: BaseException | str, limit: int | None = None) -> str:
+    """An exception (``Type: message``) or a text on one line, whitespace collapsed, cut to ``limit`` chars."""
+    if isinstance(exc, BaseException):
+        text = " ".join(str(exc).split())
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    else:
+        text = " ".join(str(exc).split())
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def read_image(path: PathLike, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -158,7 +119,7 @@ def read_image(path: PathLike, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         size = p.stat().st_size
     except OSError as exc:
-        raise ImageReadError(f"cannot read image {p}: {_one_line(exc)}") from exc
+        raise ImageReadError(f"cannot read image {p}: {one_line(exc)}") from exc
     if size == 0:
         raise ImageReadError(f"cannot read image {p}: empty file (0 bytes)")
     try:
@@ -176,17 +137,17 @@ def read_image(path: PathLike, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
                         f"{max_pixels:,} (read_image(max_pixels=...))"
                     )
                 img.load()  # full decode now: truncation / corruption surfaces here
-            return _pil_to_rgb(img, source=p)
+            return pil_to_rgb(img, source=p)
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageReadError(
-            f"cannot read image {p}: larger than the {max_pixels:,}-pixel limit ({_one_line(exc)})"
+            f"cannot read image {p}: larger than the {max_pixels:,}-pixel limit ({one_line(exc)})"
         ) from exc
     except MemoryError as exc:
         raise ImageReadError(f"cannot read image {p}: out of memory while decoding") from exc
     except Exception as exc:  # decoders raise OSError, SyntaxError, struct.error, EOFError, ... on bad data
-        reason = _one_line(exc)
+        reason = one_line(exc)
         if "truncated" in reason.lower():
             reason = f"truncated file ({reason})"
         raise ImageReadError(f"cannot read image {p}: {reason}") from exc
@@ -204,17 +165,17 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
 
 def _composite_over_white(img: Image.Image) -> Image.Image:
     rgba = img.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+    background = Image.new("RGBA", rgba.size, WHITE + (255,))
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
-def _pil_to_rgb(img: Image.Image, source: object = None) -> Image.Image:
+def pil_to_rgb(img: Image.Image, source: object = None) -> Image.Image:
     """Any Pillow image → RGB image (EXIF orientation applied). ``source`` only names the file in errors."""
     try:
         img.load()
     except OSError as exc:
         where = source if source is not None else getattr(img, "filename", "") or "<image>"
-        raise ImageReadError(f"cannot read image {where}: {_one_line(exc)}") from exc
+        raise ImageReadError(f"cannot read image {where}: {one_line(exc)}") from exc
     img = _apply_exif_orientation(img)
     mode = img.mode
     if mode == "RGB":
@@ -228,7 +189,7 @@ def _pil_to_rgb(img: Image.Image, source: object = None) -> Image.Image:
         return img.convert("RGB")
     except (ValueError, OSError) as exc:
         where = f" {source}" if source is not None else ""
-        raise ValueError(f"cannot convert image{where} of mode {mode!r} to RGB ({_one_line(exc)})") from exc
+        raise ValueError(f"cannot convert image{where} of mode {mode!r} to RGB ({one_line(exc)})") from exc
 
 
 @lru_cache(maxsize=1)
@@ -303,7 +264,7 @@ def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
     )
 
 
-def _check_layout(shape: tuple[int, ...]) -> None:
+def check_layout(shape: tuple[int, ...]) -> None:
     if len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4)):
         if shape[0] < 1 or shape[1] < 1:
             raise ValueError(f"empty image of shape {shape}; images must be at least 1x1")
@@ -331,13 +292,13 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
     if isinstance(image, Image.Image):
         if image.width < 1 or image.height < 1:
             raise ValueError(f"empty image of size {image.width}x{image.height}; images must be at least 1x1")
-        return np.array(_pil_to_rgb(image))
+        return np.array(pil_to_rgb(image))
     if not isinstance(image, np.ndarray):
         if hasattr(image, "__array__") or hasattr(image, "__array_interface__"):
             image = np.asarray(image)
         else:
             raise TypeError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
-    _check_layout(image.shape)
+    check_layout(image.shape)
     arr = _array_to_uint8(image)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -415,208 +376,7 @@ def collect_images(inputs: Sequence[PathLike] | PathLike, recursive: bool = Fals
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
-# atomic writing
-
-
-_umask_cache: list[int] = []
-
-
-def _umask() -> int:
-    if not _umask_cache:
-        value = None
-        try:
-            with open("/proc/self/status", encoding="ascii") as fh:
-                for line in fh:
-                    if line.startswith("Umask:"):
-                        value = int(line.split()[1], 8)
-                        break
-        except (OSError, ValueError):
-            value = None
-        if value is None:  # no procfs: read it the only portable way (set and restore)
-            value = os.umask(0o022)
-            os.umask(value)
-        _umask_cache.append(value)
-    return _umask_cache[0]
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Context manager yielding a temporary path to write instead of ``path``.
-
-    The temporary file lives in the destination's directory (created if missing), is hidden (``.name.XXXX``)
-    and keeps the destination's suffix, so writers that choose the format from the suffix still work. When the
-    block ends normally the file is fsynced and atomically renamed onto ``path`` (replacing an existing file);
-    if the block raises (anything, KeyboardInterrupt included) the temporary file is removed, the destination is
-    left untouched and the exception propagates. The final file gets the usual permissions (0666 & ~umask, or
-    those of the file it replaces).
-    """
-    final = Path(path)
-    directory = final.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=directory, prefix=f".{final.name}.", suffix=final.suffix, delete=False
-    ) as fh:
-        tmp = Path(fh.name)
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"the writer for {final} did not create its temporary file {tmp}")
-        with open(tmp, "r+b") as fh:
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            mode = final.stat().st_mode & 0o7777
-        except FileNotFoundError:
-            mode = 0o666 & ~_umask()
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, mode)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(directory)
-
-
-def atomic_write(path: PathLike, writer: Callable[[Path], Any]) -> Path:
-    """Write ``path`` atomically: ``writer(tmp_path)`` writes a temporary file that replaces ``path`` on success.
-
-    See :func:`atomic_path` for the guarantees. Returns ``Path(path)``.
-
-    Example::
-
-        atomic_write("out/mask.png", lambda tmp: image.save(tmp, format="PNG"))
-    """
-    with atomic_path(path) as tmp:
-        writer(tmp)
-    return Path(path)
-
-
-def _label_image(label: np.ndarray) -> Image.Image:
-    label = np.asarray(label)
-    if label.ndim != 2:
-        raise ValueError(f"label must be a 2-D (H, W) array, got shape {label.shape}")
-    if label.shape[0] < 1 or label.shape[1] < 1:
-        raise ValueError(f"empty label of shape {label.shape}")
-    if label.dtype != np.uint8:
-        if label.dtype.kind not in "biu":
-            raise ValueError(f"label must hold integer class ids, got dtype {label.dtype}")
-        if label.size and (label.min() < 0 or label.max() > 255):
-            raise ValueError(
-                f"label values must lie in [0, 255] to fit a palette PNG; got [{label.min()}, {label.max()}]"
-            )
-        label = label.astype(np.uint8)
-    img = Image.fromarray(np.ascontiguousarray(label))  # mode "L"
-    img.putpalette(VOC_PALETTE.tobytes())  # → mode "P", indices unchanged
-    return img
-
-
-def save_label_png(path: PathLike, label: np.ndarray) -> Path:
-    """Save an ``(H, W)`` class-id map (uint8; 255 = ignore) as a palette PNG with :data:`VOC_PALETTE`."""
-    img = _label_image(label)
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
-def save_jpeg(path: PathLike, rgb_array: np.ndarray | Image.Image, quality: int = 90) -> Path:
-    """Save an image (anything :func:`to_rgb_array` accepts) as a JPEG of the given quality (1–95)."""
-    if not 1 <= int(quality) <= 100:
-        raise ValueError(f"JPEG quality must lie in [1, 100], got {quality}")
-    img = Image.fromarray(to_rgb_array(rgb_array))
-    return atomic_write(path, lambda tmp: img.save(tmp, format="JPEG", quality=int(quality)))
-
-
-def save_png(path: PathLike, rgb_array: np.ndarray | Image.Image) -> Path:
-    """Save an image (anything :func:`to_rgb_array` accepts) as an RGB PNG."""
-    img = Image.fromarray(to_rgb_array(rgb_array))
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
-def save_npz(path: PathLike, **arrays: Any) -> Path:
-    """Save arrays with ``np.savez_compressed`` under exactly ``path`` (no ``.npz`` appended)."""
-
-    def _write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-
-    return atomic_write(path, _write)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    if isinstance(obj, Mapping):
-        return {str(k) if not isinstance(k, (str, int, float, bool)) else k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "tolist"):  # torch tensors and similar
-        return _jsonable(obj.tolist())
-    raise TypeError(f"cannot write an object of type {type(obj).__name__} as JSON")
-
-
-def save_json(path: PathLike, obj: Any, indent: int | None = 1) -> Path:
-    """Save ``obj`` as strict JSON (UTF-8, trailing newline).
-
-    numpy scalars/arrays, torch tensors and paths are converted; NaN and ±inf are written as ``null``.
-    """
-    text = json.dumps(_jsonable(obj), indent=indent, ensure_ascii=False, allow_nan=False) + "\n"
-
-    def _write(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-
-    return atomic_write(path, _write)
-
-
-def read_label_png(path: PathLike) -> np.ndarray:
-    """Read a class-id mask: ``(H, W)`` uint8 palette indices ("P" PNG) or grey values ("L").
-
-    Raises:
-        ImageReadError: the file is missing or unreadable.
-        ValueError: the mask is a colour (RGB/RGBA) or high-bit-depth image rather than an index image.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ImageReadError(f"cannot read label {p}: {'it is a directory' if p.is_dir() else 'no such file'}")
-    try:
-        with open(p, "rb") as fh, Image.open(fh) as img:
-            img.load()
-            mode = img.mode
-            if mode in ("P", "L"):
-                return np.array(img, dtype=np.uint8)
-            if mode == "1":
-                return np.array(img, dtype=np.uint8)
-    except Exception as exc:
-        raise ImageReadError(f"cannot read label {p}: {_one_line(exc)}") from exc
-    raise ValueError(
-        f"label {p} is a {mode!r} image; class masks must be palette (P) or greyscale (L) PNGs holding class ids"
-    )
-
-
-def _apply_exif_orientation_needed(img: Image.Image) -> bool:
+def exif_swaps_sides(img: Image.Image) -> bool:
     """True when the EXIF orientation swaps width and height (orientations 5–8)."""
     try:
         return img.getexif().get(0x0112, 1) in (5, 6, 7, 8)

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import excelseg
-from excelseg.clip_train import (
+from excelseg.config import IMAGENET_MEAN, IMAGENET_STD, PAPER_VOC
+from excelseg.synthetic import CLASS_NAMES, SceneGenerator
+from excelseg.synthetic.clip_train import (
     SYNTHETIC_CLIP_CONFIG,
     build_model,
     contrastive_loss,
@@ -20,8 +22,6 @@ from excelseg.clip_train import (
     tokenizer_for,
     train_clip,
 )
-from excelseg.config import IMAGENET_MEAN, IMAGENET_STD, PAPER_VOC
-from excelseg.synthetic import CLASS_NAMES, SceneGenerator
 from excelseg.weights import NAMED_WEIGHTS, load_clip
 
 TINY = {

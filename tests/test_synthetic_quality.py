@@ -17,12 +17,12 @@ from excelseg.bank import bank_for
 from excelseg.config import load_config
 from excelseg.knowledge import parse_knowledge
 from excelseg.predictor import CamPredictor
-from excelseg.seeds import seed_miou
 from excelseg.synthetic import (
     held_out_samples,
     knowledge_base,
     synthetic_vocabulary,
 )
+from excelseg.synthetic.seeds import seed_miou
 from excelseg.weights import NAMED_WEIGHTS, WeightsNotFoundError, load_clip
 
 FULL_FLOOR = 0.25  # measured 0.377

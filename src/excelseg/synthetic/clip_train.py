@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import Tensor, nn
 
-from .config import IMAGENET_MEAN, IMAGENET_STD
-from .synthetic import CLASS_NAMES, SceneGenerator
+from ..config import IMAGENET_MEAN, IMAGENET_STD
+from .scenes import CLASS_NAMES, SceneGenerator
 
 __all__ = [
     "EVAL_SCENES",

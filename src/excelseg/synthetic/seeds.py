@@ -11,9 +11,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .metrics import SegmentationMetric
-from .predictor import CamPredictor
-from .vocab import Vocabulary
+from ..metrics import SegmentationMetric
+from ..predictor import CamPredictor
+from ..vocab import Vocabulary
 
 
 def seed_miou(predictor: CamPredictor, samples: Iterable[tuple[np.ndarray, np.ndarray, Iterable[int]]],

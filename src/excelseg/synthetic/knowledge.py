@@ -1,0 +1,48 @@
+"""The synthetic classes' knowledge base (``excelseg-knowledge/1``), from the sentence tables in ``sentences.json``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+from ..knowledge import KNOWLEDGE_FORMAT
+from .scenes import _PATTERN_ADJECTIVE, CLASSES, ClassSpec, _check_classes, caption_phrase
+
+
+@lru_cache(maxsize=1)
+def sentence_tables() -> dict[str, Any]:
+    """``{"shape": {value: [sentences]}, "colour": …, "pattern": …, "size": …, "shared": [sentences]}``."""
+    text = resources.files(__package__).joinpath("sentences.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _class_sentences(spec: ClassSpec) -> list[str]:
+    s = sentence_tables()
+    sentences = (
+        s["shape"][spec.shape]
+        + s["colour"][spec.colour]
+        + s["pattern"][spec.pattern]
+        + s["size"][spec.size]
+        + s["shared"]
+        + [caption_phrase(spec),
+           f"a {_PATTERN_ADJECTIVE[spec.pattern]} {spec.colour} shape in the form of a {spec.shape}"]
+    )
+    assert len(sentences) == 20 and len(set(sentences)) == 20
+    return sentences
+
+
+def knowledge_base(classes: Sequence[ClassSpec] = CLASSES) -> dict[str, Any]:
+    """The knowledge base of ``classes`` in the ``excelseg-knowledge/1`` format (20 sentences per class).
+
+    Sentences describe one attribute each (5 shape, 3 colour, 4 pattern, 3 size), 3 are common to every class
+    (edges, backdrop, occlusion) and 2 combine all attributes. Attribute sentences are shared
+    word for word by every class with that attribute value; no sentence names another class.
+    """
+    classes = _check_classes(classes)
+    return {
+        "format": KNOWLEDGE_FORMAT,
+        "classes": {c.name: {"descriptions": _class_sentences(c), "synonyms": []} for c in classes},
+    }

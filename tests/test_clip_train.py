@@ -18,11 +18,10 @@ from excelseg.synthetic.clip_train import (
     build_model,
     contrastive_loss,
     images_to_tensor,
-    sha256_file,
     tokenizer_for,
     train_clip,
 )
-from excelseg.weights import NAMED_WEIGHTS, load_clip
+from excelseg.weights import NAMED_WEIGHTS, file_sha256, load_clip
 
 TINY = {
     "embed_dim": 32,
@@ -107,7 +106,7 @@ def test_saved_file_loads_through_load_clip(tmp_path):
     rec = train_clip(out, minutes=None, steps=1, batch=4, seed=0, threads=None, eval_scenes=8, config=TINY,
                      command="test")
     info = json.loads(out.with_suffix(".json").read_text())
-    assert info["sha256"] == sha256_file(out) == rec["sha256"]
+    assert info["sha256"] == file_sha256(out) == rec["sha256"]
     assert info["steps"] == 1 and info["command"] == "test" and 0.0 <= info["heldout_accuracy"] <= 1.0
     clip = load_clip(str(out))
     assert clip.identity == f"sha256:{info['sha256']}"
@@ -122,7 +121,7 @@ def test_saved_file_loads_through_load_clip(tmp_path):
 def test_shipped_weights_file_and_json():
     info = json.loads(ASSET.with_suffix(".json").read_text())
     assert ASSET.stat().st_size <= MAX_BYTES
-    assert info["sha256"] == sha256_file(ASSET)
+    assert info["sha256"] == file_sha256(ASSET)
     assert info["model_cfg"] == SYNTHETIC_CLIP_CONFIG
     assert info["steps"] > 0 and np.isfinite(info["final_loss"])
 

@@ -34,6 +34,7 @@ from excelseg.weights import (
     check_supported,
     default_cache_dir,
     load_clip,
+    resolve,
 )
 
 PROMPTS = ["a photo of a cat.", "a dog on grass"]
@@ -419,7 +420,7 @@ def test_download_success_is_identified_by_tag(tmp_path, monkeypatch):
 
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
     monkeypatch.delenv("EXCELSEG_OFFLINE")
-    monkeypatch.setattr(weights, "_hub_resolvable", lambda timeout=3.0: True)  # pretend to be online
+    monkeypatch.setattr(resolve, "_hub_resolvable", lambda timeout=3.0: True)  # pretend to be online
     loaded = load_clip("ViT-L-14:laion2b_s32b_b82k", cache_dir=tmp_path)
     assert calls == [("ViT-L-14", {"pretrained": "laion2b_s32b_b82k", "cache_dir": str(tmp_path / "open_clip"),
                                    "quick_gelu": False})]
@@ -595,7 +596,7 @@ def test_supported_tower_passes_as_model_or_tower(tiny):
 def test_no_network_is_detected_before_any_download(tmp_path, monkeypatch):
     """Without the offline switches, an unresolvable hub host disables the download at once."""
     monkeypatch.delenv("EXCELSEG_OFFLINE")
-    monkeypatch.setattr(weights, "_hub_resolvable", lambda timeout=3.0: False)
+    monkeypatch.setattr(resolve, "_hub_resolvable", lambda timeout=3.0: False)
     monkeypatch.setattr(open_clip, "create_model", lambda *a, **k: pytest.fail("download attempted"))
     with pytest.raises(WeightsNotFoundError, match="no network"):
         load_clip("ViT-B-16", cache_dir=tmp_path)

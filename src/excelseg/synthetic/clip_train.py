@@ -23,13 +23,11 @@ feeds them (ImageNet constants, 0–255 space, native size), so training and inf
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,6 +39,8 @@ from open_clip.model import CLIP
 from torch import Tensor, nn
 
 from ..config import IMAGENET_MEAN, IMAGENET_STD
+from ..weights import file_sha256
+from ..weights.build import clip_tokenizer
 from .scenes import CLASS_NAMES, SceneGenerator
 
 __all__ = [
@@ -81,12 +81,7 @@ def build_model(config: dict[str, Any] | None = None, seed: int = 0) -> CLIP:
 
 def tokenizer_for(config: dict[str, Any]) -> Callable[..., Tensor]:
     """CLIP's BPE tokenizer with the config's context length (what :func:`~excelseg.weights.load_clip` builds)."""
-    return _tokenizer(int(config["text_cfg"]["context_length"]))
-
-
-@lru_cache(maxsize=4)
-def _tokenizer(context_length: int) -> Callable[..., Tensor]:
-    return open_clip.SimpleTokenizer(context_length=context_length)
+    return clip_tokenizer(int(config["text_cfg"]["context_length"]))
 
 
 def images_to_tensor(images: np.ndarray) -> Tensor:
@@ -156,14 +151,6 @@ def zero_shot_accuracy(model: CLIP, tokenizer: Callable[..., Tensor], held: Held
     return float(np.mean(hits)) if hits else float("nan")
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_weights(model: nn.Module, out: str | Path, config: dict[str, Any], record: dict[str, Any],
                  fp16: bool = True) -> dict[str, Any]:
     """Write ``out`` (safetensors + config metadata) and its sibling ``<stem>.json``; returns the json dict."""
@@ -181,7 +168,7 @@ def save_weights(model: nn.Module, out: str | Path, config: dict[str, Any], reco
     tmp = out.with_name(out.name + ".tmp")
     save_file(sd, str(tmp), metadata={"format": "pt", "open_clip_config": json.dumps(oc_config)})
     tmp.replace(out)
-    info = {**oc_config, **record, "file": out.name, "bytes": out.stat().st_size, "sha256": sha256_file(out),
+    info = {**oc_config, **record, "file": out.name, "bytes": out.stat().st_size, "sha256": file_sha256(out),
             "dtype": "float16" if fp16 else "float32"}
     out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info

@@ -204,3 +204,21 @@ def test_ablation_switches(clip, refine, par):
     cfg = SMALL.with_(refine=RefineConfig(affinity_layers=3, refine=refine, use_par=par))
     r = CamPredictor(clip, config=cfg, device="cpu").set_image(rgb_image()).predict(["cat", "dog"])
     assert r.pseudo_label.shape == (50, 70) and r.cams.max() <= 1
+
+
+def test_normalization_from_the_weights(clip):
+    """cam.normalization="weights" reads LoadedClip.mean/std: with CLIP's constants it equals "clip"."""
+    from dataclasses import replace
+
+    from excelseg.config import CLIP_MEAN, CLIP_STD
+
+    img = rgb_image()
+    with_clip_consts = replace(clip, mean=tuple(m / 255 for m in CLIP_MEAN), std=tuple(s / 255 for s in CLIP_STD))
+
+    def run(c, norm):
+        cfg = SMALL.with_(cam=replace(SMALL.cam, normalization=norm))
+        return CamPredictor(c, config=cfg, device="cpu").set_image(img).predict(["cat", "dog"]).raw_cams
+
+    by_weights = run(with_clip_consts, "weights")
+    np.testing.assert_allclose(by_weights, run(clip, "clip"), rtol=0, atol=1e-5)  # same constants ±1 ulp of 255
+    assert not np.allclose(run(clip, "weights"), by_weights, atol=1e-3)  # tiny_clip's own 0.5/0.5 differ

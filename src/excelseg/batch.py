@@ -28,9 +28,9 @@ import torch.utils.data
 
 from .crf import CrfConfig, dense_crf
 from .predictor import CamPredictor, CamResult
-from .vocab import Vocabulary, _norm
+from .vocab import Vocabulary, normalize_name
 
-__all__ = ["LabelOutput", "Shard", "dataset_vocabulary", "device_for_rank", "iter_pseudo_labels"]
+__all__ = ["LabelOutput", "Shard", "dataset_vocabulary", "iter_pseudo_labels"]
 
 
 # ---- sharding ----------------------------------------------------------------------------------------------
@@ -79,16 +79,6 @@ class Shard:
         return cls(rank, world)
 
 
-def device_for_rank(device: str | None, environ: Mapping[str, str] | None = None) -> str | None:
-    """``--device`` for this process: under a launcher that sets ``LOCAL_RANK`` (torchrun), ``auto``/``cuda``
-    become ``cuda:LOCAL_RANK`` when CUDA is available; anything else is returned unchanged."""
-    env = os.environ if environ is None else environ
-    local = env.get("LOCAL_RANK")
-    if local is None or str(device or "auto") not in ("auto", "cuda") or not torch.cuda.is_available():
-        return device
-    return f"cuda:{int(local) % max(1, torch.cuda.device_count())}"
-
-
 # ---- vocabulary ------------------------------------------------------------------------------------------
 
 
@@ -98,7 +88,7 @@ def dataset_vocabulary(class_names: Sequence[str], kind: str) -> Vocabulary:
     paper's background words."""
     for key in ("voc", "coco"):
         named = Vocabulary.named(key)
-        if [_norm(n) for n in class_names] == [_norm(n) for n in named.names]:
+        if [normalize_name(n) for n in class_names] == [normalize_name(n) for n in named.names]:
             return named
     return Vocabulary.from_names(list(class_names))
 

@@ -48,7 +48,7 @@ class CamConfig:
     svc_last_blocks: int = 5  # SVC on the last N transformer blocks (paper: 5 → blocks 7–11 of ViT-B/16)
     svc_head_sum: bool = True  # reference: the SVC map is summed (not averaged) over heads
     pos_two_step: bool = True  # reference: pos-embedding resized to the `size` grid first, then to other grids
-    normalization: str = "imagenet"  # "imagenet" (reference) or "clip"
+    normalization: str = "imagenet"  # "imagenet" (reference), "clip", or "weights": the loaded weights' mean/std
     feature_norm: str = "tokens"  # "tokens": L2 over the token axis (reference quirk); "channels": per token
     cls_weight_scale: float = 2.0  # class weights w = softmax(scale · CLS similarity) / mean
     scales: tuple[float, ...] = (1.0,)  # multi-scale CAM aggregation (paper: single scale)

@@ -72,6 +72,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .images import one_line
+from .knowledge import KNOWLEDGE_FORMAT, knowledge_entries
+from .vocab import normalize_name
+
 __all__ = [
     "KNOWLEDGE_FORMAT",
     "DescribeError",
@@ -85,7 +89,6 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-KNOWLEDGE_FORMAT = "excelseg-knowledge/1"
 MIN_WORDS = 3
 MAX_WORDS = 60
 MAX_WAIT = 60.0  # seconds: cap of back-off and Retry-After
@@ -248,10 +251,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None  # the 3xx surfaces as an HTTPError
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    return " ".join(text[:limit].split())
-
-
 class _ChatClient:
     def __init__(self, endpoint: str, model: str, api_key: str | None, timeout: float, temperature: float,
                  max_tokens: int):
@@ -305,7 +304,7 @@ class _ChatClient:
         text = self.redact(body.decode("utf-8", errors="replace"))
         _logger.debug("%s answered HTTP %d, %d bytes", self.url, status, len(body))
         if status == 429 or status >= 500:
-            raise _FailedAttempt(f"{self.url} answered HTTP {status}: {_one_line(text)}",
+            raise _FailedAttempt(f"{self.url} answered HTTP {status}: {one_line(text, 200)}",
                                  retry_after=_retry_after(headers))
         if 300 <= status < 400:
             where = headers.get("Location", "?") if headers is not None else "?"
@@ -317,14 +316,14 @@ class _ChatClient:
                 hint = " (is the API key right?)"
             elif status in (404, 405):
                 hint = f" (is the endpoint the API base URL ending in /v1, and does model {self.model!r} exist?)"
-            raise EndpointError(f"{self.url} answered HTTP {status}: {_one_line(text)}{hint}")
+            raise EndpointError(f"{self.url} answered HTTP {status}: {one_line(text, 200)}{hint}")
         ctype = (headers.get("Content-Type", "") if headers is not None else "").lower()
         if "html" in ctype or text.lstrip()[:1] == "<":
             raise _FailedAttempt(f"{self.url} returned HTML, not JSON: is the endpoint the API base URL (…/v1)?")
         try:
             obj = json.loads(text)
         except ValueError:
-            raise _FailedAttempt(f"{self.url} returned a body that is not valid JSON: {_one_line(text, 80)!r}") \
+            raise _FailedAttempt(f"{self.url} returned a body that is not valid JSON: {one_line(text, 80)!r}") \
                 from None
         try:
             choice = obj["choices"][0]
@@ -335,7 +334,7 @@ class _ChatClient:
             err = obj.get("error") if isinstance(obj, dict) else None
             if isinstance(err, dict):
                 err = err.get("message", err)
-            detail = f": error {_one_line(str(err))}" if err else ""
+            detail = f": error {one_line(str(err), 200)}" if err else ""
             raise _FailedAttempt(f"{self.url} returned JSON without choices[0].message.content{detail}")
         return content, choice.get("finish_reason") if isinstance(choice, dict) else None
 
@@ -362,50 +361,6 @@ def _retry_after(headers) -> float | None:
 # knowledge file
 
 
-def _norm(name: str) -> str:
-    return " ".join(str(name).lower().replace("_", " ").split())
-
-
-class _NotKnowledge(ValueError):
-    pass
-
-
-def _str_list(value: Any, what: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _NotKnowledge(f"{what} must be a list of strings")
-    return [v for v in value if v.strip()]
-
-
-def _to_knowledge(obj: Any, source: str) -> dict:
-    """An excelseg-knowledge/1 dict from a parsed file of that format or of the plain reference format."""
-    if not isinstance(obj, dict):
-        raise _NotKnowledge(f"{source}: expected a JSON object")
-    try:
-        if "format" in obj:
-            if obj["format"] != KNOWLEDGE_FORMAT:
-                raise ValueError(f"unknown format {obj['format']!r} (expected {KNOWLEDGE_FORMAT!r})")
-            classes = obj.get("classes")
-            if not isinstance(classes, dict):
-                raise ValueError("'classes' must be an object")
-            kb = dict(obj)
-            kb["classes"] = {}
-            for name, entry in classes.items():
-                if not isinstance(entry, dict):
-                    raise _NotKnowledge(f"class {name!r} must be an object")
-                entry = dict(entry)
-                entry["descriptions"] = _str_list(entry.get("descriptions", []), f"class {name!r}: descriptions")
-                entry["synonyms"] = _str_list(entry.get("synonyms", []), f"class {name!r}: synonyms")
-                kb["classes"][name] = entry
-            return kb
-        return {"format": KNOWLEDGE_FORMAT,
-                "classes": {name: {"descriptions": _str_list(v, f"class {name!r}"), "synonyms": []}
-                            for name, v in obj.items()}}
-    except ValueError as exc:
-        raise ValueError(f"{source} is not a knowledge base ({exc}); expected "
-                         f'{{"format": "{KNOWLEDGE_FORMAT}", "classes": ...}} or {{"class": ["sentence", ...]}}') \
-            from None
-
-
 def _load_existing(path: Path) -> dict | None:
     if not path.exists():
         return None
@@ -416,7 +371,7 @@ def _load_existing(path: Path) -> dict | None:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"cannot read existing {path} to resume ({' '.join(str(exc).split())}); "
                          f"fix it or overwrite it") from None
-    return _to_knowledge(obj, str(path))
+    return knowledge_entries(obj, str(path), allow_empty=True)
 
 
 def _write(path: Path, kb: dict) -> None:
@@ -509,12 +464,12 @@ def describe_classes(
             _logger.warning("%s cannot be read; it is replaced (overwrite)", path)
     if kb is None:
         kb = {"format": KNOWLEDGE_FORMAT, "classes": {}}
-    by_norm = {_norm(k): k for k in kb["classes"]}
+    by_norm = {normalize_name(k): k for k in kb["classes"]}
 
     summary: dict[str, Any] = {"knowledge": kb, "classes": {}, "complete": [], "short": [], "failed": [],
                                "requests": 0, "out": str(path) if path is not None else None}
     for name in names:
-        old_key = by_norm.get(_norm(name))
+        old_key = by_norm.get(normalize_name(name))
         entry = dict(kb["classes"].get(old_key, {})) if old_key is not None else {}
         have = [] if overwrite else list(entry.get("descriptions", []))
         if len(have) >= n:
@@ -537,7 +492,7 @@ def describe_classes(
                 if old_key is not None and old_key != name:
                     del kb["classes"][old_key]
                 kb["classes"][name] = entry
-                by_norm[_norm(name)] = name
+                by_norm[normalize_name(name)] = name
                 if path is not None:
                     _write(path, kb)
         summary["classes"][name] = info

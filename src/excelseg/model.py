@@ -25,8 +25,8 @@ from .cam import surgery_cams
 from .config import PAPER_VOC, PipelineConfig
 from .heads import ExcelHeads
 from .lvc import affinity_from_attention, learned_affinity, lvc_shift, p_guided_affinity, reference_attention
-from .preprocess import NORMALIZATIONS
-from .refine import box_mask, labels_from_cams, refine_cams, transition_matrix
+from .preprocess import Normalization, normalization_constants
+from .refine import box_mask, labels_from_cams, minmax_normalize, refine_cams, transition_matrix
 
 __all__ = ["ExcelModel", "ExcelOutput", "denormalize_uint8", "flip_max_cams"]
 
@@ -54,16 +54,14 @@ def flip_max_cams(cams: Tensor, cams_flipped: Tensor) -> Tensor:
     Returns:
         (B, C, h, w) ``max(cams, mirror(cams_flipped))``, then per map ``(m − min) / (max(m − min) + 1e-5)``.
     """
-    m = torch.maximum(cams, cams_flipped.flip(-1))
-    m = m - m.amin(dim=(-2, -1), keepdim=True)
-    return m / (m.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+    return minmax_normalize(torch.maximum(cams, cams_flipped.flip(-1)), eps=1e-5)
 
 
-def denormalize_uint8(x: Tensor, normalization: str = "imagenet") -> Tensor:
+def denormalize_uint8(x: Tensor, normalization: Normalization = "imagenet") -> Tensor:
     """(B, 3, H, W) normalised input → the training PAR image: ``uint8(x·std + mean) / 255`` (truncation, as the
     reference's ``denormalize_img2``; parity README §3.3 "PAR image")."""
     mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-                 for v in NORMALIZATIONS[normalization])
+                 for v in normalization_constants(normalization))
     return (x * std + mean).clamp_(0, 255).floor_() / 255
 
 

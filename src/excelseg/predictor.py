@@ -26,24 +26,15 @@ from .backbone import DenseEncoder
 from .bank import PAPER_CLUSTERS, AttributeBank, bank_for, check_bank_identity
 from .cam import surgery_cams
 from .config import PipelineConfig, load_config
+from .devices import resolve_device
 from .images import to_rgb_array
 from .preprocess import network_input
-from .refine import box_mask, labels_from_cams, refine_cams, transition_matrix
+from .refine import box_mask, labels_from_cams, minmax_normalize, refine_cams, transition_matrix
 from .text import TextEncoder, class_text_features
-from .vocab import Vocabulary, _norm, parse_class_list
+from .vocab import Vocabulary, normalize_name, parse_class_list
 from .weights import LoadedClip, load_clip
 
 _logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` → CUDA when available, else CPU; a clear error for an unavailable device."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available; use --device cpu")
-    return device
 
 
 @dataclass
@@ -79,12 +70,6 @@ class CamResult:
             return np.zeros((0, *size), np.float32)
         up = F.interpolate(self.grid_cams[None].float(), size=tuple(size), mode="bilinear", align_corners=False)
         return up[0].clamp_(0, 1).cpu().numpy()
-
-
-def _normalize_maps(maps: Tensor) -> Tensor:
-    """Per-map ``(m − min) / (max(m − min) + 1e-7)`` over the last two axes (EXCEL_SPEC §3.4)."""
-    shifted = maps - maps.amin(dim=(-2, -1), keepdim=True)
-    return shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + 1e-7)
 
 
 class CamPredictor:
@@ -127,7 +112,7 @@ class CamPredictor:
             if clusters is None:
                 clusters = PAPER_CLUSTERS.get(str(knowledge).lower(), "auto")
             self.bank = bank_for(self.clip, kb, clusters)
-            self.knowledge_classes = {_norm(n) for n in kb}
+            self.knowledge_classes = {normalize_name(n) for n in kb}
         if self.bank is not None:
             check_bank_identity(self.bank, self.clip)
         # settings: as given (a PipelineConfig, a shipped name or a YAML path), else those the weights were made
@@ -137,6 +122,13 @@ class CamPredictor:
         self._text_cache: dict = {}
 
     # ---- image side -------------------------------------------------------------------------------------
+    def _normalization(self):
+        """``cam.normalization``; ``"weights"``: the loaded weights' own mean/std (0–1 → 0–255 space)."""
+        norm = self.config.cam.normalization
+        if norm == "weights":
+            return tuple(255.0 * m for m in self.clip.mean), tuple(255.0 * s for s in self.clip.std)
+        return norm
+
     def _views(self) -> list[tuple[float, bool]]:
         cfg = self.config.cam
         scales = [1.0] + [s for s in cfg.scales if s != 1.0]
@@ -159,7 +151,7 @@ class CamPredictor:
             if min(self.encoder.grid_for(size)) < 1:
                 raise ValueError(f"input size {size[0]}x{size[1]} (scale {scale}) is smaller than the CLIP patch "
                                  f"size {self.encoder.patch_size[0]}; use a larger --size or scale")
-            x = torch.stack([network_input(rgb, size, cfg_cam.normalization, flipped) for rgb in rgbs])
+            x = torch.stack([network_input(rgb, size, self._normalization(), flipped) for rgb in rgbs])
             base = scale == 1.0 and not flipped
             out = self.encoder(x.to(self.device), svc, aff_blocks if base and cfg_ref.refine else (),
                                head_sum=cfg_cam.svc_head_sum, pos_via_grid=via, return_tokens=False)
@@ -197,7 +189,7 @@ class CamPredictor:
         if key not in self._text_cache:
             rows = None
             if self.knowledge_classes is not None:
-                rows = [_norm(n) in self.knowledge_classes or _norm(p) in self.knowledge_classes
+                rows = [normalize_name(n) in self.knowledge_classes or normalize_name(p) in self.knowledge_classes
                         for n, p in zip(vocab.names, vocab.prompt_names)]
                 plain = [n for n, r in zip(vocab.names, rows) if not r]
                 if plain:
@@ -248,7 +240,7 @@ class CamPredictor:
                 cams = F.interpolate(cams[None], size=base_grid, mode="bilinear", align_corners=False)[0]
             agg = cams if agg is None else agg + cams
         if len(state.views) > 1:
-            agg = _normalize_maps(agg)
+            agg = minmax_normalize(agg)
         raw = agg
         if cfg_ref.refine and len(present):
             box = box_mask(raw[None], cfg_ref.box_threshold)
@@ -259,5 +251,5 @@ class CamPredictor:
                                     use_par=cfg_ref.use_par, par_iters=cfg_ref.par_iters,
                                     par_dilations=cfg_ref.par_dilations, par_max_side=cfg_ref.par_max_side)
         label = label.cpu().numpy()
-        return CamResult(names, [i + 1 for i in present], tuple(state.size), label, _normalize_maps(refined),
+        return CamResult(names, [i + 1 for i in present], tuple(state.size), label, minmax_normalize(refined),
                          raw.cpu().numpy(), scores)

@@ -9,6 +9,8 @@ small tensor. Very large images are first shrunk by an integer box filter (Pillo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,11 +24,30 @@ MAX_PRE_SIDE = 4096
 NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
 
 
-def network_input(rgb: np.ndarray, size: tuple[int, int], normalization: str = "imagenet",
+Normalization = str | tuple[Sequence[float], Sequence[float]]
+
+
+def normalization_constants(normalization: Normalization) -> tuple[Sequence[float], Sequence[float]]:
+    """(mean, std) in 0–255 space of a named normalization (``imagenet``, ``clip``) or an explicit pair."""
+    if isinstance(normalization, tuple):
+        return normalization
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)} or 'weights', "
+                         f"got {normalization!r}")
+    return NORMALIZATIONS[normalization]
+
+
+def normalize_pixels(x: Tensor, normalization: Normalization = "imagenet") -> Tensor:
+    """(..., 3, H, W) float pixels in 0–255 → normalised with the ``normalization`` constants (0–255 space)."""
+    mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(3, 1, 1)
+                 for v in normalization_constants(normalization))
+    return (x - mean) / std
+
+
+def network_input(rgb: np.ndarray, size: tuple[int, int], normalization: Normalization = "imagenet",
                   flip: bool = False) -> Tensor:
     """(H, W, 3) uint8 RGB → (3, size[0], size[1]) float32 normalised tensor (optionally mirrored)."""
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {sorted(NORMALIZATIONS)}, got {normalization!r}")
+    normalization_constants(normalization)  # a bad name fails before any work
     h, w = rgb.shape[:2]
     factor = int(np.ceil(max(h, w) / MAX_PRE_SIDE))
     if factor > 1:
@@ -36,6 +57,5 @@ def network_input(rgb: np.ndarray, size: tuple[int, int], normalization: str = "
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-    mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in NORMALIZATIONS[normalization])
-    x = (x - mean) / std
+    x = normalize_pixels(x, normalization)
     return x[0].flip(-1) if flip else x[0]

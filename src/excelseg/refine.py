@@ -264,6 +264,13 @@ def par(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def minmax_normalize(maps: Tensor, eps: float = 1e-7) -> Tensor:
+    """Per map ``(m − min) / (max(m − min) + eps)`` over the last two axes (EXCEL_SPEC §3.4; the reference's
+    refined CAMs use eps = 1e-7, its flip-max LVC CAMs 1e-5)."""
+    shifted = maps - maps.amin(dim=(-2, -1), keepdim=True)
+    return shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + eps)
+
+
 def _working_size(out_size: tuple[int, int], max_side: int) -> tuple[int, int]:
     h, w = int(out_size[0]), int(out_size[1])
     if max(h, w) <= max_side:
@@ -343,8 +350,7 @@ def labels_from_cams(
     dtype = refined.dtype if refined.is_floating_point() else torch.float32
     cams = refined.to(dtype)
     if k > 0:
-        cams = cams - cams.amin(dim=(1, 2), keepdim=True)
-        cams = cams / (cams.amax(dim=(1, 2), keepdim=True) + 1e-7)
+        cams = minmax_normalize(cams)
         cams = F.interpolate(cams[None], size=work, mode="bilinear", align_corners=False)[0]
         bg = 1 - cams.amax(dim=0, keepdim=True)
     else:

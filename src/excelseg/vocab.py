@@ -63,8 +63,9 @@ COCO_PROMPT_NAMES = (
 COCO_BACKGROUND = tuple(w for w in VOC_BACKGROUND if w not in ("keyboard", "sign"))
 
 
-def _norm(name: str) -> str:
-    return " ".join(name.lower().replace("_", " ").split())
+def normalize_name(name: str) -> str:
+    """How class names are compared everywhere: lower case, ``_`` as a space, whitespace collapsed."""
+    return " ".join(str(name).lower().replace("_", " ").split())
 
 
 def _is_file(path: Path) -> bool:
@@ -97,9 +98,9 @@ def parse_class_list(spec: str | Sequence[str]) -> list[str]:
         raise ValueError(f"empty class name in {spec!r}: give names like 'cat,dog'")
     seen: dict[str, str] = {}
     for n in names:
-        if _norm(n) in seen:
-            raise ValueError(f"duplicate class name {n!r} (also given as {seen[_norm(n)]!r})")
-        seen[_norm(n)] = n
+        if normalize_name(n) in seen:
+            raise ValueError(f"duplicate class name {n!r} (also given as {seen[normalize_name(n)]!r})")
+        seen[normalize_name(n)] = n
     if len(names) > MAX_CLASSES:
         raise ValueError(f"{len(names)} class names given; at most {MAX_CLASSES} are supported per run")
     return names
@@ -138,8 +139,8 @@ class Vocabulary:
         Background words equal to a class name are dropped so a class such as ``"sky"`` is not also background.
         """
         names = tuple(parse_class_list(list(names)))
-        taken = {_norm(n) for n in names}
-        bg = tuple(w for w in (background or ()) if _norm(w) not in taken)
+        taken = {normalize_name(n) for n in names}
+        bg = tuple(w for w in (background or ()) if normalize_name(w) not in taken)
         return cls(names, names, bg)
 
     @classmethod
@@ -162,11 +163,11 @@ class Vocabulary:
 
     def index(self, name: str) -> int:
         """0-based foreground index of ``name`` (display or prompt name, case-insensitive)."""
-        target = _norm(name)
+        target = normalize_name(name)
         for i, (n, p) in enumerate(zip(self.names, self.prompt_names)):
-            if target in (_norm(n), _norm(p)):
+            if target in (normalize_name(n), normalize_name(p)):
                 return i
-        close = difflib.get_close_matches(target, [_norm(n) for n in self.names], n=3)
+        close = difflib.get_close_matches(target, [normalize_name(n) for n in self.names], n=3)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"class {name!r} is not in the {self.key} vocabulary{hint}")
 

@@ -81,8 +81,8 @@ def register(sub) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from ..bank import PAPER_CLUSTERS, build_bank, knowledge_digest, save_bank, validate_build
+    from ..devices import resolve_device
     from ..knowledge import load_knowledge
-    from ..predictor import resolve_device
     from ..weights import load_clip
 
     out = Path(args.out)

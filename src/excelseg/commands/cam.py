@@ -63,9 +63,10 @@ def unique_stems(paths: list[Path]) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..devices import resolve_device
     from ..images import ImageReadError, collect_images, read_image, to_rgb_array
     from ..outputs import is_done, parse_cam_size, write_result
-    from ..predictor import CamPredictor, resolve_device
+    from ..predictor import CamPredictor
     from ..vocab import Vocabulary, parse_class_list
     from ..weights import load_clip
 

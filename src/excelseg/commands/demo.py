@@ -49,9 +49,10 @@ def sample_photos() -> list[tuple[Path, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..devices import resolve_device
     from ..images import read_image, to_rgb_array
     from ..outputs import write_result
-    from ..predictor import CamPredictor, resolve_device
+    from ..predictor import CamPredictor
     from ..weights import WeightsNotFoundError, load_clip
 
     out_dir = out_dir_arg(args)
@@ -112,9 +113,9 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     plain = full.with_(cam=replace(full.cam, svc_last_blocks=0))
     print(f"synthetic CLIP ({clip.source}), {len(vocab.names)} classes, {args.scenes} held-out scenes "
           f"at {size[0]}x{size[1]}")
-    rows = [("plain CLIP (SVC and TSE off)", CamPredictor(clip, config=plain, device=clip_device(clip))),
+    rows = [("plain CLIP (SVC and TSE off)", CamPredictor(clip, config=plain, device=clip.device)),
             ("ExCEL training-free (SVC + TSE)", CamPredictor(clip, bank=bank, config=full,
-                                                               device=clip_device(clip)))]
+                                                               device=clip.device))]
     for name, predictor in rows:
         res = seed_miou(predictor, held_out_samples(args.scenes, size[0]), vocab)
         print(f"  {name:34s} CAM-seed mIoU {100 * res['miou']:5.1f}%")
@@ -129,7 +130,3 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
 
 SYNTHETIC_CLUSTERS = 48  # TSE attributes for the 16 synthetic classes (3 per class; VOC's 112/20 ≈ 5.6)
 SYNTHETIC_OVERLAYS = 6
-
-
-def clip_device(clip) -> str:
-    return str(next(clip.model.parameters()).device)

@@ -92,10 +92,11 @@ def _check_labels(ds, all_classes: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..batch import Shard, dataset_vocabulary, device_for_rank, iter_pseudo_labels
+    from ..batch import Shard, dataset_vocabulary, iter_pseudo_labels
     from ..crf import REFERENCE_CRF, require_crf
+    from ..devices import device_for_rank, resolve_device
     from ..outputs import cam_archive, is_done, parse_cam_size, stale_temps_of, write_outputs
-    from ..predictor import CamPredictor, resolve_device
+    from ..predictor import CamPredictor
     from ..weights import load_clip
 
     overrides = args.overrides  # section.key=value words

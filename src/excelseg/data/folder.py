@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..vocab import Vocabulary, parse_class_list
+from ..vocab import Vocabulary, normalize_name, parse_class_list
 from .dataset import Sample, SegDataset
 from .index import (
     INDEX_FORMAT,
@@ -50,10 +50,6 @@ __all__ = ["FolderDataset", "build_folder_index", "read_labels_file"]
 SPLIT = "all"
 _SEP = re.compile(r"[;|]")
 _HEADER_WORDS = {"image", "images", "file", "filename", "file_name", "path", "name"}
-
-
-def _norm(name: str) -> str:
-    return " ".join(name.lower().replace("_", " ").split())
 
 
 def read_labels_file(path: str | os.PathLike[str]) -> list[tuple[str, list[str], int]]:
@@ -106,18 +102,18 @@ def _class_list(classes: str | Sequence[str] | None, rows: list[tuple[str, list[
         spelling: dict[str, str] = {}  # normalised tag → its first spelling in the file
         for _, tags, _ in rows:
             for t in tags:
-                spelling.setdefault(_norm(t), t)
+                spelling.setdefault(normalize_name(t), t)
         keys = sorted(spelling)
         return [spelling[k] for k in keys], {k: i + 1 for i, k in enumerate(keys)}
     if isinstance(classes, str) and classes.lower() in ("voc", "coco"):
         vocab = Vocabulary.named(classes)
         lookup = {}
         for i, (n, pn) in enumerate(zip(vocab.names, vocab.prompt_names)):
-            lookup.setdefault(_norm(n), i + 1)
-            lookup.setdefault(_norm(pn), i + 1)
+            lookup.setdefault(normalize_name(n), i + 1)
+            lookup.setdefault(normalize_name(pn), i + 1)
         return list(vocab.names), lookup
     names = parse_class_list(classes)
-    return names, {_norm(n): i + 1 for i, n in enumerate(names)}
+    return names, {normalize_name(n): i + 1 for i, n in enumerate(names)}
 
 
 def build_folder_index(
@@ -146,7 +142,7 @@ def build_folder_index(
     if not rows:
         raise ValueError(f"{labels_file}: no images listed")
     names, lookup = _class_list(classes, rows)
-    unknown = [f"{t!r} (line {line})" for _, tags, line in rows for t in tags if _norm(t) not in lookup]
+    unknown = [f"{t!r} (line {line})" for _, tags, line in rows for t in tags if normalize_name(t) not in lookup]
     if unknown:
         raise ValueError(f"{labels_file}: unknown class names {examples(unknown, 8)}; known: "
                          f"{', '.join(names[:30])}{', …' if len(names) > 30 else ''}")
@@ -165,7 +161,7 @@ def build_folder_index(
             continue
         first_line[name] = line
         image_files[name] = str(rel)
-        labels[name] = sorted({lookup[_norm(t)] for t in tags})
+        labels[name] = sorted({lookup[normalize_name(t)] for t in tags})
     if dupes:
         raise ValueError(f"{labels_file}: images listed twice (ids are paths without suffix): {examples(dupes)}")
     excluded: dict[str, str] = {}

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from ..vocab import normalize_name
+
 __all__ = ["LabelFileError", "coco_key", "read_label_file", "read_npy_dict", "read_voc_annotation", "voc_key"]
 
 
@@ -227,20 +229,17 @@ def read_label_file(
         raise LabelFileError(f"{p}: unsupported labels file (use .npy, .csv or .json)")
     from .folder import read_labels_file
 
-    def norm(s: str) -> str:
-        return " ".join(s.lower().replace("_", " ").split())
-
     lookup: dict[str, int] = {}
     for i, n in enumerate(class_names):
-        lookup.setdefault(norm(n), i + 1)
-        lookup.setdefault(norm(n).replace(" ", ""), i + 1)
+        lookup.setdefault(normalize_name(n), i + 1)
+        lookup.setdefault(normalize_name(n).replace(" ", ""), i + 1)
     for i, n in enumerate(prompt_names):
-        lookup.setdefault(norm(n), i + 1)
+        lookup.setdefault(normalize_name(n), i + 1)
     try:
         rows = read_labels_file(p)
     except ValueError as exc:
         raise LabelFileError(str(exc)) from None
-    unknown = [f"{t!r} (line {line})" for _, tags, line in rows for t in tags if norm(t) not in lookup]
+    unknown = [f"{t!r} (line {line})" for _, tags, line in rows for t in tags if normalize_name(t) not in lookup]
     if unknown:
         shown = ", ".join(unknown[:8]) + (f", … ({len(unknown)} in all)" if len(unknown) > 8 else "")
         raise LabelFileError(f"{p}: unknown class names {shown}")
@@ -249,5 +248,5 @@ def read_label_file(
         name = key_fn(image)
         if name in labels:
             raise LabelFileError(f"{p}:{line}: image {name!r} appears twice")
-        labels[name] = sorted({lookup[norm(t)] for t in tags})
+        labels[name] = sorted({lookup[normalize_name(t)] for t in tags})
     return labels

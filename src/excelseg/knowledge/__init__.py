@@ -30,7 +30,7 @@ KNOWLEDGE_FORMAT = "excelseg-knowledge/1"
 SHIPPED = {"voc": "voc.json", "coco": "coco.json"}
 _ALIASES = {"pascal_voc": "voc", "voc2012": "voc", "mscoco": "coco", "coco2014": "coco"}
 
-__all__ = ["KNOWLEDGE_FORMAT", "SHIPPED", "KnowledgeError", "knowledge_path", "load_knowledge",
+__all__ = ["KNOWLEDGE_FORMAT", "SHIPPED", "KnowledgeError", "knowledge_entries", "knowledge_path", "load_knowledge",
            "parse_knowledge"]
 
 
@@ -46,25 +46,27 @@ def knowledge_path(name: str) -> Path:
     return Path(__file__).resolve().parent / SHIPPED[key]
 
 
-def _sentences(value: object, cls: str, where: str) -> list[str]:
+def _sentences(value: object, cls: str, where: str, allow_empty: bool = False) -> list[str]:
     if not isinstance(value, list):
         raise KnowledgeError(f"{where}: class {cls!r}: descriptions must be a list of strings, "
-                         f"got {type(value).__name__}")
-    if not value:
+                             f"got {type(value).__name__}")
+    if not value and not allow_empty:
         raise KnowledgeError(f"{where}: class {cls!r} has no descriptions")
     out = []
     for i, s in enumerate(value):
         if not isinstance(s, str):
             raise KnowledgeError(f"{where}: class {cls!r}: description {i + 1} is a {type(s).__name__}, "
-                             f"not a string")
+                                 f"not a string")
         if not s.strip():
             raise KnowledgeError(f"{where}: class {cls!r}: description {i + 1} is empty")
         out.append(" ".join(s.split()))
     return out
 
 
-def parse_knowledge(obj: object, where: str = "knowledge base") -> dict[str, list[str]]:
-    """Class name → descriptions from a parsed JSON object of either accepted format (module docstring)."""
+def knowledge_entries(obj: object, where: str = "knowledge base", *, allow_empty: bool = False) -> dict:
+    """The ``excelseg-knowledge/1`` dict of a parsed JSON object of either accepted format (module docstring):
+    every class entry gets ``descriptions`` (whitespace collapsed) and ``synonyms``; other fields are kept.
+    ``allow_empty``: classes without descriptions yet are accepted (a knowledge base being written)."""
     if not isinstance(obj, dict):
         raise KnowledgeError(f"{where}: expected a JSON object of classes, got {type(obj).__name__}")
     if "format" in obj:
@@ -73,22 +75,31 @@ def parse_knowledge(obj: object, where: str = "knowledge base") -> dict[str, lis
         classes = obj.get("classes")
         if not isinstance(classes, dict):
             raise KnowledgeError(f"{where}: 'classes' must be an object of class name -> entry")
-        out = {}
+        kb = {**obj, "classes": {}}
         for cls, entry in classes.items():
             if not isinstance(entry, dict):
                 raise KnowledgeError(f"{where}: class {cls!r} must be an object with 'descriptions'")
-            out[cls] = _sentences(entry.get("descriptions"), cls, where)
             syn = entry.get("synonyms", [])
             if not isinstance(syn, list) or not all(isinstance(s, str) for s in syn):
                 raise KnowledgeError(f"{where}: class {cls!r}: synonyms must be a list of strings")
+            descriptions = entry.get("descriptions", [] if allow_empty else None)
+            kb["classes"][cls] = {**entry, "descriptions": _sentences(descriptions, cls, where, allow_empty),
+                                  "synonyms": list(syn)}
     else:
-        out = {cls: _sentences(v, cls, where) for cls, v in obj.items()}
-    if not out:
+        kb = {"format": KNOWLEDGE_FORMAT,
+              "classes": {cls: {"descriptions": _sentences(v, cls, where, allow_empty), "synonyms": []}
+                          for cls, v in obj.items()}}
+    if not kb["classes"] and not allow_empty:
         raise KnowledgeError(f"{where}: no classes")
-    for cls in out:
+    for cls in kb["classes"]:
         if not cls.strip():
             raise KnowledgeError(f"{where}: empty class name")
-    return out
+    return kb
+
+
+def parse_knowledge(obj: object, where: str = "knowledge base") -> dict[str, list[str]]:
+    """Class name → descriptions from a parsed JSON object of either accepted format (module docstring)."""
+    return {cls: e["descriptions"] for cls, e in knowledge_entries(obj, where)["classes"].items()}
 
 
 def load_knowledge(path_or_name: str | os.PathLike) -> dict[str, list[str]]:

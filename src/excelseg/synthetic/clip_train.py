@@ -39,6 +39,7 @@ from open_clip.model import CLIP
 from torch import Tensor, nn
 
 from ..config import IMAGENET_MEAN, IMAGENET_STD
+from ..preprocess import normalize_pixels
 from ..weights import file_sha256
 from ..weights.build import clip_tokenizer
 from .scenes import CLASS_NAMES, SceneGenerator
@@ -86,10 +87,7 @@ def tokenizer_for(config: dict[str, Any]) -> Callable[..., Tensor]:
 
 def images_to_tensor(images: np.ndarray) -> Tensor:
     """(N, H, W, 3) uint8 → (N, 3, H, W) float32 normalised with the ImageNet constants (0–255 space)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize_pixels(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float())
 
 
 def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,

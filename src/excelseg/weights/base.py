@@ -89,6 +89,11 @@ class LoadedClip:
     default_config: str | None = None
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are."""
+        return next(self.model.parameters()).device
+
+    @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) the image tower was trained at."""
         size = self.model.visual.image_size

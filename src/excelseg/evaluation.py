@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .data.index import examples
+from .data.index import examples, parallel_map
 from .metrics import SegmentationMetric
 from .outputs import read_cam_archive, read_label_png
 
@@ -72,10 +72,6 @@ def eval_chunk(task: tuple[list[tuple[str, str, str]], int]) -> np.ndarray:
                                  "ground truth has a class: predict a class for every pixel")
         metric.update(pred, gt)
     return metric.confusion
-
-
-def chunks(items: list, num_classes: int, *extra: Any) -> list[tuple]:
-    return [(items[i:i + CHUNK], num_classes, *extra) for i in range(0, len(items), CHUNK)]
 
 
 def progress_bar(desc: str, images: int):
@@ -151,3 +147,15 @@ def cams_chunk(task: tuple[list[tuple[str, str, str]], int, list[float], dict[st
         for metric, pred in zip(metrics, seed_labels(cams, ids, thresholds)):
             metric.update(pred, gt)
     return np.stack([m.confusion for m in metrics]), differ
+
+
+def score_folder(ds, folder: Path, suffix: str, what: str, worker, *, allow_missing: bool, workers: int,
+                 extra=lambda chunk: ()) -> tuple[Any, list[tuple], list[str]]:
+    """Run ``worker`` over the split's files ``<folder>/<id><suffix>`` in chunks of :data:`CHUNK` on ``workers``
+    processes with a progress bar; each task is ``(chunk, num_classes, *extra(chunk))``.
+    Returns ``(iterator of worker results, items, missing ids)``."""
+    items, missing = find_inputs(ds, folder, suffix, what, allow_missing)
+    c = ds.num_classes + 1
+    tasks = [(part, c, *extra(part)) for part in (items[i:i + CHUNK] for i in range(0, len(items), CHUNK))]
+    desc = "eval" if suffix == ".png" else "eval-cams"
+    return parallel_map(worker, tasks, workers, 1, progress_bar(desc, len(items)), desc), items, missing

@@ -32,17 +32,15 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.index import parallel_map
-    from ..evaluation import chunks, eval_chunk, find_inputs, progress_bar
+    from ..evaluation import eval_chunk, score_folder
     from ..metrics import SegmentationMetric, format_table
 
     ds = open_dataset_args(args, "eval", need_masks=True)
     pred_dir = Path(args.pred).expanduser()
-    items, missing = find_inputs(ds, pred_dir, ".png", "prediction", args.allow_missing)
-    c = ds.num_classes + 1
-    metric = SegmentationMetric(c, class_names=["background", *ds.class_names])
-    tasks = chunks(items, c)
-    for confusion in parallel_map(eval_chunk, tasks, args.workers, 1, progress_bar("eval", len(items)), "eval"):
+    results, items, missing = score_folder(ds, pred_dir, ".png", "prediction", eval_chunk,
+                                           allow_missing=args.allow_missing, workers=args.workers)
+    metric = SegmentationMetric(ds.num_classes + 1, class_names=["background", *ds.class_names])
+    for confusion in results:
         metric.update_confusion(confusion)
     result = metric.compute()
     print(format_table(result))

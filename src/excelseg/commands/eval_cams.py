@@ -61,21 +61,23 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..data.index import parallel_map
-    from ..evaluation import cams_chunk, chunks, find_inputs, progress_bar
+    from ..evaluation import cams_chunk, score_folder
     from ..metrics import SegmentationMetric, format_table
 
     ds = open_dataset_args(args, "eval-cams", need_masks=True)
     cams_dir = Path(args.cams).expanduser()
-    items, missing = find_inputs(ds, cams_dir, "_cams.npz", "CAM archive", args.allow_missing)
-    c = ds.num_classes + 1
     thresholds = list(args.bg_threshold)
+
+    def extra(chunk):  # the thresholds and, with --gt-labels, each image's GT label values
+        return thresholds, ({name: ds.class_ids(name) for name, _, _ in chunk} if args.gt_labels else None)
+
+    results_iter, items, missing = score_folder(ds, cams_dir, "_cams.npz", "CAM archive", cams_chunk,
+                                                allow_missing=args.allow_missing, workers=args.workers, extra=extra)
+    c = ds.num_classes + 1
     names = ["background", *ds.class_names]
     confusion = np.zeros((len(thresholds), c, c), dtype=np.int64)
-    tasks = [(*t, {name: ds.class_ids(name) for name, _, _ in t[0]} if args.gt_labels else None)
-             for t in chunks(items, c, thresholds)]
     differ: list[str] = []
-    for part, d in parallel_map(cams_chunk, tasks, args.workers, 1, progress_bar("eval-cams", len(items)), ""):
+    for part, d in results_iter:
         confusion += part
         differ += d
     results = [SegmentationMetric.from_confusion(m, class_names=names).compute() for m in confusion]

@@ -50,8 +50,6 @@ import numpy as np
 
 from ..outputs import IGNORE_INDEX, read_label_png, remove_stale_temps, save_label_png
 from .index import (
-    INDEX_FORMAT,
-    INDEX_VERSION,
     DatasetUnusableError,
     PrepareResult,
     Problem,
@@ -59,6 +57,7 @@ from .index import (
     bad_values,
     examples,
     load_index,
+    make_index,
     parallel_map,
 )
 from .labels import coco_key, read_label_file
@@ -407,23 +406,9 @@ def build_coco_index(
 
     assert categories is not None
     splits = index["splits"]
-    result = {
-        "format": INDEX_FORMAT,
-        "version": INDEX_VERSION,
-        "dataset": "coco",
-        "root": str(root.resolve()),
-        "class_names": [str(c["name"]) for c in categories],
-        "exif_transpose": False,
-        "counts": {s: len(v) for s, v in splits.items()},
-        "files": index["files"],
-        "splits": splits,
-        "labels": dict(sorted(index["labels"].items())),
-        "sizes": dict(sorted(index["sizes"].items())),
-        "excluded": {},
-        "info": index["info"],
-    }
-    if index["image_files"]:
-        result["image_files"] = index["image_files"]
+    result = make_index("coco", root.resolve(), [c["name"] for c in categories], splits=splits, files=index["files"],
+                        labels=dict(sorted(index["labels"].items())), sizes=dict(sorted(index["sizes"].items())),
+                        excluded={}, info=index["info"], image_files=index["image_files"] or None)
     if not any(splits.values()):
         raise DatasetUnusableError("no image with annotations in the given files")
     return PrepareResult(result, problems, notes)

@@ -33,14 +33,13 @@ from typing import Any
 from ..vocab import Vocabulary, normalize_name, parse_class_list
 from .dataset import Sample, SegDataset
 from .index import (
-    INDEX_FORMAT,
-    INDEX_VERSION,
     PrepareResult,
     Problem,
     ProgressFn,
     bad_values,
     examples,
     image_size,
+    make_index,
     mask_values,
     parallel_map,
 )
@@ -206,22 +205,11 @@ def build_folder_index(
             notes.append(f"{extra_classes} masks contain classes that their image's tags do not list")
     ids = [n for n in image_files if n not in excluded]
     root = images_dir.resolve()
-    index: dict[str, Any] = {
-        "format": INDEX_FORMAT,
-        "version": INDEX_VERSION,
-        "dataset": "folder",
-        "root": str(root),
-        "class_names": list(names),
-        "exif_transpose": True,
-        "counts": {SPLIT: len(ids)},
-        "files": {SPLIT: {"image": [], "mask": [str(masks_path.resolve() / "{id}.png")] if masks_path else []}},
-        "image_files": {n: image_files[n] for n in ids},
-        "splits": {SPLIT: ids},
-        "labels": {n: labels[n] for n in ids},
-        "sizes": sizes,
-        "excluded": excluded,
-        "info": {"labels_file": str(Path(labels_file).resolve())},
-    }
+    index = make_index(
+        "folder", root, names, splits={SPLIT: ids}, labels={n: labels[n] for n in ids}, sizes=sizes,
+        files={SPLIT: {"image": [], "mask": [str(masks_path.resolve() / "{id}.png")] if masks_path else []}},
+        excluded=excluded, info={"labels_file": str(Path(labels_file).resolve())}, exif_transpose=True,
+        image_files={n: image_files[n] for n in ids})
     return PrepareResult(index, problems, notes)
 
 

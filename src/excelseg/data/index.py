@@ -50,6 +50,7 @@ __all__ = [
     "label_vector",
     "load_index",
     "load_rgb",
+    "make_index",
     "mask_values",
     "parallel_map",
     "save_index",
@@ -211,6 +212,28 @@ def bad_values(values: Iterable[int], num_classes: int) -> list[int]:
 
 # --------------------------------------------------------------------------------------------------------------
 # parallel work
+
+
+def make_index(dataset: str, root: Path, class_names: Sequence[str], *, splits: Mapping[str, list[str]],
+               files: Mapping[str, Any], labels: Mapping[str, list[int]], sizes: Mapping[str, Any],
+               excluded: Mapping[str, Any], info: Mapping[str, Any], exif_transpose: bool = False,
+               image_files: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The index dict every ``prepare`` writes (format :data:`INDEX_FORMAT`, version :data:`INDEX_VERSION`)."""
+    index: dict[str, Any] = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "dataset": dataset,
+        "root": str(root),
+        "class_names": [str(c) for c in class_names],
+        "exif_transpose": exif_transpose,
+        "counts": {s: len(v) for s, v in splits.items()},
+        "files": dict(files),
+    }
+    if image_files is not None:
+        index["image_files"] = dict(image_files)
+    index.update({"splits": dict(splits), "labels": dict(labels), "sizes": dict(sizes), "excluded": dict(excluded),
+                  "info": dict(info)})
+    return index
 
 
 def default_workers() -> int:

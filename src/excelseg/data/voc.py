@@ -35,8 +35,6 @@ from typing import Any
 
 from ..vocab import VOC_CLASSES, VOC_PROMPT_NAMES
 from .index import (
-    INDEX_FORMAT,
-    INDEX_VERSION,
     DatasetUnusableError,
     PrepareResult,
     Problem,
@@ -44,6 +42,7 @@ from .index import (
     bad_values,
     examples,
     image_size,
+    make_index,
     mask_values,
     parallel_map,
 )
@@ -264,21 +263,9 @@ def build_voc_index(
     mask_templates = [f"{d}/{{id}}.png" for d in (AUG_DIR, MASK_DIR) if (root / d).is_dir()]
     files = {s: {"image": [f"{IMAGE_DIR}/{{id}}.jpg"], "mask": [] if s == "test" else mask_templates}
              for s in splits}
-    index: dict[str, Any] = {
-        "format": INDEX_FORMAT,
-        "version": INDEX_VERSION,
-        "dataset": "voc",
-        "root": str(root.resolve()),
-        "class_names": list(VOC_CLASSES),
-        "exif_transpose": False,
-        "counts": {s: len(v) for s, v in splits.items()},
-        "files": files,
-        "splits": splits,
-        "labels": labels,
-        "sizes": sizes,
-        "excluded": dict(sorted(excluded.items())),
-        "info": {"masks": f"{AUG_DIR} preferred, else {MASK_DIR}", **label_info},
-    }
+    index = make_index("voc", root.resolve(), VOC_CLASSES, splits=splits, files=files, labels=labels, sizes=sizes,
+                       excluded=dict(sorted(excluded.items())),
+                       info={"masks": f"{AUG_DIR} preferred, else {MASK_DIR}", **label_info})
     return PrepareResult(index, problems, notes)
 
 

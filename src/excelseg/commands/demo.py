@@ -12,7 +12,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import CliError, add_model_args, add_out_dir, check_writable, config_from_args, out_dir_arg
+from .common import (
+    CliError,
+    add_model_args,
+    add_out_dir,
+    check_writable,
+    config_from_args,
+    out_dir_arg,
+    write_resolved_config,
+)
 
 # (scikit-image data file, classes present in it)
 SAMPLES = (
@@ -70,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         return run_synthetic(args, out_dir)
     predictor = CamPredictor(clip, bank=args.bank, knowledge=args.knowledge, clusters=args.clusters,
                              config=config_from_args(args, clip), device=device)
+    write_resolved_config(out_dir, predictor.config, clip=clip.identity, command="demo")
     photos = sample_photos()
     print(f"CLIP: {predictor.clip.name} ({predictor.clip.source})")
     for path, classes in photos:
@@ -108,6 +117,7 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     size = clip.image_size
     vocab = synthetic_vocabulary()
     full = load_config(clip.default_config)  # the settings these weights were made for (configs/synthetic.yaml)
+    write_resolved_config(out_dir, full, clip=clip.identity, command="demo --synthetic")
     bank = bank_for(clip, parse_knowledge(knowledge_base(), "synthetic knowledge"), SYNTHETIC_CLUSTERS,
                     prefix=full.text.template, progress=False)
     plain = full.with_(cam=replace(full.cam, svc_last_blocks=0))

@@ -174,7 +174,7 @@ class ExcelModel(nn.Module):
         """
         tau = self.config.heads.train_box_threshold if box_threshold is None else box_threshold
         ref = self.config.refine
-        par_kw = dict(use_par=ref.use_par, par_iters=ref.par_iters, par_dilations=ref.par_dilations)
+        par_kw = {"use_par": ref.use_par, "par_iters": ref.par_iters, "par_dilations": ref.par_dilations}
         if max(size) > ref.par_max_side:  # memory-bounded path of labels_from_cams, one image at a time
             labels = []
             for b in range(cams.shape[0]):

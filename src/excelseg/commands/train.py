@@ -10,6 +10,7 @@ from .common import (
     OVERRIDE_RE,
     CliError,
     add_dataset_args,
+    add_out_dir,
     check_writable,
     clusters_arg,
     config_from_args,
@@ -45,7 +46,7 @@ def register(sub) -> None:
     add_dataset_args(p, "train", workers_help="DataLoader worker processes")
     p.add_argument("--val-split", default=None,
                    help="in-training validation split (default train.val_split; 'none' = no validation)")
-    p.add_argument("--out-dir", dest="out_dir", default=None, metavar="DIR", help="run folder (required)")
+    add_out_dir(p, None, "run folder: checkpoints, latest.json, train.log, tb/")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue from a checkpoint: the run folder's latest.json (no value), a run folder, "
                         "latest.json or a checkpoint .safetensors")

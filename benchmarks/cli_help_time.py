@@ -14,8 +14,8 @@ import subprocess
 import sys
 import time
 
-COMMANDS = ["", "cam", "pseudo-label", "prepare", "bank", "describe", "eval", "eval-cams", "import-checkpoint", "demo",
-            "train-clip"]
+COMMANDS = ["", "cam", "pseudo-label", "prepare", "bank", "describe", "train", "eval", "eval-cams",
+            "import-checkpoint", "demo", "train-clip"]
 
 
 def main() -> None:

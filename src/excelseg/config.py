@@ -4,7 +4,7 @@ Every number here is the value the reference implementation uses (EXCEL_SPEC §1
 extension is a named field whose paper value is the default. ``PAPER_VOC`` / ``PAPER_COCO`` are the presets.
 
 YAML: ``configs/voc.yaml``, ``coco.yaml`` and ``synthetic.yaml`` ship inside the package (:func:`load_config`
-takes their name or any file path). A file has the sections ``text``, ``cam``, ``refine`` and ``heads``; every key it leaves
+takes their name or any file path). A file has the sections ``text``, ``cam``, ``refine``, ``heads`` and ``train``; every key it leaves
 out keeps the paper value, unknown sections or keys are refused with the list of valid ones.
 :func:`apply_overrides` applies ``section.key=value`` words (values parsed as YAML: ``cam.flip=true``,
 ``cam.size=448``, ``cam.scales=[1,0.75]``); :func:`dump_config` writes the resolved settings back.
@@ -86,11 +86,50 @@ class HeadsConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Single-stage ExCEL training (EXCEL_SPEC §5.2–§5.3, §10.9): schedule, augmentation, run bookkeeping.
+
+    Iteration counts are 0-based ``n_iter`` values as in the reference (``n_iter >= lvc_switch_iter`` uses LVC).
+    """
+
+    train_split: str = "train_aug"  # VOC train_aug (10,582), COCO train
+    val_split: str = "val"  # in-training validation split (COCO: val_part)
+    iterations: int = 30000  # optimizer steps (COCO 100,000)
+    batch_size: int = 4  # images per optimizer step over all processes and accumulation steps
+    accumulation: int = 1  # micro-batches per optimizer step (same effective batch on a smaller GPU)
+    crop_size: int = 320
+    scale_range: tuple[float, ...] = (0.5, 2.0)  # random rescale ×U(low, high)
+    flip_prob: float = 0.5
+    gt_guided_crop: bool = False  # reference's VOC crop re-draw on the GT mask (leaks pixel labels; §10.4)
+    lr: float = 1e-4  # base lr of the reference's groups 0–1; the heads' groups get lr × heads_lr_mult
+    heads_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_iters: int = 50  # COCO 200
+    warmup_ratio: float = 1e-6  # lr multiplier 1 − (1 − s/W)(1 − ratio) during warm-up
+    poly_power: float = 1.0  # then (1 − s/iterations)^power (not shifted by the warm-up)
+    lvc_switch_iter: int = 14000  # from this n_iter on: LVC CAMs + P-guided refinement (COCO 30,000)
+    self_affinity_iter: int = 24000  # from this n_iter on: L_div target = own prediction (VOC); -1 never (COCO)
+    div_weight: float = 0.1  # L = L_seg + div_weight · L_div
+    aff_radius: int = 8
+    seed: int = 0
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU), off, bf16, fp16
+    val_every: int = 2000  # in-training validation every N iterations (0 = never; COCO 10,000)
+    val_limit: int = 0  # validate on the first N images only (0 = all)
+    checkpoint_every: int = 2000  # checkpoint every N iterations (and at the end, and on Ctrl-C)
+    keep_checkpoints: int = 2  # most recent checkpoints kept on disk
+    log_every: int = 20  # console / TensorBoard scalars every N iterations
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     text: TextConfig = field(default_factory=TextConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def with_(self, **sections) -> PipelineConfig:
         """Return a copy with whole sections replaced, e.g. ``cfg.with_(cam=replace(cfg.cam, flip=True))``."""
@@ -98,13 +137,16 @@ class PipelineConfig:
 
 
 PAPER_VOC = PipelineConfig()
-PAPER_COCO = PipelineConfig(refine=RefineConfig(box_threshold=0.88), heads=HeadsConfig(train_box_threshold=0.88))
+PAPER_COCO = PipelineConfig(
+    refine=RefineConfig(box_threshold=0.88), heads=HeadsConfig(train_box_threshold=0.88),
+    train=TrainConfig(train_split="train", val_split="val_part", iterations=100000, warmup_iters=200,
+                      lvc_switch_iter=30000, self_affinity_iter=-1, val_every=10000, checkpoint_every=10000))
 PRESETS = {"paper": PAPER_VOC, "paper-voc": PAPER_VOC, "paper-coco": PAPER_COCO}
 
 
 # ---- YAML configuration files ---------------------------------------------------------------------------------
 
-SECTIONS = ("text", "cam", "refine", "heads")
+SECTIONS = ("text", "cam", "refine", "heads", "train")
 SHIPPED_CONFIGS = ("voc", "coco", "synthetic")
 
 

@@ -26,7 +26,7 @@ from .config import PAPER_VOC, PipelineConfig
 from .heads import ExcelHeads
 from .lvc import affinity_from_attention, learned_affinity, lvc_shift, p_guided_affinity, reference_attention
 from .preprocess import Normalization, normalization_constants
-from .refine import box_mask, labels_from_cams, minmax_normalize, refine_cams, transition_matrix
+from .refine import box_mask, class_scores, labels_from_cams, minmax_normalize, refine_cams, transition_matrix
 
 __all__ = ["ExcelModel", "ExcelOutput", "denormalize_uint8", "flip_max_cams"]
 
@@ -167,20 +167,32 @@ class ExcelModel(nn.Module):
             size: output (H, W); box_threshold: τ_box (default ``config.heads.train_box_threshold``).
 
         Returns:
-            (B, H, W) uint8 labels, 0 = background, c + 1 for class c.
+            (B, H, W) uint8 labels, 0 = background, c + 1 for class c. Batched on the device (the images'
+            class counts padded) with the training-free functions; an image without classes is all background.
         """
         tau = self.config.heads.train_box_threshold if box_threshold is None else box_threshold
         ref = self.config.refine
-        labels = []
-        for b in range(cams.shape[0]):
-            present = torch.nonzero(cls_labels[b] > 0).flatten()
-            sel = cams[b, present][None]
-            refined = refine_cams(sel, trans[b][None], box_mask(sel, tau))[0]
-            _, label = labels_from_cams(refined, par_images[b], size, values=[0] + (present + 1).tolist(),
-                                        use_par=ref.use_par, par_iters=ref.par_iters,
-                                        par_dilations=ref.par_dilations, par_max_side=ref.par_max_side)
-            labels.append(label)
-        return torch.stack(labels)
+        par_kw = {"use_par": ref.use_par, "par_iters": ref.par_iters, "par_dilations": ref.par_dilations}
+        if max(size) > ref.par_max_side:  # memory-bounded path of labels_from_cams, one image at a time
+            labels = []
+            for b in range(cams.shape[0]):
+                present = torch.nonzero(cls_labels[b] > 0).flatten()
+                sel = cams[b, present][None]
+                refined = refine_cams(sel, trans[b][None], box_mask(sel, tau))[0]
+                labels.append(labels_from_cams(refined, par_images[b], size, values=[0] + (present + 1).tolist(),
+                                               par_max_side=ref.par_max_side, **par_kw)[1])
+            return torch.stack(labels)
+        # batched: each image's present classes first (ascending), padded with all-zero maps to the batch's max K
+        present = cls_labels > 0
+        b, _, h, w = cams.shape
+        k = int(present.sum(dim=1).max()) if present.numel() else 0
+        order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :k]  # (B, K)
+        valid = present.gather(1, order)
+        sel = cams.gather(1, order[:, :, None, None].expand(b, k, h, w)) * valid[:, :, None, None].to(cams.dtype)
+        refined = refine_cams(sel, trans, box_mask(sel, tau))
+        scores = class_scores(refined, par_images, size, valid=valid, **par_kw)
+        lut = torch.cat([order.new_zeros(b, 1), order + 1], dim=1).to(torch.uint8)  # channel → label value
+        return lut.gather(1, scores.max(dim=1).indices.flatten(1)).view(b, *size)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, Tensor]:

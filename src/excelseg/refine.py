@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["box_mask", "labels_from_cams", "par", "refine_cams", "transition_matrix"]
+__all__ = ["box_mask", "class_scores", "labels_from_cams", "par", "refine_cams", "transition_matrix"]
 
 PAR_DILATIONS = (1, 2, 4, 8, 12, 24)
 
@@ -308,6 +308,52 @@ def _upsample_argmax(scores: Tensor, out_size: tuple[int, int], lut: Tensor, chu
     return out
 
 
+def class_scores(
+    refined: Tensor,
+    images: Tensor,
+    size: tuple[int, int],
+    *,
+    valid: Tensor | None = None,
+    use_par: bool = True,
+    par_iters: int = 20,
+    par_dilations: Sequence[int] = PAR_DILATIONS,
+) -> Tensor:
+    """Batched scores ``[bg, classes]`` from refined CAMs (EXCEL_SPEC §3.4; the body of :func:`labels_from_cams`).
+
+    Per map ``(c − min) / (max(c − min) + 1e-7)``; bilinear resize (align_corners=False) to ``size``; background
+    ``1 − max_c`` over the valid maps (all ones without any); PAR with ``images``.
+
+    Args:
+        refined: (B, K, h, w) refined CAMs; images may have different class counts, padded to K.
+        images: (B, 3, Hi, Wi) PAR guidance images.
+        size: (H, W) output size.
+        valid: (B, K) bool, False for padding maps (which must be all zero); their scores come out as −inf so
+            that an argmax never picks them. ``None``: every map is valid.
+
+    Returns:
+        (B, K + 1, H, W) scores.
+    """
+    if refined.dim() != 4:
+        raise ValueError(f"refined must be (B, K, h, w), got {tuple(refined.shape)}")
+    b, k = refined.shape[:2]
+    size = (int(size[0]), int(size[1]))
+    dtype = refined.dtype if refined.is_floating_point() else torch.float32
+    cams = refined.to(dtype)
+    if k > 0:
+        cams = minmax_normalize(cams)
+        cams = F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
+        bg = 1 - cams.amax(dim=1, keepdim=True)
+    else:
+        cams = cams.new_zeros((b, 0, *size))
+        bg = cams.new_ones((b, 1, *size))
+    scores = torch.cat([bg, cams], dim=1)
+    if use_par:
+        scores = par(images.to(scores), scores, iters=par_iters, dilations=par_dilations)
+    if valid is not None and k > 0:
+        scores[:, 1:].masked_fill_(~valid.to(torch.bool)[:, :, None, None], float("-inf"))
+    return scores
+
+
 def labels_from_cams(
     refined: Tensor,
     image: Tensor,
@@ -347,18 +393,8 @@ def labels_from_cams(
     if len(values) != k + 1 or not all(0 <= v <= 255 for v in values):
         raise ValueError(f"values must be K + 1 = {k + 1} label values in 0…255, got {values}")
     work = _working_size((out_h, out_w), par_max_side)
-    dtype = refined.dtype if refined.is_floating_point() else torch.float32
-    cams = refined.to(dtype)
-    if k > 0:
-        cams = minmax_normalize(cams)
-        cams = F.interpolate(cams[None], size=work, mode="bilinear", align_corners=False)[0]
-        bg = 1 - cams.amax(dim=0, keepdim=True)
-    else:
-        cams = cams.new_zeros((0, *work))
-        bg = cams.new_ones((1, *work))
-    scores = torch.cat([bg, cams], dim=0)
-    if use_par:
-        scores = par(image[None].to(scores), scores[None], iters=par_iters, dilations=par_dilations)[0]
+    scores = class_scores(refined[None], image[None], work, use_par=use_par, par_iters=par_iters,
+                          par_dilations=par_dilations)[0]
     lut = torch.tensor(values, dtype=torch.uint8, device=scores.device)
     if work != (out_h, out_w):
         return scores, _upsample_argmax(scores, (out_h, out_w), lut)

@@ -1,0 +1,127 @@
+"""Train ExCEL's adapter and decoder on image-level labels (single stage, EXCEL_SPEC §5): the frozen CLIP makes
+pseudo-labels from its calibrated CAMs, the heads learn from them; after train.lvc_switch_iter the pseudo-labels
+come from the adapter-shifted (LVC) CAMs. Seeded, resumable, AMP on CUDA, torchrun DDP, TensorBoard."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import (
+    OVERRIDE_RE,
+    CliError,
+    add_dataset_args,
+    add_out_dir,
+    check_writable,
+    clusters_arg,
+    config_from_args,
+    out_dir_arg,
+    write_resolved_config,
+)
+
+EXAMPLES = """examples:
+  excelseg train --config voc --root ~/data/VOCdevkit --bank voc_bank.pth --out-dir runs/voc
+  excelseg train --config coco --dataset coco --root ~/data/coco --bank coco_bank.pth --out-dir runs/coco
+  excelseg train --config voc --root ~/data/VOCdevkit --out-dir runs/voc --resume       # continue a run
+  excelseg train --config voc --root ~/data/VOCdevkit --out-dir runs/small train.accumulation=2 train.amp=fp16
+  torchrun --nproc-per-node 2 -m excelseg.cli train --config voc --root ~/data/VOCdevkit --out-dir runs/ddp
+
+Settings are the 'train' section of the config (train.iterations, train.batch_size, train.lr, train.val_every,
+train.checkpoint_every, train.gt_guided_crop, ...); any section.key=value word overrides one. The run folder gets
+checkpoints/iter_NNNNNN.safetensors (+ .state.pt), latest.json, train.log, tb/ (TensorBoard) and the resolved
+config. Ctrl-C finishes the iteration, writes a checkpoint and exits (130); --resume continues exactly.
+Exit status: 0 done, 2 bad input or a stopped run (non-finite loss, unwritable disk), 130 interrupted."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train the LVC adapter and decoder from image-level labels",
+                       description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--clip", default=None, help="CLIP weights (as for 'excelseg cam'; default ViT-B-16 OpenAI)")
+    g.add_argument("--bank", default=None, help="TSE attribute bank (.pth reference format, .safetensors, .npz)")
+    g.add_argument("--knowledge", default=None, help="knowledge base instead of a bank (voc, coco or a JSON file)")
+    g.add_argument("--clusters", type=clusters_arg, default=None, help="attribute clusters B for --knowledge (N or auto)")
+    g.add_argument("--config", default=None, metavar="NAME|YAML",
+                   help="settings: voc (default), coco, synthetic or a YAML file; section.key=value overrides")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default; torchrun: cuda:LOCAL_RANK)")
+    add_dataset_args(p, "train", workers_help="DataLoader worker processes")
+    p.add_argument("--val-split", default=None,
+                   help="in-training validation split (default train.val_split; 'none' = no validation)")
+    add_out_dir(p, None, "run folder: checkpoints, latest.json, train.log, tb/")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help="continue from a checkpoint: the run folder's latest.json (no value), a run folder, "
+                        "latest.json or a checkpoint .safetensors")
+    p.add_argument("--force", action="store_true", help="resume even if the config changed (differences logged)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (= train.seed; default 0)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="stop after this many iterations in total (the schedule keeps train.iterations)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run, overrides=[])
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..batch import dataset_vocabulary
+    from ..config import ConfigError
+    from ..data import open_dataset
+    from ..devices import device_for_rank, resolve_device
+    from ..predictor import CamPredictor
+    from ..train import DistInfo, Trainer, TrainingError, init_distributed
+    from ..weights import load_clip
+
+    if args.resume and OVERRIDE_RE.match(args.resume):  # "--resume train.x=y": the word is a setting
+        args.overrides, args.resume = [*args.overrides, args.resume], ""
+    pairs = list(args.overrides)
+    if args.seed is not None:
+        pairs.append(("train.seed", args.seed))
+    cfg = config_from_args(args, overrides=pairs)  # bad settings fail before anything is loaded
+    t = cfg.train
+    out_dir = out_dir_arg(args)
+    dist = DistInfo.from_env()
+    if dist.main:
+        check_writable(out_dir)
+    if args.root is None and args.index is None:
+        raise CliError("give --root (the prepared dataset) or --index")
+    try:
+        train_ds = open_dataset(args.dataset, root=args.root, split=args.split or t.train_split, index=args.index,
+                                with_mask=False)
+        val_split = args.val_split or t.val_split
+        val_ds = None
+        if val_split != "none" and t.val_every > 0:
+            val_ds = open_dataset(args.dataset, root=args.root, split=val_split, index=args.index)
+    except (ValueError, FileNotFoundError, ConfigError) as exc:
+        raise CliError(str(exc)) from None
+    device = resolve_device(device_for_rank(args.device))
+    init_distributed(dist, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    clip = load_clip(args.clip, device=device)
+    cfg = config_from_args(args, clip, pairs)
+    vocab = dataset_vocabulary(train_ds.class_names, train_ds.kind)
+    predictor = CamPredictor(clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
+                             clusters=args.clusters, config=cfg, device=device)
+    from ..model import ExcelModel
+
+    model = ExcelModel(clip.model.visual, predictor.text_features(vocab), len(vocab.names), cfg)
+    meta = {"clip": clip.identity, "dataset": train_ds.kind, "class_names": list(train_ds.class_names),
+            "bank": str(args.bank) if args.bank else None, "knowledge": args.knowledge}
+    try:
+        trainer = Trainer(model, cfg, train_ds, out_dir, val_ds=val_ds, device=device, workers=args.workers,
+                          dist=dist, metadata=meta, progress=False if args.no_progress else None)
+        if dist.main:
+            write_resolved_config(out_dir, cfg, clip=clip.identity, command="train", dataset=train_ds.kind,
+                                  split=train_ds.split)
+        if args.resume is not None:
+            trainer.resume(args.resume or out_dir, force=args.force)
+        last = trainer.fit(args.iterations)
+    except TrainingError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if dist.main:
+        print(f"done: {trainer.iteration} iterations; checkpoint {last}")
+    return 0
+
+
+__all__ = ["register", "run"]

@@ -1,0 +1,347 @@
+"""The trainer (excelseg.train, excelseg.training, ``excelseg train``) on tiny random CLIPs and the miniature VOC tree:
+gradient flow, one step lowers the loss, bit-identical resume, Ctrl-C, NaN stop, atomic checkpoints on a full
+disk, changed-config resume, bad inputs, batched pseudo-labels, a CLI run end to end (train → predict → eval) and
+a 2-process gloo torchrun run."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from excelseg.cli import main
+from excelseg.config import PAPER_VOC, CamConfig, HeadsConfig, RefineConfig, TrainConfig, dump_config
+from excelseg.data import open_dataset
+from excelseg.model import ExcelModel, denormalize_uint8
+from excelseg.refine import box_mask, labels_from_cams, refine_cams
+from excelseg.train import Trainer, TrainingError
+from excelseg.training import training_losses
+from test_pseudo_label import make_voc
+from tiny_clip import save_tiny, tiny_model
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+TINY = {"layers": 4, "image": 32, "patch": 8, "heads": 2, "width": 64, "embed": 32}
+TRAIN = TrainConfig(iterations=4, batch_size=2, crop_size=32, warmup_iters=2, lvc_switch_iter=1,
+                    self_affinity_iter=3, val_every=0, checkpoint_every=2, log_every=1, tensorboard=False)
+CFG = PAPER_VOC.with_(cam=replace(CamConfig(), size=(32, 32), svc_last_blocks=2),
+                      refine=replace(RefineConfig(), affinity_layers=3, par_iters=5),
+                      heads=HeadsConfig(dim=16, decoder_heads=2, decoder_depth=1), train=TRAIN)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_excel(num_classes: int = 20, seed: int = 0, cfg=CFG) -> ExcelModel:
+    clip = tiny_model(0, **TINY)
+    text = F.normalize(torch.randn(num_classes + 5, 32, generator=torch.Generator().manual_seed(7)), dim=-1)
+    torch.manual_seed(seed)  # head initialisation
+    return ExcelModel(clip.visual, text, num_classes, cfg)
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    return make_voc(tmp_path_factory.mktemp("voc"), copies=2)
+
+
+def train_ds(root):
+    return open_dataset("voc", root, split="train")
+
+
+def batch(seed: int = 3, n: int = 2, classes: int = 20):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    cls = torch.zeros(n, classes)
+    cls[0, [2, 7]] = 1
+    cls[1:, 11] = 1
+    return x, cls
+
+
+# ---- the step ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_iter", [0, 1, 3])  # static; LVC + P-guided; LVC + own-prediction affinity target
+def test_gradients_reach_every_head_parameter_and_no_clip_parameter(n_iter):
+    model = tiny_excel().train()
+    x, cls = batch()
+    res = training_losses(model, x, cls, n_iter, TRAIN)
+    res.loss.backward()
+    for name, p in model.heads.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    clip_params = list(model.encoder.parameters())
+    assert clip_params and all(p.grad is None and not p.requires_grad for p in clip_params)
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch():
+    from excelseg.optim import build_optimizer, set_lrs
+
+    model = tiny_excel().eval()  # no dropout: the same function before and after the step
+    x, cls = batch()
+    cfg = replace(TRAIN, warmup_iters=0, lr=1e-4)
+    opt = build_optimizer(model.heads, cfg)
+    before = training_losses(model, x, cls, 0, cfg)
+    opt.zero_grad()
+    before.loss.backward()
+    set_lrs(opt, 0, cfg)
+    opt.step()
+    after = training_losses(model, x, cls, 0, cfg)
+    assert torch.equal(after.pseudo, before.pseudo)  # static pseudo-labels: frozen CLIP only
+    assert float(after.loss.detach()) < float(before.loss.detach())
+
+
+def test_batch_without_classes_is_all_background_and_finite():
+    model = tiny_excel().train()
+    x, _ = batch()
+    res = training_losses(model, x, torch.zeros(2, 20), 0, TRAIN)
+    assert (res.pseudo == 0).all() and torch.isfinite(res.loss)
+    res.loss.backward()
+
+
+def test_crop_smaller_than_a_patch_is_refused():
+    model = tiny_excel()
+    with pytest.raises(ValueError, match="smaller than one 8x8 patch"):
+        training_losses(model, torch.randn(1, 3, 4, 32), torch.ones(1, 20), 0, TRAIN)
+
+
+@torch.no_grad()
+def test_batched_pseudo_labels_equal_the_per_image_training_free_path():
+    """The batched on-device labels vs :func:`labels_from_cams` image by image (float64: equality is exact)."""
+    model = tiny_excel().double().eval()
+    x, cls = batch(n=3)
+    x = x.double()
+    cls[2] = 0  # an image without classes in the same batch
+    out = model(x)
+    cams = model.static_cams(out)
+    trans, _, _ = model.transition(out, guided=True)
+    par_img = denormalize_uint8(x)
+    got = model.pseudo_labels(cams, cls, trans, par_img, (32, 32), 0.79)
+    for b in range(3):
+        present = torch.nonzero(cls[b] > 0).flatten()
+        sel = cams[b, present][None]
+        refined = refine_cams(sel, trans[b][None], box_mask(sel, 0.79))[0]
+        ref = model.config.refine
+        _, want = labels_from_cams(refined, par_img[b], (32, 32), values=[0] + (present + 1).tolist(),
+                                   par_iters=ref.par_iters)
+        assert torch.equal(got[b], want), b
+    assert (got[2] == 0).all()
+
+
+# ---- the trainer ----------------------------------------------------------------------------------------------
+
+
+def make_trainer(root, out, cfg=CFG, seed=0, **kw) -> Trainer:
+    return Trainer(tiny_excel(seed=seed, cfg=cfg), cfg, train_ds(root), out, log=kw.pop("log", lambda s: None),
+                   progress=False, **kw)
+
+
+def heads_state(trainer):
+    return {k: v.clone() for k, v in trainer.heads.state_dict().items()}
+
+
+def test_resume_is_bit_identical(voc, tmp_path):
+    """4 iterations straight vs 2 + resume + 2 (dropout on, LVC switch and affinity-target switch inside)."""
+    straight = make_trainer(voc, tmp_path / "a")
+    straight.fit()
+    first = make_trainer(voc, tmp_path / "b")
+    first.fit(2)
+    assert json.loads((tmp_path / "b" / "latest.json").read_text())["iteration"] == 2
+    resumed = make_trainer(voc, tmp_path / "b", seed=5)  # other initial heads: the checkpoint must win
+    resumed.resume(tmp_path / "b")
+    assert resumed.iteration == 2
+    resumed.fit()
+    a, b = heads_state(straight), heads_state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    # and the run really changed the weights
+    init = heads_state(make_trainer(voc, tmp_path / "c"))
+    assert any(not torch.equal(init[k], a[k]) for k in a)
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resumes(voc, tmp_path):
+    def on_log(line):
+        if line.startswith("iter 1/"):
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: finish this iteration, checkpoint, stop
+
+    trainer = make_trainer(voc, tmp_path, cfg=CFG.with_(train=replace(TRAIN, checkpoint_every=100)), log=on_log)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.iteration == 1
+    assert json.loads((tmp_path / "latest.json").read_text())["iteration"] == 1
+    assert (tmp_path / "checkpoints" / "iter_000001.safetensors").is_file()
+    again = make_trainer(voc, tmp_path, cfg=CFG.with_(train=replace(TRAIN, checkpoint_every=100)))
+    again.resume(tmp_path)
+    again.fit()
+    assert again.iteration == 4
+
+
+def test_nan_loss_stops_with_a_clear_message_keeping_the_last_checkpoint(voc, tmp_path, monkeypatch):
+    import excelseg.train as train_mod
+
+    real = train_mod.training_losses
+
+    def poisoned(model, images, labels, n_iter, cfg, **kw):
+        res = real(model, images, labels, n_iter, cfg, **kw)
+        if n_iter == 3:
+            res.loss = res.loss * float("nan")
+        return res
+
+    monkeypatch.setattr(train_mod, "training_losses", poisoned)
+    trainer = make_trainer(voc, tmp_path)
+    good = None
+    with pytest.raises(TrainingError, match=r"non-finite loss at iteration 3 .*last good checkpoint is .*iter_000002"):
+        trainer.fit()
+    good = json.loads((tmp_path / "latest.json").read_text())
+    assert good["iteration"] == 2 and not (tmp_path / "checkpoints" / "iter_000004.safetensors").exists()
+
+
+def test_full_disk_keeps_the_previous_checkpoint(voc, tmp_path, monkeypatch):
+    from excelseg.interop import load_heads
+
+    trainer = make_trainer(voc, tmp_path)
+    trainer.fit(2)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    pointer = (tmp_path / "latest.json").read_text()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(TrainingError, match=r"No space left on device.*iter_000002.safetensors is intact"):
+        trainer.fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before  # no temp files left
+    assert (tmp_path / "latest.json").read_text() == pointer
+    state, meta = load_heads(tmp_path / "checkpoints" / "iter_000002.safetensors")
+    assert meta["iteration"] == "2" and state
+
+
+def test_resume_with_a_changed_config_needs_force(voc, tmp_path):
+    make_trainer(voc, tmp_path).fit(2)
+    changed = CFG.with_(train=replace(TRAIN, lr=2e-4))
+    with pytest.raises(TrainingError, match=r"train.lr: 0.0001 -> 0.0002.*--force"):
+        make_trainer(voc, tmp_path, cfg=changed).resume(tmp_path)
+    lines = []
+    t = make_trainer(voc, tmp_path, cfg=changed, log=lines.append)
+    t.resume(tmp_path, force=True)
+    assert any("config changed train.lr" in line for line in lines) and t.iteration == 2
+
+
+def test_dataset_without_image_level_labels_is_refused(voc, tmp_path):
+    ds = open_dataset("voc", voc, split="test")  # test.txt: one image, no label
+    with pytest.raises(TrainingError, match="has no image-level labels"):
+        Trainer(tiny_excel(), CFG, ds, tmp_path, progress=False)
+
+
+def test_crop_and_batch_settings_are_checked(voc, tmp_path):
+    with pytest.raises(TrainingError, match="smaller than one 8x8 patch"):
+        make_trainer(voc, tmp_path, cfg=CFG.with_(train=replace(TRAIN, crop_size=4)))
+    with pytest.raises(TrainingError, match="multiple of processes"):
+        make_trainer(voc, tmp_path, cfg=CFG.with_(train=replace(TRAIN, batch_size=3, accumulation=2)))
+
+
+def test_gradient_accumulation_runs(voc, tmp_path):
+    t = make_trainer(voc, tmp_path, cfg=CFG.with_(train=replace(TRAIN, accumulation=2, iterations=2)))
+    assert t.micro_batch == 1
+    t.fit()
+    assert t.iteration == 2 and t.epoch * len(t.loader) + t.consumed == 4  # 2 steps × 2 micro-batches
+
+
+def test_validation_prints_both_tables(voc, tmp_path):
+    lines = []
+    cfg = CFG.with_(train=replace(TRAIN, iterations=1, val_every=1))
+    t = Trainer(tiny_excel(cfg=cfg), cfg, train_ds(voc), tmp_path, val_ds=open_dataset("voc", voc, split="val"),
+                log=lines.append, progress=False)
+    t.fit()
+    table = next(line for line in lines if line.startswith("validation @ iteration 1"))
+    assert "pseudo" in table and "seg" in table and "aeroplane" in table and "mIoU" in table
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+
+
+def tiny_yaml(path: Path, **train) -> Path:
+    cfg = CFG.with_(train=replace(TRAIN, **train))
+    path.write_text(dump_config(cfg))
+    return path
+
+
+def test_cli_unknown_key_lists_the_valid_ones(voc, tmp_path, capsys):
+    code = main(["train", "--root", str(voc), "--out-dir", str(tmp_path), "train.bogus=1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown setting train.bogus" in err and "lvc_switch_iter" in err and "iterations" in err
+
+
+def test_cli_end_to_end_train_predict_eval(voc, tmp_path, capsys):
+    """excelseg train (a few iterations, validation, checkpoint) → predictions of the trained decoder → excelseg
+    eval; then --resume with a changed setting is refused without --force."""
+    from excelseg.interop import load_heads
+    from excelseg.outputs import save_label_png
+    from excelseg.preprocess import network_input
+
+    clip = save_tiny(tmp_path / "tiny.pt", **TINY)
+    cfg_path = tiny_yaml(tmp_path / "tiny.yaml", iterations=3, val_every=3, checkpoint_every=3)
+    run = tmp_path / "run"
+    args = ["train", "--config", str(cfg_path), "--root", str(voc), "--split", "train", "--clip", str(clip),
+            "--out-dir", str(run), "--workers", "0", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "validation @ iteration 3" in out and "crop: label-free random crop" in out
+    assert (run / "excelseg_config.yaml").is_file() and (run / "train.log").is_file()
+    ck = json.loads((run / "latest.json").read_text())
+    state, meta = load_heads(run / ck["heads"])
+    assert ck["iteration"] == 3 and meta["iteration"] == "3"
+
+    # predict val with the trained heads, then score with excelseg eval
+    model = tiny_excel()
+    model.load_trainable_state_dict(state)
+    model.eval()
+    val = open_dataset("voc", voc, split="val")
+    pred = tmp_path / "pred"
+    with torch.no_grad():
+        for i in range(len(val)):
+            s = val[i]
+            x = network_input(s["image"], (32, 32))[None]
+            logits = F.interpolate(model(x).seg_logits, size=s["mask"].shape, mode="bilinear", align_corners=False)
+            save_label_png(pred / f"{s['name']}.png", logits[0].argmax(0).to(torch.uint8).numpy())
+    assert main(["eval", "--pred", str(pred), "--root", str(voc), "--split", "val", "--workers", "1"]) == 0
+    result = json.loads((pred / "metrics.json").read_text())
+    assert 0.0 <= result["miou"] <= 1.0 and result["evaluated"] == len(val)
+
+    assert main([*args, "--resume", "train.lr=0.5"]) == 2
+    assert "config differs" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_gloo(voc, tmp_path):
+    """2 CPU processes (gloo): DistributedSampler shards, DDP averages the gradients, rank 0 writes one checkpoint."""
+    clip = save_tiny(tmp_path / "tiny.pt", **TINY)
+    cfg_path = tiny_yaml(tmp_path / "tiny.yaml", iterations=2, checkpoint_every=2, val_every=0)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), env_path()]), "OMP_NUM_THREADS": "1",
+           "EXCELSEG_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "excelseg.cli", "train", "--config", str(cfg_path), "--root", str(voc), "--split", "train", "--clip",
+           str(clip), "--out-dir", str(run), "--workers", "0", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch 2 = 2 process(es) × 1 accumulation × 1" in proc.stdout
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000002.safetensors",
+                                                                        "iter_000002.state.pt"]
+
+
+def env_path() -> str:
+    return os.environ.get("PYTHONPATH", "")

@@ -12,9 +12,10 @@ they are both the vocabulary (plus the paper's background words) and the present
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,10 @@ class CamResult:
         return up[0].clamp_(0, 1).cpu().numpy()
 
 
+# mixed precision of the CLIP forward (``precision=``): fp32 is the default and the parity setting
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class CamPredictor:
     """Training-free ExCEL predictor.
 
@@ -89,13 +94,20 @@ class CamPredictor:
             ``"coco"``, ``"synthetic"``) or a YAML path; ``None``: the settings the weights were made for
             (``clip.default_config``), else ``"voc"`` (= :data:`~excelseg.config.PAPER_VOC`).
         device: ``"cpu"``, ``"cuda"``, ``"auto"``/``None``.
+        precision: ``"fp32"`` (default, the parity setting), ``"bf16"`` (CUDA or CPU) or ``"fp16"`` (CUDA):
+            autocast for the CLIP forward only; CAMs, refinement and PAR stay in fp32.
     """
 
     def __init__(self, clip: LoadedClip | str | Path | None = None, *, vocabulary=None,
                  bank: AttributeBank | str | Path | None = None, knowledge: str | Path | None = None,
                  clusters: int | str | None = None, config: PipelineConfig | str | None = None,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, precision: str = "fp32"):
         self.device = resolve_device(device)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 autocast needs a CUDA device; use precision bf16 on the CPU")
+        self.precision = precision
         self.clip = clip if isinstance(clip, LoadedClip) else load_clip(clip, device=self.device)
         self.clip.model.to(self.device)
         self.encoder = DenseEncoder(self.clip.model.visual)
@@ -122,6 +134,11 @@ class CamPredictor:
         self._text_cache: dict = {}
 
     # ---- image side -------------------------------------------------------------------------------------
+    def _autocast(self):
+        """Autocast for the CLIP forward at ``precision`` (bf16 / fp16), a no-op for fp32."""
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
     def _normalization(self):
         """``cam.normalization``; ``"weights"``: the loaded weights' own mean/std (0–1 → 0–255 space)."""
         norm = self.config.cam.normalization
@@ -153,8 +170,11 @@ class CamPredictor:
                                  f"size {self.encoder.patch_size[0]}; use a larger --size or scale")
             x = torch.stack([network_input(rgb, size, self._normalization(), flipped) for rgb in rgbs])
             base = scale == 1.0 and not flipped
-            out = self.encoder(x.to(self.device), svc, aff_blocks if base and cfg_ref.refine else (),
-                               head_sum=cfg_cam.svc_head_sum, pos_via_grid=via, return_tokens=False)
+            with self._autocast():
+                out = self.encoder(x.to(self.device), svc, aff_blocks if base and cfg_ref.refine else (),
+                                   head_sum=cfg_cam.svc_head_sum, pos_via_grid=via, return_tokens=False)
+            if out.features.dtype != torch.float32:  # mixed precision: CLIP forward only, the rest in fp32
+                out = replace(out, features=out.features.float(), attn=out.attn.float())
             for i, st in enumerate(states):
                 st.views.append((out.features[i], out.grid, flipped))
             if base:

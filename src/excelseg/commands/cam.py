@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     clip = load_clip(args.clip, device=device)
     cfg = config_from_args(args, clip, overrides)  # default: the settings these weights were made for
     predictor = CamPredictor(clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
-                             clusters=args.clusters, config=cfg, device=device)
+                             clusters=args.clusters, config=cfg, device=device,
+                             precision=args.precision)
     write_resolved_config(out_dir, cfg, clip=clip.identity, command="cam")
     failures: list[tuple[Path, str]] = []
     written = 0

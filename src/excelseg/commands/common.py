@@ -176,6 +176,8 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1) -> Non
     g.add_argument("--box-threshold", type=float, default=None,
                    help="τ_box of the box mask (= refine.box_threshold; paper: 0.79)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="CLIP forward precision (autocast): fp32 (default, parity), bf16 (CUDA or CPU), fp16 (CUDA)")
     g.add_argument("--batch-size", type=batch_size_arg, default=batch_default,
                    help=f"images per backbone forward (default {batch_default})")
     p.set_defaults(overrides=[])  # section.key=value words, collected by excelseg.cli.main

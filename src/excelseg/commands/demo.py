@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {exc}\n\nNo real CLIP weights here: running the offline synthetic demo instead.\n")
         return run_synthetic(args, out_dir)
     predictor = CamPredictor(clip, bank=args.bank, knowledge=args.knowledge, clusters=args.clusters,
-                             config=config_from_args(args, clip), device=device)
+                             config=config_from_args(args, clip), device=device,
+                             precision=args.precision)
     write_resolved_config(out_dir, predictor.config, clip=clip.identity, command="demo")
     photos = sample_photos()
     print(f"CLIP: {predictor.clip.name} ({predictor.clip.source})")

@@ -135,3 +135,17 @@ def test_index_json_of_exports_is_complete():
     for name in excelseg.__all__:
         assert getattr(excelseg, name) is not None
     assert json.dumps(sorted(excelseg.__all__))
+
+
+def test_gpu_suite_smoke_on_cpu(tmp_path):
+    """benchmarks/gpu_suite.py runs end to end with --device cpu (tiny model): the GPU run will not die on a typo."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick", "--tiny", "--no-train",
+                           "--out", str(out)], check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["cam"]
+    assert {(r["batch"], r["precision"]) for r in rows} == {(1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16")}
+    assert all(r["images_per_s"] > 0 for r in rows)

@@ -15,7 +15,7 @@ The constructor does no I/O: it takes a loaded CLIP model and text features.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -113,9 +113,14 @@ class ExcelModel(nn.Module):
             tokens = out.layer_tokens()
             attn = reference_attention(out.attn, out.attn_blocks, out.svc_blocks, self.encoder.num_heads,
                                        cfg.refine.head_sum_on_svc_blocks)
+            features, cache = out.features, out.cache
+            if features.dtype != torch.float32:  # under autocast: the frozen pass in low precision, CAMs,
+                features, attn = features.float(), attn.float()  # refinement and the LVC re-run in fp32
+                cache = replace(cache, start=cache.start.float(), cls=cache.cls.float(),
+                                maps=[m.float() for m in cache.maps], values=[v.float() for v in cache.values])
         fts, logits = self.heads(tokens)
         p, r_mean = learned_affinity(fts, cfg.heads.relation_gain, return_mean=True)
-        return ExcelOutput(fts, logits, p, r_mean, out.features, attn, out.cache, out.grid)
+        return ExcelOutput(fts, logits, p, r_mean, features, attn, cache, out.grid)
 
     # ---- CAMs ---------------------------------------------------------------------------------------------------
     def cams_from_features(self, features: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -103,6 +103,21 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch():
     assert float(after.loss.detach()) < float(before.loss.detach())
 
 
+@pytest.mark.parametrize("n_iter", [0, 15000, 25000])
+def test_bf16_autocast_step_keeps_the_refinement_in_fp32(n_iter):
+    """Under autocast the frozen pass runs in bf16, but CAMs, refinement and the LVC re-run must get fp32 inputs
+    (a bf16 tensor meeting an fp32 one outside autocast crashed the CUDA step); the heads still get gradients."""
+    model = tiny_excel().train()
+    x, cls = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        assert out.features.dtype == torch.float32 and out.attn.dtype == torch.float32
+        res = training_losses(model, x, cls, n_iter, TRAIN, out=out)
+    assert torch.isfinite(res.loss)
+    res.loss.backward()
+    assert all(p.grad is not None for p in model.heads.parameters() if p.requires_grad)
+
+
 def test_batch_without_classes_is_all_background_and_finite():
     model = tiny_excel().train()
     x, _ = batch()

@@ -4,7 +4,7 @@ Every number here is the value the reference implementation uses (EXCEL_SPEC §1
 extension is a named field whose paper value is the default. ``PAPER_VOC`` / ``PAPER_COCO`` are the presets.
 
 YAML: ``configs/voc.yaml``, ``coco.yaml`` and ``synthetic.yaml`` ship inside the package (:func:`load_config`
-takes their name or any file path). A file has the sections ``text``, ``cam``, ``refine`` and ``heads``; every key it leaves
+takes their name or any file path). A file has the sections ``text``, ``cam``, ``refine``, ``heads`` and ``segment``; every key it leaves
 out keeps the paper value, unknown sections or keys are refused with the list of valid ones.
 :func:`apply_overrides` applies ``section.key=value`` words (values parsed as YAML: ``cam.flip=true``,
 ``cam.size=448``, ``cam.scales=[1,0.75]``); :func:`dump_config` writes the resolved settings back.
@@ -86,11 +86,30 @@ class HeadsConfig:
 
 
 @dataclass(frozen=True)
+class SegmentConfig:
+    """Segmentation inference with trained heads (EXCEL_SPEC §6 ``infer_seg_voc.py`` / ``infer_seg_coco.py``).
+
+    Inputs are square ``int(cam.size · s)`` resizes of the image for each scale ``s`` (aspect not kept, as the
+    reference); logits of every scale are bilinearly upsampled to the output size and averaged (logits, not
+    probabilities), then argmax.
+    """
+
+    scales: tuple[float, ...] = (1.0, 0.7, 1.2, 1.5)  # × cam.size; the reference's order
+    flip: bool = True  # average each scale's logits with its flipped-back mirror-image logits
+    skip_flip_at_base: bool = True  # VOC script quirk (EXCEL_SPEC §10.11): at scale 1.0 the flipped logits are
+    # computed and discarded; the COCO script (coco.yaml) flips every scale
+    logits_scale: float = 1.0  # logits are aggregated at this fraction of the image size, then upsampled to it
+    # (COCO reference: 0.2, so 40k images' logits fit in memory and on disk)
+    crf: bool = False  # dense CRF (10, 1, 3, 67, 3, 4) on softmax(logits) and the RGB image (``[crf]`` extra)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     text: TextConfig = field(default_factory=TextConfig)
     cam: CamConfig = field(default_factory=CamConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def with_(self, **sections) -> PipelineConfig:
         """Return a copy with whole sections replaced, e.g. ``cfg.with_(cam=replace(cfg.cam, flip=True))``."""
@@ -98,13 +117,14 @@ class PipelineConfig:
 
 
 PAPER_VOC = PipelineConfig()
-PAPER_COCO = PipelineConfig(refine=RefineConfig(box_threshold=0.88), heads=HeadsConfig(train_box_threshold=0.88))
+PAPER_COCO = PipelineConfig(refine=RefineConfig(box_threshold=0.88), heads=HeadsConfig(train_box_threshold=0.88),
+                            segment=SegmentConfig(skip_flip_at_base=False, logits_scale=0.2, crf=True))
 PRESETS = {"paper": PAPER_VOC, "paper-voc": PAPER_VOC, "paper-coco": PAPER_COCO}
 
 
 # ---- YAML configuration files ---------------------------------------------------------------------------------
 
-SECTIONS = ("text", "cam", "refine", "heads")
+SECTIONS = ("text", "cam", "refine", "heads", "segment")
 SHIPPED_CONFIGS = ("voc", "coco", "synthetic")
 
 

@@ -46,6 +46,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def multiscale_views(scales: Sequence[float], flip: bool, skip_flip_at_base: bool = False
+                     ) -> list[tuple[float, bool]]:
+    """``(scale, with_flip)`` per scale, in the given order: what every multi-scale + flip aggregation runs
+    (CAMs here, segmentation logits in :mod:`excelseg.segmenter`). ``skip_flip_at_base``: no flip at scale 1.0
+    (``infer_seg_voc.py``, EXCEL_SPEC §10.11)."""
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be positive numbers, got {list(scales)}")
+    return [(float(s), bool(flip) and not (skip_flip_at_base and s == 1.0)) for s in scales]
+
+
 @dataclass
 class ImageState:
     """What ``set_image`` keeps: one image's backbone outputs, independent of the classes asked about."""
@@ -139,9 +149,8 @@ class CamPredictor:
     # ---- image side -------------------------------------------------------------------------------------
     def _views(self) -> list[tuple[float, bool]]:
         cfg = self.config.cam
-        scales = [1.0] + [s for s in cfg.scales if s != 1.0]
-        views = [(s, False) for s in scales]
-        return views + [(s, True) for s in scales] if cfg.flip else views
+        pairs = multiscale_views([1.0] + [s for s in cfg.scales if s != 1.0], cfg.flip)
+        return [(s, False) for s, _ in pairs] + [(s, True) for s, f in pairs if f]
 
     @torch.no_grad()
     def encode_batch(self, images: Sequence) -> list[ImageState]:

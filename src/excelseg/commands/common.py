@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 DATASET_KINDS = ("voc", "coco", "folder")
-OVERRIDE_RE = re.compile(r"^(text|cam|refine|heads)\.[a-z_]+=")
+OVERRIDE_RE = re.compile(r"^(text|cam|refine|heads|segment)\.[a-z_]+=")
 RESOLVED_CONFIG_NAME = "excelseg_config.yaml"
 
 

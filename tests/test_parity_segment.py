@@ -191,3 +191,69 @@ def test_report():
     require_kit()
     for key in sorted(MEASURED):
         print(f"  {key:55s} {MEASURED[key]:.3e}")
+
+
+# ---- excelseg cam --checkpoint: LVC pseudo-labels (infer_lam --training_free false, README §4.2 path (b)) --------
+
+
+def _lvc_oracle(clip, ckpt, image: np.ndarray, size: int, cls_idx: np.ndarray) -> np.ndarray:
+    """``pseudo_lvc`` at base ``size`` assembled from ExcelModel (the path test_parity_lvc.py checks against the
+    goldens): [x, flip x] forward, LVC CAMs with the pair's shift, max with the mirror, P of x alone,
+    P-guided affinity, box mask τ 0.79, refinement, PAR on the normalised input."""
+    from dataclasses import replace
+
+    from excelseg.config import PAPER_VOC
+    from excelseg.interop import load_checkpoint
+    from excelseg.lvc import learned_affinity, p_guided_affinity
+    from excelseg.model import ExcelModel, flip_max_cams
+    from excelseg.predictor import CamPredictor
+    from excelseg.preprocess import network_input
+    from excelseg.refine import box_mask, labels_from_cams, refine_cams, transition_matrix
+    from excelseg.vocab import Vocabulary
+    from parity_kit import REF_BANK
+
+    cfg = PAPER_VOC.with_(cam=replace(PAPER_VOC.cam, size=(size, size)))
+    text = CamPredictor(clip, vocabulary="voc", bank=REF_BANK, config=cfg, device="cpu").text_features(
+        Vocabulary.named("voc"))
+    model = ExcelModel(clip.model.visual, text, 20, cfg, load_checkpoint(ckpt).heads()).eval()
+    x = network_input(image, (size, size), "imagenet")
+    idx = torch.from_numpy(cls_idx)
+    with torch.no_grad():
+        out = model(torch.stack([x, x.flip(-1)]))
+        c = model.lvc_cams(out)
+        cams = flip_max_cams(c[:1], c[1:])[0][idx]
+        aff, _, _ = p_guided_affinity(out.attn[:1], learned_affinity(out.adapter_fts[:1]))
+        refined = refine_cams(cams[None], transition_matrix(aff), box_mask(cams[None], 0.79))[0]
+        _, label = labels_from_cams(refined, x, image.shape[:2], values=[0] + (idx + 1).tolist())
+    return label.numpy()
+
+
+def test_cli_cam_checkpoint_reaches_pseudo_lvc(kit, tmp_path, capsys):
+    """``excelseg cam --checkpoint`` on the 2 detail images: ``pseudo_lvc`` at 320 (README §6: ≤ 0.1 % of the
+    pixels); at ``--size 192`` the ExcelModel oracle; and without the checkpoint the labels are the static ones."""
+    from PIL import Image
+
+    from excelseg.cli import main
+    from excelseg.vocab import Vocabulary
+    from parity_kit import REF_BANK
+
+    clip, ckpt = kit
+    names = Vocabulary.named("voc").names
+    weights = str(random_clip_weights())
+    for name in DETAIL_IMAGES:
+        g = golden(name)
+        classes = ",".join(names[i] for i in g["cls_idx"])
+        common = [str(image_path(name)), "--checkpoint", str(ckpt), "--clip", weights, "--bank", str(REF_BANK),
+                  "--vocabulary", "voc", "--classes", classes, "--device", "cpu"]
+        assert main(["cam", *common, "--out-dir", str(tmp_path / "c320")]) == 0
+        ours = np.array(Image.open(tmp_path / "c320" / f"{name}.png"))
+        frac = frac_differ(ours, g["pseudo_lvc"])
+        _note("CLI cam --checkpoint vs pseudo_lvc (pixel fraction)", frac)
+        assert frac <= TOL_LABEL_FRAC
+        assert frac_differ(ours, g["pseudo_static"]) > 10 * TOL_LABEL_FRAC  # the checkpoint changes the labels
+        assert main(["cam", *common, "--out-dir", str(tmp_path / "c192"), "--size", "192"]) == 0
+        ours = np.array(Image.open(tmp_path / "c192" / f"{name}.png"))
+        frac = frac_differ(ours, _lvc_oracle(clip, ckpt, rgb(name), 192, g["cls_idx"]))
+        _note("CLI cam --checkpoint --size 192 vs ExcelModel oracle (pixel fraction)", frac)
+        assert frac <= TOL_LABEL_FRAC
+    capsys.readouterr()

@@ -17,7 +17,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity_kit import DETAIL_IMAGES, PARITY, golden, image_names, image_path, random_clip_weights, require_kit
+from parity_kit import (
+    DETAIL_IMAGES,
+    PARITY,
+    golden,
+    image_names,
+    image_path,
+    random_clip_weights,
+    require_kit,
+)
 
 NAMES = image_names()
 TOL_LOGITS = 5e-4  # README §6: seg_logits, msc_logits_*

@@ -238,7 +238,7 @@ def odd_images(folder):
     Image.fromarray(photo()).save(folder / "rgb.jpg")
     Image.fromarray(photo(40, 30)[..., 0]).save(folder / "grey.png")
     Image.fromarray(np.dstack([photo(50, 50), np.full((50, 50), 128, np.uint8)])).save(folder / "rgba.png")
-    Image.fromarray((photo(30, 40)[..., 1].astype(np.uint16) * 257)).save(folder / "deep16.png")
+    Image.fromarray(photo(30, 40)[..., 1].astype(np.uint16) * 257).save(folder / "deep16.png")
     Image.fromarray(photo(1, 1)).save(folder / "pixel.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     return folder

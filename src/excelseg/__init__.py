@@ -48,7 +48,7 @@ if TYPE_CHECKING:
         load_config,
     )
     from .predictor import CamPredictor, CamResult
-    from .segmenter import SegResult, Segmenter
+    from .segmenter import Segmenter, SegResult
     from .text import AttributeBank
     from .vocab import Vocabulary
     from .weights import LoadedClip, load_clip

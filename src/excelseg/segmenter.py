@@ -35,7 +35,7 @@ from .predictor import multiscale_views, resolve_device
 from .preprocess import network_input
 from .weights import LoadedClip, load_clip
 
-__all__ = ["SegResult", "Segmenter", "aggregate_logits", "logits_size", "MAX_WORK_SIDE"]
+__all__ = ["MAX_WORK_SIDE", "SegResult", "Segmenter", "aggregate_logits", "logits_size"]
 
 MAX_WORK_SIDE = 2048  # logits are aggregated at most this large (longer side); bigger labels are upsampled
 
@@ -54,9 +54,9 @@ class SegResult:
 
 def logits_size(image_size: tuple[int, int], scale: float = 1.0) -> tuple[int, int]:
     """Size the logits are aggregated at: ``image_size · scale`` (rounded, ≥ 1), longer side ≤ MAX_WORK_SIDE."""
-    h, w = (max(1, int(round(s * scale))) for s in image_size)
+    h, w = (max(1, round(s * scale)) for s in image_size)
     f = min(1.0, MAX_WORK_SIDE / max(h, w))
-    return (max(1, int(round(h * f))), max(1, int(round(w * f)))) if f < 1 else (h, w)
+    return (max(1, round(h * f)), max(1, round(w * f))) if f < 1 else (h, w)
 
 
 def aggregate_logits(per_scale: Sequence[tuple[Tensor, Tensor | None]], size: tuple[int, int]) -> Tensor:

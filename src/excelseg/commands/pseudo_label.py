@@ -13,8 +13,8 @@ import time
 
 from .common import (
     CliError,
-    add_dataset_args,
     add_checkpoint_arg,
+    add_dataset_args,
     add_model_args,
     add_out_dir,
     check_writable,

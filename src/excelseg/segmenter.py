@@ -11,7 +11,9 @@ Each scale's logits are bilinearly upsampled to the output size and averaged ove
 probabilities); the label is their argmax, optionally after a dense CRF (:mod:`excelseg.crf`).
 
 The output size is the image size; with ``segment.logits_scale`` < 1 (COCO reference: 0.2) the logits are
-aggregated and kept at that fraction of it, and upsampled to the image size for the argmax / CRF only.
+aggregated and kept at that fraction of it, and upsampled to the image size for the argmax / CRF only. Logits are
+aggregated at most :data:`MAX_WORK_SIDE` pixels on the longer side and the label of a larger image is the argmax
+of their bilinear upsampling, computed in blocks of rows (:func:`upsampled_argmax`), so memory stays bounded.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ from .predictor import multiscale_views, resolve_device
 from .preprocess import network_input
 from .weights import LoadedClip, load_clip
 
-__all__ = ["MAX_WORK_SIDE", "SegResult", "Segmenter", "aggregate_logits", "logits_size"]
+__all__ = ["MAX_WORK_SIDE", "SegResult", "Segmenter", "aggregate_logits", "logits_size", "upsampled_argmax"]
 
 MAX_WORK_SIDE = 2048  # logits are aggregated at most this large (longer side); bigger labels are upsampled
+CHUNK_ELEMENTS = 1 << 24  # upsampled logits are materialised at most this many floats at a time (64 MB)
 
 
 @dataclass
@@ -80,6 +83,29 @@ def aggregate_logits(per_scale: Sequence[tuple[Tensor, Tensor | None]], size: tu
     if total is None:
         raise ValueError("no scales to aggregate")
     return total / len(per_scale)
+
+
+def upsampled_argmax(logits: Tensor, size: tuple[int, int], chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
+    """``argmax`` over classes of the (C, h, w) ``logits`` bilinearly upsampled (align_corners=False) to
+    ``size``, without holding more than about ``chunk_elements`` upsampled values: the interpolation is
+    separable, so the width is upsampled once and the height block by block of output rows. (H, W) int64."""
+    c, h, w = logits.shape
+    out_h, out_w = size
+    if c * out_h * out_w <= chunk_elements:
+        up = logits if (h, w) == tuple(size) else F.interpolate(logits[None], size=tuple(size), mode="bilinear",
+                                                                align_corners=False)[0]
+        return up.argmax(0)
+    wide = F.interpolate(logits[None], size=(h, out_w), mode="bilinear", align_corners=False)[0]  # (C, h, W)
+    label = torch.empty(out_h, out_w, dtype=torch.long, device=logits.device)
+    rows = max(1, chunk_elements // (c * out_w))
+    for start in range(0, out_h, rows):
+        i = torch.arange(start, min(out_h, start + rows), dtype=torch.float64, device=logits.device)
+        src = ((i + 0.5) * (h / out_h) - 0.5).clamp(min=0)
+        y0 = src.floor().long().clamp(max=h - 1)
+        dy = (src - y0).to(logits.dtype)[None, :, None]
+        block = wide[:, y0] * (1 - dy) + wide[:, (y0 + 1).clamp(max=h - 1)] * dy
+        label[start:start + len(i)] = block.argmax(0)
+    return label
 
 
 class Segmenter:
@@ -199,19 +225,18 @@ class Segmenter:
         size = tuple(rgb.shape[:2])
         work = logits_size(size, self.config.segment.logits_scale)
         logits = aggregate_logits(per_scale, work)
-        full = logits if work == size else F.interpolate(logits[None], size=size, mode="bilinear",
-                                                         align_corners=False)[0]
-        label = full.argmax(0).to(torch.uint8).cpu().numpy()
+        label = upsampled_argmax(logits, size).to(torch.uint8).cpu().numpy()
         ss = None
         if single_scale:
             scales = [s for s, _ in self._views()]
             base = scales.index(1.0) if 1.0 in scales else 0
-            ss_logits = aggregate_logits([(per_scale[base][0], None)], size)
-            ss = ss_logits.argmax(0).to(torch.uint8).cpu().numpy()
+            ss = upsampled_argmax(per_scale[base][0], size).to(torch.uint8).cpu().numpy()
         no_crf = None
-        if crf:
+        if crf:  # the CRF needs the full-size probabilities anyway
             from .crf import dense_crf
 
+            full = logits if work == size else F.interpolate(logits[None], size=size, mode="bilinear",
+                                                             align_corners=False)[0]
             probs = torch.softmax(full, dim=0).cpu().numpy()
             no_crf, label = label, dense_crf(rgb, probs).argmax(0).astype(np.uint8)
         return SegResult(list(self.class_names), size, label, logits.cpu(), ss, no_crf)

@@ -374,3 +374,36 @@ def test_upsampled_argmax_in_blocks_equals_the_full_upsampling():
         got = upsampled_argmax(logits, (61, 83), chunk_elements=chunk)
         assert (got != full).double().mean() <= 1e-3
     assert torch.equal(upsampled_argmax(logits, (7, 9)), logits.argmax(0))
+
+
+def test_cli_segment_a_prepared_dataset_then_eval(ckpt, weights, tmp_path, capsys):
+    """segment --index (outputs named by id) → eval finds them and prints the single-scale and MS+flip rows;
+    a dataset with another class list is refused before any image is read."""
+    from excelseg.io import save_label_png
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    for name, seed in (("x", 0), ("y", 1)):
+        Image.fromarray(photo(seed=seed)).save(images / f"{name}.png")
+        save_label_png(masks / f"{name}.png", np.ones((60, 80), np.uint8))
+    (tmp_path / "labels.csv").write_text("x.png,cat\ny.png,cat;dog\n")
+    index = tmp_path / "index.json"
+    assert main(["prepare", "--dataset", "folder", "--root", str(images), "--labels", str(tmp_path / "labels.csv"),
+                 "--masks", str(masks), "--out", str(index), "--workers", "1"]) == 0
+    out = tmp_path / "seg"
+    assert main(["segment", "--dataset", "folder", "--index", str(index), "--checkpoint", str(ckpt), "--clip",
+                 str(weights), "--out-dir", str(out), "--single-scale", "--device", "cpu"]) == 0
+    assert (out / "x.png").is_file() and (out / "y_ss.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", "--pred", str(out), "--dataset", "folder", "--index", str(index), "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "single-scale" in printed and "MS+flip" in printed
+    other = tmp_path / "other.csv"
+    other.write_text("x.png,bird\ny.png,cat\n")
+    index2 = tmp_path / "index2.json"
+    assert main(["prepare", "--dataset", "folder", "--root", str(images), "--labels", str(other),
+                 "--out", str(index2), "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["segment", "--dataset", "folder", "--index", str(index2), "--checkpoint", str(ckpt), "--clip",
+                 str(weights), "--out-dir", str(tmp_path / "o2"), "--device", "cpu"]) == 2
+    assert "trained for 2 classes" in capsys.readouterr().err

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from .common import (
     CliError,
+    add_dataset_args,
     add_out_dir,
     batch_size_arg,
     check_writable,
+    open_dataset_args,
     out_dir_arg,
     scales_arg,
     size_arg,
@@ -29,7 +31,8 @@ EXAMPLES = """examples:
   excelseg segment photos/ --checkpoint voc_heads.safetensors --out-dir seg/
   excelseg segment 'val/*.jpg' --checkpoint voc_heads.safetensors --clip ~/weights/ViT-B-16.pt --crf --single-scale
   excelseg segment test/ --checkpoint voc_heads.safetensors --voc-test-submission --out-dir submit/
-  excelseg segment coco_val/ --checkpoint coco_heads.safetensors --save-logits segment.logits_scale=0.2
+  excelseg segment --dataset voc --root ~/data/VOCdevkit --split val --checkpoint voc_heads.safetensors --crf
+  excelseg segment --dataset coco --root ~/data/coco --split val_part --checkpoint coco_heads.safetensors --save-logits
 
 Outputs per image: <stem>.png (palette label of the multi-scale + flip prediction: 0 = background, i = i-th class
 of the checkpoint), with --single-scale <stem>_ss.png (scale 1.0, no flip), with --crf <stem>_crf.png (after the
@@ -45,8 +48,9 @@ SUBMISSION_DIR = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
 def register(sub) -> None:
     p = sub.add_parser("segment", help="segment images with trained heads (multi-scale + flip, optional CRF)",
                        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image files, directories or glob patterns; section.key=value words override settings")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image files, directories or glob patterns (or a prepared dataset: --root/--index); "
+                        "section.key=value words override settings")
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="excelseg heads checkpoint (.safetensors; a reference .pth converts with "
                         "'excelseg import-checkpoint')")
@@ -74,6 +78,7 @@ def register(sub) -> None:
                    help="average flipped logits (= segment.flip; paper: on)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     g.add_argument("--batch-size", type=batch_size_arg, default=1, help="images per forward (default 1)")
+    add_dataset_args(p, "eval", workers_help="unused (images are read in the main process)")
     p.set_defaults(func=run, overrides=[])
 
 
@@ -116,8 +121,11 @@ def run(args: argparse.Namespace) -> int:
 
     inputs, overrides = split_overrides(args.inputs)
     overrides = [*args.overrides, *overrides]
-    if not inputs:
-        raise CliError("give at least one image file, directory or glob pattern")
+    use_dataset = args.root is not None or args.index is not None
+    if not inputs and not use_dataset:
+        raise CliError("give image files, directories or glob patterns, or a prepared dataset (--root/--index)")
+    if inputs and use_dataset:
+        raise CliError("give either images or a dataset (--root/--index), not both")
     try:
         ckpt = load_checkpoint(args.checkpoint)
     except CheckpointError as exc:
@@ -130,10 +138,18 @@ def run(args: argparse.Namespace) -> int:
             require_crf()
         except ImportError as exc:
             raise CliError(f"{exc}; or run without --crf (segment.crf=false)") from None
-    paths = collect_images(inputs, recursive=args.recursive)
+    if use_dataset:  # outputs named by image id, so 'excelseg eval' finds them
+        ds = open_dataset_args(args, "eval")
+        try:
+            check_checkpoint(ckpt, class_names=ds.class_names)
+        except CheckpointError as exc:
+            raise CliError(str(exc)) from None
+        paths, stems = [ds.image_path(i) for i in ds.ids], list(ds.ids)
+    else:
+        paths = collect_images(inputs, recursive=args.recursive)
+        stems = _unique_stems(paths)
     out_dir = out_dir_arg(args)
     check_writable(out_dir)
-    stems = _unique_stems(paths)
     names = {s: output_names(s, args, cfg.segment.crf) for s in stems}
     todo = [(p, s) for p, s in zip(paths, stems)
             if args.overwrite or not all((out_dir / n).is_file() for n in names[s])]

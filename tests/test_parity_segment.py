@@ -194,13 +194,6 @@ def test_cli_segment_reaches_msc_pred_and_other_sizes(kit, tmp_path, capsys):
         assert frac_differ(ours, np.array(Image.open(out / f"{name}.png"))) > 10 * TOL_LABEL_FRAC
 
 
-def test_report():
-    """Prints the worst measured error per array (run with -s)."""
-    require_kit()
-    for key in sorted(MEASURED):
-        print(f"  {key:55s} {MEASURED[key]:.3e}")
-
-
 # ---- excelseg cam --checkpoint: LVC pseudo-labels (infer_lam --training_free false, README §4.2 path (b)) --------
 
 
@@ -265,3 +258,10 @@ def test_cli_cam_checkpoint_reaches_pseudo_lvc(kit, tmp_path, capsys):
         _note("CLI cam --checkpoint --size 192 vs ExcelModel oracle (pixel fraction)", frac)
         assert frac <= TOL_LABEL_FRAC
     capsys.readouterr()
+
+
+def test_report():
+    """Prints the worst measured error per array (run with -s)."""
+    require_kit()
+    for key in sorted(MEASURED):
+        print(f"  {key:55s} {MEASURED[key]:.3e}")

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-COMMANDS = ["", "cam", "pseudo-label", "prepare", "bank", "describe", "train", "eval", "eval-cams",
+COMMANDS = ["", "cam", "pseudo-label", "segment", "prepare", "bank", "describe", "train", "eval", "eval-cams",
             "import-checkpoint", "demo", "train-clip"]
 
 

@@ -13,8 +13,8 @@ import pytest
 from excelseg.cli import build_parser, command_modules, main
 from excelseg.config import PAPER_COCO, PAPER_VOC, ConfigError, apply_overrides, dump_config, load_config
 
-COMMANDS = ["cam", "pseudo-label", "prepare", "bank", "describe", "train", "eval", "eval-cams", "import-checkpoint",
-            "demo", "train-clip"]
+COMMANDS = ["cam", "pseudo-label", "segment", "prepare", "bank", "describe", "train", "eval", "eval-cams",
+            "import-checkpoint", "demo", "train-clip"]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -52,7 +52,7 @@ def test_help_does_not_import_torch():
 
 def test_option_vocabulary_is_consistent():
     """--out is always a file, --out-dir always a folder; --batch-size, --workers, --device one spelling each."""
-    folders = {"cam", "pseudo-label", "demo", "train"}
+    folders = {"cam", "pseudo-label", "segment", "demo", "train"}
     for name, sub in _subparsers(build_parser()).items():
         parsers = _subparsers(sub) or {name: sub}
         for p in parsers.values():

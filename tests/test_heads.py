@@ -144,7 +144,7 @@ def test_cli_import_checkpoint(tmp_path, ref_heads, capsys):
     torch.save(_reference_state(ref_heads), src)
     out = tmp_path / "heads.safetensors"
     assert main(["import-checkpoint", str(src), "--out", str(out)]) == 0
-    assert "6,313,237 parameters (20 classes)" in capsys.readouterr().out
+    assert "6,313,237 parameters (20 classes: aeroplane" in capsys.readouterr().out
     state, meta = load_heads(out)
     assert all(torch.equal(state[k], v) for k, v in ref_heads.state_dict().items())
     assert meta["source_sha256"] == source_sha256(src) and meta["num_outputs"] == "21"

@@ -361,3 +361,33 @@ def test_eval_cams_uses_only_the_gt_classes(tiny, tmp_path):
     assert r["gt_labels"] and r["best"]["confusion"][2] == [30, 0, 40]  # x's 30 b pixels become background
     assert main([*args, "--no-gt-labels"]) == 0
     assert json.loads((cams_dir / "cam_metrics.json").read_text())["best_miou"] == 1.0
+
+
+def test_eval_variant_rows_and_mean_std_over_runs(tiny, tmp_path, capsys):
+    """Segment's variants (_ss, plain, _crf) become rows; several folders are summarised as mean ± sample std.
+    Expected IoUs by hand: GT per image = 20 bg, 40 a, 40 b pixels (x: 10 b pixels ignored)."""
+    index, masks, _ = tiny
+    gt = {n: read_label_png(masks / f"{n}.png") for n in ("x", "y")}
+    runs = []
+    for k in range(2):
+        d = tmp_path / f"run{k}"
+        d.mkdir()
+        (d / "excelseg_config.yaml").write_text("# command: segment\n")
+        for name, g in gt.items():
+            perfect = np.where(g == 255, 0, g).astype(np.uint8)
+            save_label_png(d / f"{name}.png", perfect)  # MS+flip: perfect
+            ss = perfect.copy()
+            ss[2:6] = 0 if k == 0 else 1  # run 0: class a predicted as background
+            save_label_png(d / f"{name}_ss.png", ss)
+            save_label_png(d / f"{name}_crf.png", perfect)
+        runs.append(d)
+    assert main(["eval", "--pred", *map(str, runs), "--dataset", "folder", "--index", str(index), "--workers", "1",
+                 "--out", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    # run 0 single-scale: bg IoU = 40/(40+80)... per class: bg tp 40 (2 images × 20), fp 80 (a) → 1/3; a 0; b 1
+    miou0 = (1 / 3 + 0 + 1) / 3
+    mean, std = (miou0 + 1) / 2, float(np.std([miou0, 1.0], ddof=1))
+    assert f"single-scale  mIoU {100 * mean:.2f} ± {100 * std:.2f}  (2 runs)" in out
+    assert "MS+flip       mIoU 100.00 ± 0.00" in out and "+CRF          mIoU 100.00 ± 0.00" in out
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert len(result["runs"]) == 6 and abs(result["summary"]["single-scale"]["miou_mean"] - mean) < 1e-9

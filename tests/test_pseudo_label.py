@@ -17,7 +17,7 @@ from PIL import Image
 
 from excelseg.batch import Shard
 from excelseg.cli import main
-from excelseg.config import load_config
+from excelseg.config import apply_overrides, load_config
 from excelseg.data import open_dataset
 from excelseg.outputs import cam_size_for, read_cam_archive, read_label_png, save_label_png, stale_temps_of
 from tiny_clip import save_tiny
@@ -297,3 +297,35 @@ def test_crf_missing_extra_is_one_line(setup, tmp_path, capsys, monkeypatch):
     assert pseudo_label(root, clip, tmp_path / "o", "--crf") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install 'excelseg[crf]'" in err
+
+
+def test_checkpoint_gives_lvc_labels_and_is_checked(setup, tmp_path, capsys):
+    """--checkpoint: LVC pseudo-labels (differ from the training-free ones); a checkpoint for another class list
+    or another CLIP is refused with one line."""
+    from excelseg.heads import ExcelHeads
+    from excelseg.interop import save_checkpoint, source_sha256
+    from excelseg.vocab import Vocabulary
+
+    root, clip, ref = setup
+    torch.manual_seed(0)
+    heads = ExcelHeads(21, 6, 64, dim=32, heads=2).state_dict()
+    cfg = apply_overrides(load_config("voc"), ["cam.size=64", "heads.dim=32", "heads.decoder_heads=2"])
+    ckpt = tmp_path / "voc.safetensors"
+    save_checkpoint(ckpt, heads, class_names=Vocabulary.named("voc").names,
+                    clip_identity=f"sha256:{source_sha256(clip)}", config=cfg)
+    out = tmp_path / "lvc"
+    assert pseudo_label(root, clip, out, "--workers", "0", "--checkpoint", ckpt) == 0
+    ids = train_ids(root)
+    ours, static = labels_of(out, ids), labels_of(ref, ids)
+    assert any(not np.array_equal(ours[i], static[i]) for i in ids)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, ExcelHeads(3, 6, 64, dim=32, heads=2).state_dict(), class_names=["cat", "dog"],
+                    clip_identity=f"sha256:{source_sha256(clip)}", config=cfg)
+    assert pseudo_label(root, clip, tmp_path / "o2", "--checkpoint", other) == 2
+    err = capsys.readouterr().err
+    assert "trained for 2 classes" in err and len(err.strip().splitlines()) == 1
+    wrong_clip = tmp_path / "wrong.safetensors"
+    save_checkpoint(wrong_clip, heads, class_names=Vocabulary.named("voc").names, clip_identity="ViT-B-16:openai",
+                    config=cfg)
+    assert pseudo_label(root, clip, tmp_path / "o3", "--checkpoint", wrong_clip) == 2
+    assert "made with CLIP ViT-B-16:openai" in capsys.readouterr().err

@@ -8,6 +8,9 @@ Public API::
     r.cams          # K×H×W float32 in [0, 1]
     r.pseudo_label  # H×W uint8, 0 = background
 
+    s = Segmenter.from_checkpoint("voc_heads.safetensors")   # trained heads (+ the CLIP they record)
+    s.predict(image).label                                    # H×W uint8, multi-scale + flip
+
 The names below are imported on first use (PEP 562), so ``import excelseg`` and the CLI's ``--help`` stay fast.
 """
 
@@ -21,7 +24,7 @@ from ._version import __version__
 _EXPORTS = {
     "PAPER_COCO": "config", "PAPER_VOC": "config", "PRESETS": "config", "CamConfig": "config",
     "PipelineConfig": "config", "RefineConfig": "config", "TextConfig": "config", "load_config": "config",
-    "CamPredictor": "predictor", "CamResult": "predictor",
+    "CamPredictor": "predictor", "CamResult": "predictor", "SegResult": "segmenter", "Segmenter": "segmenter",
     "AttributeBank": "bank",
     "Vocabulary": "vocab",
     "LoadedClip": "weights", "load_clip": "weights",
@@ -29,7 +32,8 @@ _EXPORTS = {
 
 __all__ = [
     "PAPER_COCO", "PAPER_VOC", "PRESETS", "AttributeBank", "CamConfig", "CamPredictor", "CamResult", "LoadedClip",
-    "PipelineConfig", "RefineConfig", "TextConfig", "Vocabulary", "__version__", "load_clip", "load_config",
+    "PipelineConfig", "RefineConfig", "SegResult", "Segmenter", "TextConfig", "Vocabulary", "__version__",
+    "load_clip", "load_config",
 ]
 
 if TYPE_CHECKING:
@@ -45,6 +49,7 @@ if TYPE_CHECKING:
         load_config,
     )
     from .predictor import CamPredictor, CamResult
+    from .segmenter import Segmenter, SegResult
     from .vocab import Vocabulary
     from .weights import LoadedClip, load_clip
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from ._version import __version__
 from .commands.common import OVERRIDE_RE, CliError
 
-COMMAND_ORDER = ("cam", "pseudo_label", "prepare", "bank", "describe", "train", "eval", "eval_cams", "import_checkpoint",
-                 "demo", "train_clip")
+COMMAND_ORDER = ("cam", "pseudo_label", "segment", "prepare", "bank", "describe", "train", "eval", "eval_cams",
+                 "import_checkpoint", "demo", "train_clip")
 
 
 def command_modules() -> list[str]:

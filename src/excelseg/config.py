@@ -4,7 +4,8 @@ Every number here is the value the reference implementation uses (EXCEL_SPEC §1
 extension is a named field whose paper value is the default. ``PAPER_VOC`` / ``PAPER_COCO`` are the presets.
 
 YAML: ``configs/voc.yaml``, ``coco.yaml`` and ``synthetic.yaml`` ship inside the package (:func:`load_config`
-takes their name or any file path). A file has the sections ``text``, ``cam``, ``refine``, ``heads`` and ``train``; every key it leaves
+takes their name or any file path). A file has the sections ``text``, ``cam``, ``refine``, ``heads``,
+``segment`` and ``train``; every key it leaves
 out keeps the paper value, unknown sections or keys are refused with the list of valid ones.
 :func:`apply_overrides` applies ``section.key=value`` words (values parsed as YAML: ``cam.flip=true``,
 ``cam.size=448``, ``cam.scales=[1,0.75]``); :func:`dump_config` writes the resolved settings back.
@@ -86,6 +87,24 @@ class HeadsConfig:
 
 
 @dataclass(frozen=True)
+class SegmentConfig:
+    """Segmentation inference with trained heads (EXCEL_SPEC §6 ``infer_seg_voc.py`` / ``infer_seg_coco.py``).
+
+    Inputs are square ``int(cam.size · s)`` resizes of the image for each scale ``s`` (aspect not kept, as the
+    reference); logits of every scale are bilinearly upsampled to the output size and averaged (logits, not
+    probabilities), then argmax.
+    """
+
+    scales: tuple[float, ...] = (1.0, 0.7, 1.2, 1.5)  # × cam.size; the reference's order
+    flip: bool = True  # average each scale's logits with its flipped-back mirror-image logits
+    skip_flip_at_base: bool = True  # VOC script quirk (EXCEL_SPEC §10.11): at scale 1.0 the flipped logits are
+    # computed and discarded; the COCO script (coco.yaml) flips every scale
+    logits_scale: float = 1.0  # logits are aggregated at this fraction of the image size, then upsampled to it
+    # (COCO reference: 0.2, so 40k images' logits fit in memory and on disk)
+    crf: bool = False  # dense CRF (10, 1, 3, 67, 3, 4) on softmax(logits) and the RGB image (``[crf]`` extra)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Single-stage ExCEL training (EXCEL_SPEC §5.2–§5.3, §10.9): schedule, augmentation, run bookkeeping.
 
@@ -129,6 +148,7 @@ class PipelineConfig:
     cam: CamConfig = field(default_factory=CamConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     heads: HeadsConfig = field(default_factory=HeadsConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def with_(self, **sections) -> PipelineConfig:
@@ -139,6 +159,7 @@ class PipelineConfig:
 PAPER_VOC = PipelineConfig()
 PAPER_COCO = PipelineConfig(
     refine=RefineConfig(box_threshold=0.88), heads=HeadsConfig(train_box_threshold=0.88),
+    segment=SegmentConfig(skip_flip_at_base=False, logits_scale=0.2, crf=True),
     train=TrainConfig(train_split="train", val_split="val_part", iterations=100000, warmup_iters=200,
                       lvc_switch_iter=30000, self_affinity_iter=-1, val_every=10000, checkpoint_every=10000))
 PRESETS = {"paper": PAPER_VOC, "paper-voc": PAPER_VOC, "paper-coco": PAPER_COCO}
@@ -146,7 +167,7 @@ PRESETS = {"paper": PAPER_VOC, "paper-voc": PAPER_VOC, "paper-coco": PAPER_COCO}
 
 # ---- YAML configuration files ---------------------------------------------------------------------------------
 
-SECTIONS = ("text", "cam", "refine", "heads", "train")
+SECTIONS = ("text", "cam", "refine", "heads", "segment", "train")
 SHIPPED_CONFIGS = ("voc", "coco", "synthetic")
 
 

@@ -150,12 +150,11 @@ def cams_chunk(task: tuple[list[tuple[str, str, str]], int, list[float], dict[st
 
 
 def score_folder(ds, folder: Path, suffix: str, what: str, worker, *, allow_missing: bool, workers: int,
-                 extra=lambda chunk: ()) -> tuple[Any, list[tuple], list[str]]:
+                 extra=lambda chunk: (), desc: str = "eval") -> tuple[Any, list[tuple], list[str]]:
     """Run ``worker`` over the split's files ``<folder>/<id><suffix>`` in chunks of :data:`CHUNK` on ``workers``
     processes with a progress bar; each task is ``(chunk, num_classes, *extra(chunk))``.
     Returns ``(iterator of worker results, items, missing ids)``."""
     items, missing = find_inputs(ds, folder, suffix, what, allow_missing)
     c = ds.num_classes + 1
     tasks = [(part, c, *extra(part)) for part in (items[i:i + CHUNK] for i in range(0, len(items), CHUNK))]
-    desc = "eval" if suffix == ".png" else "eval-cams"
     return parallel_map(worker, tasks, workers, 1, progress_bar(desc, len(items)), desc), items, missing

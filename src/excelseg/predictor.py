@@ -5,6 +5,12 @@ CLIP dense forward once (every scale/flip view, plus the attention affinity, whi
 classes); ``predict(class_names)`` then only encodes text (cached), aligns patches with it and refines, so asking
 about other classes does not re-run the image tower.
 
+With a checkpoint of trained heads (``CamPredictor(..., checkpoint=CKPT)``) the CAMs are the reference's
+``infer_lam --training_free false`` ones (EXCEL_SPEC §4.2, parity README §4.2 path (b)): the image and its mirror
+image go through the frozen CLIP together, the adapter features of that pair give the LVC shift ``E`` (relation
+mean coupled over the pair) for the calibrated stream, the two LVC CAMs are combined by ``max`` (mirror flipped
+back) and min–max normalised, and refinement uses the P-guided affinity (P of the image alone). Scale 1 only.
+
 Protocol (EXCEL_SPEC §3.2): the alignment is computed against a *vocabulary* — in the paper all dataset classes
 plus background words — and CAMs/labels are kept for the classes *present* in the image. With only class names,
 they are both the vocabulary (plus the paper's background words) and the present classes.
@@ -38,6 +44,16 @@ from .weights import LoadedClip, load_clip
 _logger = logging.getLogger(__name__)
 
 
+def multiscale_views(scales: Sequence[float], flip: bool, skip_flip_at_base: bool = False
+                     ) -> list[tuple[float, bool]]:
+    """``(scale, with_flip)`` per scale, in the given order: what every multi-scale + flip aggregation runs
+    (CAMs here, segmentation logits in :mod:`excelseg.segmenter`). ``skip_flip_at_base``: no flip at scale 1.0
+    (``infer_seg_voc.py``, EXCEL_SPEC §10.11)."""
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be positive numbers, got {list(scales)}")
+    return [(float(s), bool(flip) and not (skip_flip_at_base and s == 1.0)) for s in scales]
+
+
 @dataclass
 class ImageState:
     """What ``set_image`` keeps: one image's backbone outputs, independent of the classes asked about."""
@@ -46,6 +62,7 @@ class ImageState:
     net_input: Tensor  # (3, h_in, w_in) normalised scale-1 input; guides PAR
     views: list[tuple[Tensor, tuple[int, int], bool]]  # per scale/flip view: features (T, E), grid, flipped
     trans: Tensor | None  # (N, N) refinement transition matrix of the scale-1 view
+    combine: str = "mean"  # views combined by sum + min–max ("mean"), or max + min–max ("max": LVC with flip)
 
 
 @dataclass
@@ -91,8 +108,12 @@ class CamPredictor:
             is built once (``clusters``; default 112 for voc, 224 for coco, else ``"auto"``) and cached, and only
             the classes it describes are enriched; the others fall back to plain prompts (logged once).
         config: pipeline settings: a :class:`~excelseg.config.PipelineConfig`, a shipped config name (``"voc"``,
-            ``"coco"``, ``"synthetic"``) or a YAML path; ``None``: the settings the weights were made for
-            (``clip.default_config``), else ``"voc"`` (= :data:`~excelseg.config.PAPER_VOC`).
+            ``"coco"``, ``"synthetic"``) or a YAML path; ``None``: the checkpoint's settings, else those the
+            weights were made for (``clip.default_config``), else ``"voc"`` (= :data:`~excelseg.config.PAPER_VOC`).
+        checkpoint: trained heads (:func:`~excelseg.interop.save_checkpoint` file or
+            :class:`~excelseg.interop.HeadsCheckpoint`): LVC CAMs with flip and P-guided refinement (see the
+            module docstring). Refused with other CLIP weights, or when ``vocabulary`` is not its class list;
+            the default vocabulary is its class list.
         device: ``"cpu"``, ``"cuda"``, ``"auto"``/``None``.
         precision: ``"fp32"`` (default, the parity setting), ``"bf16"`` (CUDA or CPU) or ``"fp16"`` (CUDA):
             autocast for the CLIP forward only; CAMs, refinement and PAR stay in fp32.
@@ -101,7 +122,7 @@ class CamPredictor:
     def __init__(self, clip: LoadedClip | str | Path | None = None, *, vocabulary=None,
                  bank: AttributeBank | str | Path | None = None, knowledge: str | Path | None = None,
                  clusters: int | str | None = None, config: PipelineConfig | str | None = None,
-                 device: str | torch.device | None = None, precision: str = "fp32"):
+                 device: str | torch.device | None = None, precision: str = "fp32", checkpoint=None):
         self.device = resolve_device(device)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -113,6 +134,20 @@ class CamPredictor:
         self.encoder = DenseEncoder(self.clip.model.visual)
         self.text_encoder = TextEncoder(self.clip.model, self.clip.tokenizer, self.clip.identity)
         self.vocabulary = None if vocabulary is None else Vocabulary.from_spec(vocabulary)
+        self.heads = None
+        if checkpoint is not None:
+            from .interop import HeadsCheckpoint, check_checkpoint, load_checkpoint
+
+            ckpt = checkpoint if isinstance(checkpoint, HeadsCheckpoint) else load_checkpoint(checkpoint)
+            check_checkpoint(ckpt, self.clip.identity,
+                             None if self.vocabulary is None else list(self.vocabulary.names))
+            if self.vocabulary is None:
+                named = ckpt.meta.get("vocabulary")
+                self.vocabulary = (Vocabulary.named(named) if named in ("voc", "coco")
+                                   else Vocabulary.from_names(ckpt.class_names))
+            self.heads = ckpt.heads().to(self.device)
+            if config is None:
+                config = ckpt.config
         if bank is not None and knowledge is not None:
             raise ValueError("give either a bank or a knowledge base, not both")
         self.bank = bank if bank is None or isinstance(bank, AttributeBank) else AttributeBank.load(bank)
@@ -130,6 +165,9 @@ class CamPredictor:
         # settings: as given (a PipelineConfig, a shipped name or a YAML path), else those the weights were made
         # for (LoadedClip.default_config, e.g. the synthetic CLIP's 96 px input), else the paper's
         self.config = load_config(config if config is not None else self.clip.default_config)
+        if self.heads is not None and (tuple(self.config.cam.scales) != (1.0,) or not self.config.refine.refine):
+            raise ValueError("LVC pseudo-labels (a checkpoint) run at scale 1 with flip and refinement, as the "
+                             "reference's infer_lam: use cam.scales=[1.0] and refine.refine=true")
         self._state: ImageState | None = None
         self._text_cache: dict = {}
 
@@ -148,15 +186,16 @@ class CamPredictor:
 
     def _views(self) -> list[tuple[float, bool]]:
         cfg = self.config.cam
-        scales = [1.0] + [s for s in cfg.scales if s != 1.0]
-        views = [(s, False) for s in scales]
-        return views + [(s, True) for s in scales] if cfg.flip else views
+        pairs = multiscale_views([1.0] + [s for s in cfg.scales if s != 1.0], cfg.flip)
+        return [(s, False) for s, _ in pairs] + [(s, True) for s, f in pairs if f]
 
     @torch.no_grad()
     def encode_batch(self, images: Sequence) -> list[ImageState]:
         """Run the dense forward for a batch of images (any PIL/numpy input); one state per image."""
         cfg_cam, cfg_ref = self.config.cam, self.config.refine
         rgbs = [to_rgb_array(im) for im in images]
+        if self.heads is not None:
+            return self._encode_lvc(rgbs)
         base_size = tuple(cfg_cam.size)
         via = self.encoder.grid_for(base_size) if cfg_cam.pos_two_step else None
         svc = self.encoder.last_blocks(cfg_cam.svc_last_blocks)
@@ -184,6 +223,39 @@ class CamPredictor:
                     trans = transition_matrix(self._affinity(out.attn, out.attn_blocks, svc), cfg_ref.sinkhorn_iters)
                     for i, st in enumerate(states):
                         st.trans = trans[i]
+        return states
+
+    @torch.no_grad()
+    def _encode_lvc(self, rgbs: list[np.ndarray]) -> list[ImageState]:
+        """LVC states (``infer_lam --training_free false``): one frozen pass for [images, mirrored images]; per
+        image, E from the adapter features of (image, mirror), P of the image alone (parity README §4.2 (b))."""
+        from .lvc import learned_affinity, lvc_shift, p_guided_affinity, reference_attention
+
+        cfg = self.config
+        size = tuple(cfg.cam.size)
+        if min(self.encoder.grid_for(size)) < 1:
+            raise ValueError(f"input size {size[0]}x{size[1]} is smaller than the CLIP patch size "
+                             f"{self.encoder.patch_size[0]}; use a larger --size")
+        via = self.encoder.grid_for(size) if cfg.cam.pos_two_step else None
+        svc = self.encoder.last_blocks(cfg.cam.svc_last_blocks)
+        aff_blocks = self.encoder.last_blocks(min(cfg.refine.affinity_layers, self.encoder.num_blocks))
+        x = torch.stack([network_input(rgb, size, cfg.cam.normalization) for rgb in rgbs]).to(self.device)
+        n = x.shape[0]
+        out = self.encoder(torch.cat([x, x.flip(-1)]), svc, aff_blocks, head_sum=cfg.cam.svc_head_sum,
+                           pos_via_grid=via, return_tokens=True, keep_cache=True,
+                           alias_tokens=cfg.heads.alias_features)
+        fts = self.heads.eval().adapter(out.layer_tokens())
+        attn = reference_attention(out.attn[:n], out.attn_blocks, out.svc_blocks, self.encoder.num_heads,
+                                   cfg.refine.head_sum_on_svc_blocks)
+        gain = cfg.heads.relation_gain
+        states = []
+        for i, rgb in enumerate(rgbs):
+            pair = [i, n + i]
+            feats, _ = self.encoder.calibrate(out.cache.select(pair), lvc_shift(fts[pair], gain))
+            aff, _, _ = p_guided_affinity(attn[i:i + 1], learned_affinity(fts[i:i + 1], gain))
+            trans = transition_matrix(aff, cfg.refine.sinkhorn_iters)[0]
+            views = [(feats[0], out.grid, False), (feats[1], out.grid, True)]
+            states.append(ImageState(rgb.shape[:2], x[i], views, trans, combine="max"))
         return states
 
     def _affinity(self, attn: Tensor, blocks: tuple[int, ...], svc: tuple[int, ...]) -> Tensor:
@@ -251,7 +323,16 @@ class CamPredictor:
         cfg_cam, cfg_ref = self.config.cam, self.config.refine
         base_grid = state.views[0][1]
         agg = None
-        for feats, grid, flipped in state.views:
+        if state.combine == "max":  # LVC with flip: max(CAM, mirrored-back CAM), then min–max (1e-5)
+            maps = []
+            for feats, grid, flipped in state.views:
+                cams = surgery_cams(feats[None], text, vocab.num_classes, cfg_cam.feature_norm,
+                                    cfg_cam.cls_weight_scale)[0][present].view(len(present), *grid)
+                maps.append(cams.flip(-1) if flipped else cams)
+            m = torch.stack(maps).amax(dim=0)
+            m = m - m.amin(dim=(-2, -1), keepdim=True)
+            agg = m / (m.amax(dim=(-2, -1), keepdim=True) + 1e-5)
+        for feats, grid, flipped in ([] if agg is not None else state.views):
             cams = surgery_cams(feats[None], text, vocab.num_classes, cfg_cam.feature_norm,
                                 cfg_cam.cls_weight_scale)[0][present].view(len(present), *grid)
             if flipped:
@@ -259,7 +340,7 @@ class CamPredictor:
             if grid != base_grid:
                 cams = F.interpolate(cams[None], size=base_grid, mode="bilinear", align_corners=False)[0]
             agg = cams if agg is None else agg + cams
-        if len(state.views) > 1:
+        if len(state.views) > 1 and state.combine != "max":
             agg = minmax_normalize(agg)
         raw = agg
         if cfg_ref.refine and len(present):

@@ -9,10 +9,12 @@ from pathlib import Path
 
 from .common import (
     CliError,
+    add_checkpoint_arg,
     add_model_args,
     add_out_dir,
     check_writable,
     config_from_args,
+    load_checkpoint_arg,
     out_dir_arg,
     split_overrides,
     write_resolved_config,
@@ -24,6 +26,7 @@ EXAMPLES = """examples:
   excelseg cam img.jpg --vocabulary voc --classes "cat,sofa" --bank voc_bank.pth --out-dir out/
   excelseg cam shots/ --classes "forklift,pallet" --knowledge kb.json --out-dir out/
   excelseg cam photos/ --classes "cat,dog" --config coco cam.flip=true refine.box_threshold=0.85
+  excelseg cam img.jpg --classes "cat,sofa" --checkpoint voc_heads.safetensors --bank voc_bank.pth --out-dir out/
 
 Outputs per image: <stem>.png (palette pseudo-label: 0 = background, i = i-th class of the vocabulary),
 <stem>_overlay.jpg (label overlay with legend + one heat-map per class), and with --save-cams <stem>_cams.npz.
@@ -50,6 +53,7 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     p.add_argument("--recursive", action="store_true", help="search directories recursively")
     add_model_args(p)
+    add_checkpoint_arg(p)
     p.set_defaults(func=run)
 
 
@@ -78,11 +82,19 @@ def run(args: argparse.Namespace) -> int:
     overrides = [*args.overrides, *overrides]
     if not inputs:
         raise CliError("give at least one image file, directory or glob pattern")
-    config_from_args(args, overrides=overrides)  # bad settings fail here, before any model is loaded
-    if args.classes is None and args.vocabulary is None:
+    ckpt = load_checkpoint_arg(args)
+    base = ckpt.config if ckpt is not None else None
+    config_from_args(args, overrides=overrides, base=base)  # bad settings fail here, before any model is loaded
+    if args.classes is None and args.vocabulary is None and ckpt is None:
         raise CliError("give --classes (e.g. --classes 'cat,dog') or --vocabulary")
     classes = parse_class_list(args.classes) if args.classes is not None else None
-    vocab = Vocabulary.from_spec(args.vocabulary) if args.vocabulary is not None else Vocabulary.from_names(classes)
+    if args.vocabulary is not None:
+        vocab = Vocabulary.from_spec(args.vocabulary)
+    elif ckpt is not None:
+        named = ckpt.meta.get("vocabulary")
+        vocab = Vocabulary.named(named) if named in ("voc", "coco") else Vocabulary.from_names(ckpt.class_names)
+    else:
+        vocab = Vocabulary.from_names(classes)
     if classes is not None:
         vocab.indices(classes)  # unknown names fail here, before any model is loaded
     paths = collect_images(inputs, recursive=args.recursive)
@@ -98,11 +110,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     device = resolve_device(args.device)
     clip = load_clip(args.clip, device=device)
-    cfg = config_from_args(args, clip, overrides)  # default: the settings these weights were made for
-    predictor = CamPredictor(clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
-                             clusters=args.clusters, config=cfg, device=device,
-                             precision=args.precision)
-    write_resolved_config(out_dir, cfg, clip=clip.identity, command="cam")
+    cfg = config_from_args(args, clip, overrides, base)  # default: the checkpoint's / these weights' settings
+    from ..interop import CheckpointError
+
+    try:
+        predictor = CamPredictor(clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
+                                 clusters=args.clusters, config=cfg, device=device, checkpoint=ckpt,
+                                 precision=args.precision)
+    except CheckpointError as exc:
+        raise CliError(str(exc)) from None
+    write_resolved_config(out_dir, cfg, clip=clip.identity, command="cam",
+                          **({"checkpoint": str(args.checkpoint)} if ckpt is not None else {}))
     failures: list[tuple[Path, str]] = []
     written = 0
     start = time.perf_counter()

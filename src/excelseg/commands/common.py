@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 DATASET_KINDS = ("voc", "coco", "folder")
-OVERRIDE_RE = re.compile(r"^(text|cam|refine|heads|train)\.[a-z_]+=")
+OVERRIDE_RE = re.compile(r"^(text|cam|refine|heads|segment|train)\.[a-z_]+=")
 RESOLVED_CONFIG_NAME = "excelseg_config.yaml"
 
 
@@ -225,9 +225,31 @@ def split_overrides(words: list[str]) -> tuple[list[str], list[str]]:
     return [w for w in words if not OVERRIDE_RE.match(w)], [w for w in words if OVERRIDE_RE.match(w)]
 
 
-def config_from_args(args: argparse.Namespace, clip: Any = None, overrides: list[str] | None = None):
+def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint``: trained heads for LVC CAMs / pseudo-labels (cam, pseudo-label)."""
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="trained heads (excelseg .safetensors checkpoint): LVC CAMs with flip and P-guided "
+                        "refinement, the reference's infer_lam --training_free false; default: training-free. "
+                        "Its settings and class list are the defaults")
+
+
+def load_checkpoint_arg(args: argparse.Namespace):
+    """The ``--checkpoint`` file as a HeadsCheckpoint (None without one), or a one-line CliError."""
+    if getattr(args, "checkpoint", None) is None:
+        return None
+    from ..interop import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(args.checkpoint)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def config_from_args(args: argparse.Namespace, clip: Any = None, overrides: list[str] | None = None,
+                     base: Any = None):
     """The pipeline configuration of a command, resolved in one order:
-    ``--config`` (or the deprecated ``--preset``; default: the weights' own settings, else voc) →
+    ``--config`` (or the deprecated ``--preset``; default: ``base`` (a checkpoint's settings), else the
+    weights' own settings, else voc) →
     ``section.key=value`` overrides → the dedicated flags (--size, --scales, --flip, --box-threshold)."""
     from ..config import ConfigError, apply_overrides, load_config
 
@@ -236,7 +258,7 @@ def config_from_args(args: argparse.Namespace, clip: Any = None, overrides: list
         deprecated("--preset", "--config voc|coco")
         spec = spec or {"paper": "voc", "paper-voc": "voc", "paper-coco": "coco"}[args.preset]
     if spec is None:
-        spec = getattr(clip, "default_config", None) or "voc"
+        spec = base if base is not None else getattr(clip, "default_config", None) or "voc"
     pairs = list(overrides or [])
     for flag, key in (("size", "cam.size"), ("scales", "cam.scales"), ("flip", "cam.flip"),
                       ("box_threshold", "refine.box_threshold")):

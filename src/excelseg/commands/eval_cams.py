@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         return thresholds, ({name: ds.class_ids(name) for name, _, _ in chunk} if args.gt_labels else None)
 
     results_iter, items, missing = score_folder(ds, cams_dir, "_cams.npz", "CAM archive", cams_chunk,
-                                                allow_missing=args.allow_missing, workers=args.workers, extra=extra)
+                                                allow_missing=args.allow_missing, workers=args.workers, extra=extra,
+                                                desc="eval-cams")
     c = ds.num_classes + 1
     names = ["background", *ds.class_names]
     confusion = np.zeros((len(thresholds), c, c), dtype=np.int64)

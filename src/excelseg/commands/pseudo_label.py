@@ -13,11 +13,13 @@ import time
 
 from .common import (
     CliError,
+    add_checkpoint_arg,
     add_dataset_args,
     add_model_args,
     add_out_dir,
     check_writable,
     config_from_args,
+    load_checkpoint_arg,
     open_dataset_args,
     out_dir_arg,
     write_resolved_config,
@@ -75,6 +77,7 @@ def register(sub) -> None:
                         "to label a split without labels, e.g. VOC test)")
     o.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     add_model_args(p)
+    add_checkpoint_arg(p)
     p.set_defaults(func=run)
 
 
@@ -137,10 +140,16 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(device_for_rank(args.device))
     clip = load_clip(args.clip, device=device)
-    cfg = config_from_args(args, clip, overrides)  # default: the settings these weights were made for
-    predictor = CamPredictor(clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
-                             clusters=args.clusters, config=cfg, device=device,
-                             precision=args.precision)
+    ckpt = load_checkpoint_arg(args)
+    cfg = config_from_args(args, clip, overrides, ckpt.config if ckpt is not None else None)
+    from ..interop import CheckpointError
+
+    try:
+        predictor = CamPredictor(clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
+                                 clusters=args.clusters, config=cfg, device=device, checkpoint=ckpt,
+                                 precision=args.precision)
+    except CheckpointError as exc:
+        raise CliError(str(exc)) from None
     write_resolved_config(out_dir, cfg, clip=clip.identity, command="pseudo-label", dataset=ds.kind,
                           split=ds.split)
     failures: list[tuple[str, str]] = []

@@ -12,8 +12,10 @@ from .common import (
     add_checkpoint_arg,
     add_model_args,
     add_out_dir,
+    cam_predictor,
     check_writable,
     config_from_args,
+    decoded_batches,
     load_checkpoint_arg,
     out_dir_arg,
     split_overrides,
@@ -68,9 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..devices import resolve_device
-    from ..images import ImageReadError, collect_images, read_image, to_rgb_array
+    from ..images import collect_images
     from ..outputs import is_done, parse_cam_size, write_result
-    from ..predictor import CamPredictor
     from ..vocab import Vocabulary, parse_class_list
     from ..weights import load_clip
 
@@ -111,30 +112,14 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     clip = load_clip(args.clip, device=device)
     cfg = config_from_args(args, clip, overrides, base)  # default: the checkpoint's / these weights' settings
-    from ..interop import CheckpointError
-
-    try:
-        predictor = CamPredictor(clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
-                                 clusters=args.clusters, config=cfg, device=device, checkpoint=ckpt,
-                                 precision=args.precision)
-    except CheckpointError as exc:
-        raise CliError(str(exc)) from None
+    predictor = cam_predictor(args, clip, vocab, cfg, device, ckpt)
     write_resolved_config(out_dir, cfg, clip=clip.identity, command="cam",
                           **({"checkpoint": str(args.checkpoint)} if ckpt is not None else {}))
     failures: list[tuple[Path, str]] = []
     written = 0
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc="cam", disable=None)
-    for i in range(0, len(todo), args.batch_size):
-        batch = []
-        for path, stem in todo[i:i + args.batch_size]:
-            try:
-                batch.append((path, stem, to_rgb_array(read_image(path))))
-            except (ImageReadError, ValueError) as exc:
-                failures.append((path, str(exc)))
-                bar.update(1)
-        if not batch:
-            continue
+    for batch in decoded_batches(todo, args.batch_size, failures, bar):
         states = predictor.encode_batch([rgb for _, _, rgb in batch])
         for (path, stem, rgb), state in zip(batch, states):
             try:

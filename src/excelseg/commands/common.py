@@ -280,6 +280,39 @@ def write_resolved_config(out_dir: Path, cfg, **extra: Any) -> Path:
     return atomic_write(Path(out_dir) / RESOLVED_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
+# ---- running the pipeline -------------------------------------------------------------------------------------
+
+
+def cam_predictor(args: argparse.Namespace, clip: Any, vocab: Any, cfg: Any, device: Any, checkpoint: Any = None):
+    """The ``CamPredictor`` of the model options (``--bank``, ``--knowledge``, ``--clusters``, ``--precision``);
+    a checkpoint that does not fit is a one-line CliError."""
+    from ..interop import CheckpointError
+    from ..predictor import CamPredictor
+
+    try:
+        return CamPredictor(clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge, clusters=args.clusters,
+                            config=cfg, device=device, checkpoint=checkpoint, precision=args.precision)
+    except CheckpointError as exc:
+        raise CliError(str(exc)) from None
+
+
+def decoded_batches(todo: list, batch_size: int, failures: list, bar: Any):
+    """Batches ``[(path, stem, rgb)]`` of the readable images of ``todo`` ``[(path, stem)]``; an unreadable image
+    is appended to ``failures`` as ``(path, reason)`` and advances the progress ``bar``."""
+    from ..images import ImageReadError, read_image, to_rgb_array
+
+    for i in range(0, len(todo), batch_size):
+        batch = []
+        for path, stem in todo[i:i + batch_size]:
+            try:
+                batch.append((path, stem, to_rgb_array(read_image(path))))
+            except (ImageReadError, ValueError) as exc:
+                failures.append((path, str(exc)))
+                bar.update(1)
+        if batch:
+            yield batch
+
+
 # ---- files ----------------------------------------------------------------------------------------------------
 
 

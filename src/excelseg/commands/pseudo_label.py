@@ -17,6 +17,7 @@ from .common import (
     add_dataset_args,
     add_model_args,
     add_out_dir,
+    cam_predictor,
     check_writable,
     config_from_args,
     load_checkpoint_arg,
@@ -99,7 +100,6 @@ def run(args: argparse.Namespace) -> int:
     from ..crf import REFERENCE_CRF, require_crf
     from ..devices import device_for_rank, resolve_device
     from ..outputs import cam_archive, is_done, parse_cam_size, stale_temps_of, write_outputs
-    from ..predictor import CamPredictor
     from ..weights import load_clip
 
     overrides = args.overrides  # section.key=value words
@@ -142,14 +142,7 @@ def run(args: argparse.Namespace) -> int:
     clip = load_clip(args.clip, device=device)
     ckpt = load_checkpoint_arg(args)
     cfg = config_from_args(args, clip, overrides, ckpt.config if ckpt is not None else None)
-    from ..interop import CheckpointError
-
-    try:
-        predictor = CamPredictor(clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
-                                 clusters=args.clusters, config=cfg, device=device, checkpoint=ckpt,
-                                 precision=args.precision)
-    except CheckpointError as exc:
-        raise CliError(str(exc)) from None
+    predictor = cam_predictor(args, clip, vocab, cfg, device, ckpt)
     write_resolved_config(out_dir, cfg, clip=clip.identity, command="pseudo-label", dataset=ds.kind,
                           split=ds.split)
     failures: list[tuple[str, str]] = []

@@ -19,6 +19,7 @@ from .common import (
     add_out_dir,
     batch_size_arg,
     check_writable,
+    decoded_batches,
     open_dataset_args,
     out_dir_arg,
     scales_arg,
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..devices import resolve_device
-    from ..images import ImageReadError, collect_images, read_image, to_rgb_array
+    from ..images import collect_images
     from ..interop import CheckpointError, check_checkpoint, load_checkpoint
     from ..outputs import save_label_png, save_npz
     from ..weights import load_clip
@@ -180,16 +181,7 @@ def run(args: argparse.Namespace) -> int:
     written = 0
     start = time.perf_counter()
     bar = tqdm(total=len(todo), unit="img", desc="segment", disable=None)
-    for i in range(0, len(todo), args.batch_size):
-        batch = []
-        for path, stem in todo[i:i + args.batch_size]:
-            try:
-                batch.append((path, stem, to_rgb_array(read_image(path))))
-            except (ImageReadError, ValueError) as exc:
-                failures.append((path, str(exc)))
-                bar.update(1)
-        if not batch:
-            continue
+    for batch in decoded_batches(todo, args.batch_size, failures, bar):
         try:
             results = segmenter.predict_batch([rgb for _, _, rgb in batch], crf=cfg.segment.crf,
                                               single_scale=args.single_scale)

@@ -189,19 +189,28 @@ def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float
     def nb(dy: int, dx: int) -> Tensor:
         return padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w]
 
-    # unbiased std over the neighbours (two-pass), streamed so no (B, 3, Nn, H, W) tensor is ever built
-    mean = torch.zeros_like(img)
-    for dy, dx, _ in offs:
-        mean += nb(dy, dx)
+    nbs = [padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w] for dy, dx, _ in offs]
+
+    # unbiased std over the neighbours (two-pass), streamed through one scratch buffer: no per-neighbour allocation
+    # and no (B, 3, Nn, H, W) tensor
+    mean = nbs[0].clone()
+    for nb in nbs[1:]:
+        mean.add_(nb)
     mean /= nn_
+    tmp = torch.empty_like(img)
     var = torch.zeros_like(img)
-    for dy, dx, _ in offs:
-        var.add_((nb(dy, dx) - mean).square_())
+    for nb in nbs:
+        var.addcmul_(torch.sub(nb, mean, out=tmp), tmp)
     inv = (var / (nn_ - 1)).sqrt_().add_(1e-8).mul_(w_color).reciprocal_()  # 1 / ((std + 1e-8) · w_color)
 
+    # Σ_colour ((I_n − I) · inv)², accumulated channel by channel (a dim-1 reduction over 3 channels is slower)
     logits = torch.empty(bsz, nn_, h, w, dtype=img.dtype, device=img.device)
-    for i, (dy, dx, _) in enumerate(offs):
-        torch.sum((nb(dy, dx) - img).mul_(inv).square_(), dim=1, out=logits[:, i])
+    for i, nb in enumerate(nbs):
+        torch.sub(nb, img, out=tmp).mul_(inv)
+        out = logits[:, i]
+        torch.mul(tmp[:, 0], tmp[:, 0], out=out)
+        for c in range(1, img.shape[1]):
+            out.addcmul_(tmp[:, c], tmp[:, c])
     logits.mul_(-1.0 / img.shape[1])  # −mean over the colour channels
     aff = logits.softmax(dim=1)
 
@@ -244,19 +253,40 @@ def par(
     img = F.interpolate(image.to(masks), size=(h, w), mode="bilinear", align_corners=True)
     offs = _neighbour_offsets(dilations)
     aff = _par_affinity(img, offs, w_color, w_pos)  # (B, Nn, 1, H, W)
+    if iters <= 0:
+        return masks
+    # ``iters`` applications of one fixed linear operator. Two padded buffers are reused across iterations: each
+    # step writes its weighted neighbour sum straight into the interior of the other buffer and then fills that
+    # buffer's replicate border in place, so no padding copy or allocation happens per iteration; every neighbour
+    # is a strided view of the source buffer, and one multiply-add covers all B·C maps at once.
     pad = max(dilations)
-    out = masks
-    for _ in range(iters):
-        padded = F.pad(out, (pad, pad, pad, pad), mode="replicate")
-        acc = torch.empty_like(masks)
-        for i, (dy, dx, _) in enumerate(offs):
-            nb = padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w]
-            if i == 0:
-                torch.mul(nb, aff[:, 0], out=acc)
-            else:
-                acc.addcmul_(nb, aff[:, i])
-        out = acc
-    return out
+    bufs = [masks.new_empty(*masks.shape[:2], h + 2 * pad, w + 2 * pad) for _ in range(2)]
+    bufs[0][..., pad : pad + h, pad : pad + w] = masks
+    _fill_replicate_border(bufs[0], pad)
+    inner = [buf[..., pad : pad + h, pad : pad + w] for buf in bufs]
+    nbs = [[buf[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w] for dy, dx, _ in offs] for buf in bufs]
+    weights = [aff[:, i] for i in range(len(offs))]
+    for it in range(iters):
+        src, dst = it % 2, 1 - it % 2
+        acc = inner[dst]
+        torch.mul(nbs[src][0], weights[0], out=acc)
+        for nb, wt in zip(nbs[src][1:], weights[1:]):
+            acc.addcmul_(nb, wt)
+        if it + 1 < iters:
+            _fill_replicate_border(bufs[dst], pad)
+    return inner[iters % 2].clone()
+
+
+def _fill_replicate_border(buf: Tensor, pad: int) -> None:
+    """Write the replicate padding of width ``pad`` around the interior of ``buf`` (…, H + 2·pad, W + 2·pad)."""
+    if pad == 0:
+        return
+    h, w = buf.shape[-2] - 2 * pad, buf.shape[-1] - 2 * pad
+    rows = buf[..., pad : pad + h, :]
+    rows[..., :pad] = rows[..., pad : pad + 1]
+    rows[..., pad + w :] = rows[..., pad + w - 1 : pad + w]
+    buf[..., :pad, :] = buf[..., pad : pad + 1, :]
+    buf[..., pad + h :, :] = buf[..., pad + h - 1 : pad + h, :]
 
 
 # ----------------------------------------------------------------------------------------------------------------

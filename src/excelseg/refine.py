@@ -203,7 +203,8 @@ def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float
         var.addcmul_(torch.sub(nb, mean, out=tmp), tmp)
     inv = (var / (nn_ - 1)).sqrt_().add_(1e-8).mul_(w_color).reciprocal_()  # 1 / ((std + 1e-8) · w_color)
 
-    # Σ_colour ((I_n − I) · inv)², accumulated channel by channel (a dim-1 reduction over 3 channels is slower)
+    # −mean_colour ((I_n − I) · inv)², accumulated channel by channel (a dim-1 reduction over 3 channels is slower)
+    # and scaled while the row of logits is still in cache
     logits = torch.empty(bsz, nn_, h, w, dtype=img.dtype, device=img.device)
     for i, nb in enumerate(nbs):
         torch.sub(nb, img, out=tmp).mul_(inv)
@@ -211,16 +212,20 @@ def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float
         torch.mul(tmp[:, 0], tmp[:, 0], out=out)
         for c in range(1, img.shape[1]):
             out.addcmul_(tmp[:, c], tmp[:, c])
-    logits.mul_(-1.0 / img.shape[1])  # −mean over the colour channels
-    aff = logits.softmax(dim=1)
+        out.mul_(-1.0 / img.shape[1])
 
     pos = torch.tensor(
         [abs(dy) * math.sqrt(2.0) if diag else float(max(abs(dy), abs(dx))) for dy, dx, diag in offs],
         dtype=img.dtype,
         device=img.device,
     )
-    pos_aff = (-(pos / pos.std() / w_color).square()).softmax(dim=0)
-    aff += w_pos * pos_aff.view(1, nn_, 1, 1)
+    pos_aff = (w_pos * (-(pos / pos.std() / w_color).square()).softmax(dim=0)).view(1, nn_, 1, 1)
+    # softmax over the neighbours plus the positional term, in bands of rows so that each band's softmax output is
+    # still in cache when the positional term is added (the full (B, Nn, H, W) tensor is far larger than the cache)
+    aff = torch.empty_like(logits)
+    rows = max(1, (1 << 18) // max(1, bsz * nn_ * w))
+    for r in range(0, h, rows):
+        torch.add(logits[:, :, r : r + rows].softmax(dim=1), pos_aff, out=aff[:, :, r : r + rows])
     return aff.unsqueeze(2)
 
 

@@ -128,6 +128,8 @@ def main() -> None:
                 ratio.append(t_a / t_b)
                 dense.append(t_dense / n)
                 after.append(t_after / n)
+                print(f"  size {size} batch {batch} round {len(ratio)}: (a) {rate_a[-1]:.2f} img/s   "
+                      f"(b) {rate_b[-1]:.2f} img/s   b/a {ratio[-1]:.2f}", flush=True)
             ratios[(size, batch)] = statistics.median(ratio)
             print(f"size {size} batch {batch}: (a) open_clip encode_image {statistics.median(rate_a):6.2f} img/s   "
                   f"(b) excelseg training-free {statistics.median(rate_b):6.2f} img/s   b/a {spread(ratio)}   "

@@ -223,7 +223,7 @@ def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float
     # softmax over the neighbours plus the positional term, in bands of rows so that each band's softmax output is
     # still in cache when the positional term is added (the full (B, Nn, H, W) tensor is far larger than the cache)
     aff = torch.empty_like(logits)
-    rows = max(1, (1 << 18) // max(1, bsz * nn_ * w))
+    rows = max(1, (1 << 20) // max(1, bsz * nn_ * w))
     for r in range(0, h, rows):
         torch.add(logits[:, :, r : r + rows].softmax(dim=1), pos_aff, out=aff[:, :, r : r + rows])
     return aff.unsqueeze(2)

@@ -186,9 +186,6 @@ def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float
     pad = max(max(abs(dy), abs(dx)) for dy, dx, _ in offs)
     padded = F.pad(img, (pad, pad, pad, pad), mode="replicate")
 
-    def nb(dy: int, dx: int) -> Tensor:
-        return padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w]
-
     nbs = [padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w] for dy, dx, _ in offs]
 
     # unbiased std over the neighbours (two-pass), streamed through one scratch buffer: no per-neighbour allocation
@@ -255,11 +252,11 @@ def par(
     if image.dim() != 4 or masks.dim() != 4 or image.shape[0] != masks.shape[0]:
         raise ValueError(f"image (B,3,Hi,Wi) / masks (B,C,H,W) expected, got {image.shape} / {masks.shape}")
     h, w = masks.shape[-2:]
+    if iters <= 0:
+        return masks
     img = F.interpolate(image.to(masks), size=(h, w), mode="bilinear", align_corners=True)
     offs = _neighbour_offsets(dilations)
     aff = _par_affinity(img, offs, w_color, w_pos)  # (B, Nn, 1, H, W)
-    if iters <= 0:
-        return masks
     # ``iters`` applications of one fixed linear operator. Two padded buffers are reused across iterations: each
     # step writes its weighted neighbour sum straight into the interior of the other buffer and then fills that
     # buffer's replicate border in place, so no padding copy or allocation happens per iteration; every neighbour

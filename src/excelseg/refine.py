@@ -216,13 +216,17 @@ def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float
         dtype=img.dtype,
         device=img.device,
     )
-    pos_aff = (w_pos * (-(pos / pos.std() / w_color).square()).softmax(dim=0)).view(1, nn_, 1, 1)
-    # softmax over the neighbours plus the positional term, in bands of rows so that each band's softmax output is
-    # still in cache when the positional term is added (the full (B, Nn, H, W) tensor is far larger than the cache)
-    aff = torch.empty_like(logits)
+    pos_aff = (w_pos * (-(pos / pos.std() / w_color).square()).softmax(dim=0)).tolist()  # exact in img's dtype
+    # softmax over the neighbours plus the positional term, written back over the logits (a second (B, Nn, H, W)
+    # tensor would cost as much in fresh-page faults as the softmax itself), in bands of rows so that each band's
+    # softmax is still in cache when the positional term is added — one scalar add per neighbour, as a broadcast
+    # (1, Nn, 1, 1) tensor add is several times slower on CPU
+    aff = logits
     rows = max(1, (1 << 20) // max(1, bsz * nn_ * w))
     for r in range(0, h, rows):
-        torch.add(logits[:, :, r : r + rows].softmax(dim=1), pos_aff, out=aff[:, :, r : r + rows])
+        band = logits[:, :, r : r + rows].softmax(dim=1)
+        for i, p in enumerate(pos_aff):
+            torch.add(band[:, i], p, out=aff[:, i, r : r + rows])
     return aff.unsqueeze(2)
 
 

@@ -172,20 +172,21 @@ def _neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int, bool]]:
     return offs
 
 
-def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float, w_pos: float) -> Tensor:
+def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float, w_pos: float) -> list[Tensor]:
     """Per-pixel PAR neighbour weights.
 
     Args:
         img: (B, 3, H, W) image already at the mask size.
 
     Returns:
-        (B, Nn, 1, H, W) weights (Nn = len(offs)); each pixel's weights sum to ``1 + w_pos``.
+        one (B, 1, H, W) weight map per neighbour (len(offs) maps); each pixel's weights sum to ``1 + w_pos``. Separate
+        maps rather than one (B, Nn, H, W) tensor: a tensor that large is a fresh memory mapping on every call whose
+        page faults cost as much as the softmax, while maps of one neighbour are small enough to be reused.
     """
     bsz, _, h, w = img.shape
     nn_ = len(offs)
     pad = max(max(abs(dy), abs(dx)) for dy, dx, _ in offs)
     padded = F.pad(img, (pad, pad, pad, pad), mode="replicate")
-
     nbs = [padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w] for dy, dx, _ in offs]
 
     # unbiased std over the neighbours (two-pass), streamed through one scratch buffer: no per-neighbour allocation
@@ -200,16 +201,15 @@ def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float
         var.addcmul_(torch.sub(nb, mean, out=tmp), tmp)
     inv = (var / (nn_ - 1)).sqrt_().add_(1e-8).mul_(w_color).reciprocal_()  # 1 / ((std + 1e-8) · w_color)
 
-    # −mean_colour ((I_n − I) · inv)², accumulated channel by channel (a dim-1 reduction over 3 channels is slower)
-    # and scaled while the row of logits is still in cache
-    logits = torch.empty(bsz, nn_, h, w, dtype=img.dtype, device=img.device)
-    for i, nb in enumerate(nbs):
+    # logits −mean_colour ((I_n − I) · inv)², accumulated channel by channel (a dim-1 reduction over 3 channels is
+    # slower) and scaled while the neighbour's map is still in cache
+    weights = []
+    for nb in nbs:
         torch.sub(nb, img, out=tmp).mul_(inv)
-        out = logits[:, i]
-        torch.mul(tmp[:, 0], tmp[:, 0], out=out)
+        out = torch.mul(tmp[:, 0], tmp[:, 0])
         for c in range(1, img.shape[1]):
             out.addcmul_(tmp[:, c], tmp[:, c])
-        out.mul_(-1.0 / img.shape[1])
+        weights.append(out.mul_(-1.0 / img.shape[1]).unsqueeze(1))
 
     pos = torch.tensor(
         [abs(dy) * math.sqrt(2.0) if diag else float(max(abs(dy), abs(dx))) for dy, dx, diag in offs],
@@ -217,17 +217,14 @@ def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float
         device=img.device,
     )
     pos_aff = (w_pos * (-(pos / pos.std() / w_color).square()).softmax(dim=0)).tolist()  # exact in img's dtype
-    # softmax over the neighbours plus the positional term, written back over the logits (a second (B, Nn, H, W)
-    # tensor would cost as much in fresh-page faults as the softmax itself), in bands of rows so that each band's
-    # softmax is still in cache when the positional term is added — one scalar add per neighbour, as a broadcast
-    # (1, Nn, 1, 1) tensor add is several times slower on CPU
-    aff = logits
+    # softmax over the neighbours plus the positional term, in bands of rows that fit in cache, written back over the
+    # logits; one scalar add per neighbour (a broadcast (1, Nn, 1, 1) tensor add is several times slower on CPU)
     rows = max(1, (1 << 20) // max(1, bsz * nn_ * w))
     for r in range(0, h, rows):
-        band = logits[:, :, r : r + rows].softmax(dim=1)
+        band = torch.stack([wt[:, 0, r : r + rows] for wt in weights], dim=1).softmax(dim=1)
         for i, p in enumerate(pos_aff):
-            torch.add(band[:, i], p, out=aff[:, i, r : r + rows])
-    return aff.unsqueeze(2)
+            torch.add(band[:, i], p, out=weights[i][:, 0, r : r + rows])
+    return weights
 
 
 def par(
@@ -260,7 +257,7 @@ def par(
         return masks
     img = F.interpolate(image.to(masks), size=(h, w), mode="bilinear", align_corners=True)
     offs = _neighbour_offsets(dilations)
-    aff = _par_affinity(img, offs, w_color, w_pos)  # (B, Nn, 1, H, W)
+    weights = _par_affinity(img, offs, w_color, w_pos)  # Nn × (B, 1, H, W)
     # ``iters`` applications of one fixed linear operator. Two padded buffers are reused across iterations: each
     # step writes its weighted neighbour sum straight into the interior of the other buffer and then fills that
     # buffer's replicate border in place, so no padding copy or allocation happens per iteration; every neighbour
@@ -271,7 +268,6 @@ def par(
     _fill_replicate_border(bufs[0], pad)
     inner = [buf[..., pad : pad + h, pad : pad + w] for buf in bufs]
     nbs = [[buf[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w] for dy, dx, _ in offs] for buf in bufs]
-    weights = [aff[:, i] for i in range(len(offs))]
     for it in range(iters):
         src, dst = it % 2, 1 - it % 2
         acc = inner[dst]

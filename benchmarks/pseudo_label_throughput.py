@@ -1,6 +1,6 @@
 """Throughput of ``excelseg pseudo-label`` (the batch command, end to end) on the VOC sample images.
 
-    python benchmarks/pseudo_label_throughput.py [--device cpu] [--threads N] [--repeat 1]
+    python benchmarks/pseudo_label_throughput.py [--device cpu] [--threads N] [--repeat 1] [--rounds 3]
 
 Builds a miniature VOC tree in a temporary folder from ``shared/data/voc_sample`` (the 5 original images at their
 own sizes and the 14 513×513 crops, saved as JPEG; ``--repeat`` copies each under more ids), prepares it, and runs
@@ -8,9 +8,13 @@ the real command (``python -m excelseg.cli pseudo-label``, a fresh process per s
 the full ViT-B/16 parity random weights (speed does not depend on the weights; regenerated with
 ``shared/parity/make_random_clip.py --seed 0`` into ``~/.cache/excelseg/parity/`` when absent), paper settings
 (320 input, single scale, PAR at full size), for ``--workers`` 0 vs 2 and ``--batch-size`` 1 vs 4. The rate is the
-command's own (its summary line: images / seconds of the labelling loop, model loading excluded). Prints one line
-per setting, then the projected hours for VOC train_aug (10,582 images) and COCO train (82,081 images) at the
-best setting, for one process on this device.
+command's own (its summary line: images / seconds of the labelling loop, model loading excluded).
+
+Built for a shared machine whose speed drifts: one untimed warm-up run, then ``--rounds`` rounds in which every
+setting runs once, in the same order; each round gives each setting's rate relative to the first setting of that
+round, so the settings are compared side by side in time. Prints per setting the median images/s with its spread
+(min–max over the rounds) and the median ratio to the first setting with its spread, then the projected hours for
+VOC train_aug (10,582 images) and COCO train (82,081 images) at the best setting, for one process on this device.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,6 +81,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="ids per sample image (more images per setting)")
     ap.add_argument("--workers", default="0,2")
     ap.add_argument("--batch-sizes", default="1,4")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (every setting once per round)")
     args = ap.parse_args()
     if not (SAMPLE / "manifest.json").is_file():
         sys.exit(f"VOC sample images not found at {SAMPLE}")
@@ -83,24 +89,42 @@ def main() -> None:
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    settings = [(int(w), int(b)) for w in args.workers.split(",") for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="pl_bench_") as tmp:
         root, n = build_voc(Path(tmp), args.repeat)
         print(f"{n} VOC sample images, ViT-B/16 parity random weights, device {args.device}, "
-              f"threads {args.threads or 'default'}, {os.cpu_count()} CPUs (shared machine: figures vary)")
-        rates = {}
-        for workers in (int(w) for w in args.workers.split(",")):
-            for batch in (int(b) for b in args.batch_sizes.split(",")):
-                out = Path(tmp) / f"out_w{workers}_b{batch}"
-                cmd = [sys.executable, "-m", "excelseg.cli", "pseudo-label", "--root", str(root), "--split", "train",
-                       "--out", str(out), "--clip", str(weights), "--device", args.device,
-                       "--workers", str(workers), "--batch-size", str(batch)]
-                res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
-                m = RATE.search(res.stdout)
-                if res.returncode != 0 or m is None or int(m.group(1)) != n:
-                    sys.exit(f"run failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr}")
-                rates[(workers, batch)] = float(m.group(2))
-                print(f"workers {workers} batch {batch}: {rates[(workers, batch)]:.3f} img/s", flush=True)
-    (workers, batch), best = max(rates.items(), key=lambda kv: kv[1])
+              f"threads {args.threads or 'default'}, {os.cpu_count()} CPUs; {args.rounds} interleaved rounds "
+              f"after a warm-up run", flush=True)
+
+        def run(workers: int, batch: int) -> float:
+            out = Path(tmp) / f"out_w{workers}_b{batch}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "excelseg.cli", "pseudo-label", "--root", str(root), "--split", "train",
+                   "--out", str(out), "--clip", str(weights), "--device", args.device,
+                   "--workers", str(workers), "--batch-size", str(batch)]
+            res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
+            m = RATE.search(res.stdout)
+            if res.returncode != 0 or m is None or int(m.group(1)) != n:
+                sys.exit(f"run failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr}")
+            return float(m.group(2))
+
+        run(*settings[0])  # warm-up: file cache, weights, first-run costs
+        rates: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
+        ratios: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
+        for r in range(args.rounds):
+            for setting in settings:
+                rates[setting].append(run(*setting))
+            for setting in settings:
+                ratios[setting].append(rates[setting][-1] / rates[settings[0]][-1])
+            print(f"round {r}: " + "   ".join(f"w{w} b{b} {rates[(w, b)][-1]:.3f}" for w, b in settings) + " img/s",
+                  flush=True)
+    w0, b0 = settings[0]
+    for (workers, batch), values in rates.items():
+        rel = ratios[(workers, batch)]
+        print(f"workers {workers} batch {batch}: {statistics.median(values):.3f} img/s "
+              f"(spread {min(values):.3f}-{max(values):.3f}); vs workers {w0} batch {b0}: "
+              f"{statistics.median(rel):.2f} (spread {min(rel):.2f}-{max(rel):.2f})")
+    (workers, batch), best = max(((k, statistics.median(v)) for k, v in rates.items()), key=lambda kv: kv[1])
     print(f"best: workers {workers} batch {batch} at {best:.3f} img/s (one process)")
     for name, count in SETS.items():
         print(f"projected {name} ({count:,} images): {count / best / 3600:.1f} h")

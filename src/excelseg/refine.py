@@ -172,47 +172,59 @@ def _neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int, bool]]:
     return offs
 
 
-def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float, w_pos: float) -> Tensor:
+def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float, w_pos: float) -> list[Tensor]:
     """Per-pixel PAR neighbour weights.
 
     Args:
         img: (B, 3, H, W) image already at the mask size.
 
     Returns:
-        (B, Nn, 1, H, W) weights (Nn = len(offs)); each pixel's weights sum to ``1 + w_pos``.
+        one (B, 1, H, W) weight map per neighbour (len(offs) maps); each pixel's weights sum to ``1 + w_pos``. Separate
+        maps rather than one (B, Nn, H, W) tensor: a tensor that large is a fresh memory mapping on every call whose
+        page faults cost as much as the softmax, while maps of one neighbour are small enough to be reused.
     """
     bsz, _, h, w = img.shape
     nn_ = len(offs)
     pad = max(max(abs(dy), abs(dx)) for dy, dx, _ in offs)
     padded = F.pad(img, (pad, pad, pad, pad), mode="replicate")
+    nbs = [padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w] for dy, dx, _ in offs]
 
-    def nb(dy: int, dx: int) -> Tensor:
-        return padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w]
-
-    # unbiased std over the neighbours (two-pass), streamed so no (B, 3, Nn, H, W) tensor is ever built
-    mean = torch.zeros_like(img)
-    for dy, dx, _ in offs:
-        mean += nb(dy, dx)
+    # unbiased std over the neighbours (two-pass), streamed through one scratch buffer: no per-neighbour allocation
+    # and no (B, 3, Nn, H, W) tensor
+    mean = nbs[0].clone()
+    for nb in nbs[1:]:
+        mean.add_(nb)
     mean /= nn_
+    tmp = torch.empty_like(img)
     var = torch.zeros_like(img)
-    for dy, dx, _ in offs:
-        var.add_((nb(dy, dx) - mean).square_())
+    for nb in nbs:
+        var.addcmul_(torch.sub(nb, mean, out=tmp), tmp)
     inv = (var / (nn_ - 1)).sqrt_().add_(1e-8).mul_(w_color).reciprocal_()  # 1 / ((std + 1e-8) · w_color)
 
-    logits = torch.empty(bsz, nn_, h, w, dtype=img.dtype, device=img.device)
-    for i, (dy, dx, _) in enumerate(offs):
-        torch.sum((nb(dy, dx) - img).mul_(inv).square_(), dim=1, out=logits[:, i])
-    logits.mul_(-1.0 / img.shape[1])  # −mean over the colour channels
-    aff = logits.softmax(dim=1)
+    # logits −mean_colour ((I_n − I) · inv)², accumulated channel by channel (a dim-1 reduction over 3 channels is
+    # slower) and scaled while the neighbour's map is still in cache
+    weights = []
+    for nb in nbs:
+        torch.sub(nb, img, out=tmp).mul_(inv)
+        out = torch.mul(tmp[:, 0], tmp[:, 0])
+        for c in range(1, img.shape[1]):
+            out.addcmul_(tmp[:, c], tmp[:, c])
+        weights.append(out.mul_(-1.0 / img.shape[1]).unsqueeze(1))
 
     pos = torch.tensor(
         [abs(dy) * math.sqrt(2.0) if diag else float(max(abs(dy), abs(dx))) for dy, dx, diag in offs],
         dtype=img.dtype,
         device=img.device,
     )
-    pos_aff = (-(pos / pos.std() / w_color).square()).softmax(dim=0)
-    aff += w_pos * pos_aff.view(1, nn_, 1, 1)
-    return aff.unsqueeze(2)
+    pos_aff = (w_pos * (-(pos / pos.std() / w_color).square()).softmax(dim=0)).tolist()  # exact in img's dtype
+    # softmax over the neighbours plus the positional term, in bands of rows that fit in cache, written back over the
+    # logits; one scalar add per neighbour (a broadcast (1, Nn, 1, 1) tensor add is several times slower on CPU)
+    rows = max(1, (1 << 20) // max(1, bsz * nn_ * w))
+    for r in range(0, h, rows):
+        band = torch.stack([wt[:, 0, r : r + rows] for wt in weights], dim=1).softmax(dim=1)
+        for i, p in enumerate(pos_aff):
+            torch.add(band[:, i], p, out=weights[i][:, 0, r : r + rows])
+    return weights
 
 
 def par(
@@ -241,22 +253,42 @@ def par(
     if image.dim() != 4 or masks.dim() != 4 or image.shape[0] != masks.shape[0]:
         raise ValueError(f"image (B,3,Hi,Wi) / masks (B,C,H,W) expected, got {image.shape} / {masks.shape}")
     h, w = masks.shape[-2:]
+    if iters <= 0:
+        return masks
     img = F.interpolate(image.to(masks), size=(h, w), mode="bilinear", align_corners=True)
     offs = _neighbour_offsets(dilations)
-    aff = _par_affinity(img, offs, w_color, w_pos)  # (B, Nn, 1, H, W)
+    weights = _par_affinity(img, offs, w_color, w_pos)  # Nn × (B, 1, H, W)
+    # ``iters`` applications of one fixed linear operator. Two padded buffers are reused across iterations: each
+    # step writes its weighted neighbour sum straight into the interior of the other buffer and then fills that
+    # buffer's replicate border in place, so no padding copy or allocation happens per iteration; every neighbour
+    # is a strided view of the source buffer, and one multiply-add covers all B·C maps at once.
     pad = max(dilations)
-    out = masks
-    for _ in range(iters):
-        padded = F.pad(out, (pad, pad, pad, pad), mode="replicate")
-        acc = torch.empty_like(masks)
-        for i, (dy, dx, _) in enumerate(offs):
-            nb = padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w]
-            if i == 0:
-                torch.mul(nb, aff[:, 0], out=acc)
-            else:
-                acc.addcmul_(nb, aff[:, i])
-        out = acc
-    return out
+    bufs = [masks.new_empty(*masks.shape[:2], h + 2 * pad, w + 2 * pad) for _ in range(2)]
+    bufs[0][..., pad : pad + h, pad : pad + w] = masks
+    _fill_replicate_border(bufs[0], pad)
+    inner = [buf[..., pad : pad + h, pad : pad + w] for buf in bufs]
+    nbs = [[buf[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w] for dy, dx, _ in offs] for buf in bufs]
+    for it in range(iters):
+        src, dst = it % 2, 1 - it % 2
+        acc = inner[dst]
+        torch.mul(nbs[src][0], weights[0], out=acc)
+        for nb, wt in zip(nbs[src][1:], weights[1:]):
+            acc.addcmul_(nb, wt)
+        if it + 1 < iters:
+            _fill_replicate_border(bufs[dst], pad)
+    return inner[iters % 2].clone()
+
+
+def _fill_replicate_border(buf: Tensor, pad: int) -> None:
+    """Write the replicate padding of width ``pad`` around the interior of ``buf`` (…, H + 2·pad, W + 2·pad)."""
+    if pad == 0:
+        return
+    h, w = buf.shape[-2] - 2 * pad, buf.shape[-1] - 2 * pad
+    rows = buf[..., pad : pad + h, :]
+    rows[..., :pad] = rows[..., pad : pad + 1]
+    rows[..., pad + w :] = rows[..., pad + w - 1 : pad + w]
+    buf[..., :pad, :] = buf[..., pad : pad + 1, :]
+    buf[..., pad + h :, :] = buf[..., pad + h - 1 : pad + h, :]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,155 @@
+"""PAR speed: the previous implementation vs ``excelseg.refine.par``, interleaved, on the kit's label sizes.
+
+    python benchmarks/par_speed.py [--rounds 5] [--threads 1] [--images 19]
+
+For every VOC sample image (``shared/data/voc_sample``; with the parity goldens the masks are the real
+``[background, classes]`` score maps built from ``refined_static`` at the ground-truth size, otherwise random maps
+with 3 channels at the same sizes) it runs the previous PAR (kept below, verbatim, for this comparison only) and the
+library's ``par`` on the same inputs. One warm-up pass over all images, then ``--rounds`` rounds; inside a round the
+two implementations alternate image by image, so a drift in machine speed hits both alike. Prints per round the
+summed time of each side and their ratio, then the median and the spread (min–max) of the per-round ratios, and
+checks the outputs: max |old − new| and the number of pixels whose argmax differs. Last line:
+``par speed-up: <median>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from excelseg.refine import PAR_DILATIONS, labels_from_cams, par
+
+HERE = Path(__file__).resolve().parents[1]
+SHARED = HERE.parent / "shared" if (HERE.parent / "shared").is_dir() else Path("/work/shared")
+SAMPLE = SHARED / "data" / "voc_sample"
+GOLDEN = SHARED / "parity" / "golden"
+MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+
+
+# -- the implementation before issue 13 (reference for timing and outputs only) -------------------------------------
+
+
+def _old_offsets(dilations):
+    return [(dy, dx, dy != 0 and dx != 0) for d in dilations for dy in (-d, 0, d) for dx in (-d, 0, d) if dy or dx]
+
+
+def _old_affinity(img, offs, w_color, w_pos):
+    bsz, _, h, w = img.shape
+    nn_ = len(offs)
+    pad = max(max(abs(dy), abs(dx)) for dy, dx, _ in offs)
+    padded = F.pad(img, (pad, pad, pad, pad), mode="replicate")
+
+    def nb(dy, dx):
+        return padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+
+    mean = torch.zeros_like(img)
+    for dy, dx, _ in offs:
+        mean += nb(dy, dx)
+    mean /= nn_
+    var = torch.zeros_like(img)
+    for dy, dx, _ in offs:
+        var.add_((nb(dy, dx) - mean).square_())
+    inv = (var / (nn_ - 1)).sqrt_().add_(1e-8).mul_(w_color).reciprocal_()
+    logits = torch.empty(bsz, nn_, h, w, dtype=img.dtype, device=img.device)
+    for i, (dy, dx, _) in enumerate(offs):
+        torch.sum((nb(dy, dx) - img).mul_(inv).square_(), dim=1, out=logits[:, i])
+    logits.mul_(-1.0 / img.shape[1])
+    aff = logits.softmax(dim=1)
+    pos = torch.tensor([abs(dy) * math.sqrt(2.0) if dg else float(max(abs(dy), abs(dx))) for dy, dx, dg in offs],
+                       dtype=img.dtype, device=img.device)
+    aff += w_pos * (-(pos / pos.std() / w_color).square()).softmax(dim=0).view(1, nn_, 1, 1)
+    return aff.unsqueeze(2)
+
+
+def old_par(image, masks, iters=20, dilations=PAR_DILATIONS, w_color=0.3, w_pos=0.01):
+    h, w = masks.shape[-2:]
+    img = F.interpolate(image.to(masks), size=(h, w), mode="bilinear", align_corners=True)
+    offs = _old_offsets(dilations)
+    aff = _old_affinity(img, offs, w_color, w_pos)
+    pad = max(dilations)
+    out = masks
+    for _ in range(iters):
+        padded = F.pad(out, (pad, pad, pad, pad), mode="replicate")
+        acc = torch.empty_like(masks)
+        for i, (dy, dx, _) in enumerate(offs):
+            nb = padded[:, :, pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+            if i == 0:
+                torch.mul(nb, aff[:, 0], out=acc)
+            else:
+                acc.addcmul_(nb, aff[:, i])
+        out = acc
+    return out
+
+
+# -- inputs ------------------------------------------------------------------------------------------------------------
+
+
+def kit_inputs(limit: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, image (1, 3, 320, 320), masks (1, K+1, H, W)) per sample image."""
+    from PIL import Image
+
+    manifest = json.loads((SAMPLE / "manifest.json").read_text())
+    entries = [(name, e) for group in manifest.values() for name, e in group.items()][:limit]
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for name, e in entries:
+        rgb = np.asarray(Image.open(SAMPLE / e["image"]).convert("RGB"))
+        x = torch.from_numpy(((rgb - np.array(MEAN)) / np.array(STD)).astype(np.float32).transpose(2, 0, 1).copy())
+        x = F.interpolate(x[None], size=(320, 320), mode="bilinear", align_corners=False)
+        size = tuple(e["size_hw"])
+        golden = GOLDEN / f"{name}.npz"
+        if golden.is_file():
+            refined = torch.from_numpy(np.load(golden)["refined_static"])
+            masks = labels_from_cams(refined, x[0], size, use_par=False)[0][None]
+        else:
+            masks = torch.rand(1, 3, *size, generator=gen).softmax(1)
+        out.append((name, x, masks.contiguous()))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--images", type=int, default=19)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    inputs = kit_inputs(args.images)
+    sizes = sorted({(tuple(m.shape[-2:]), m.shape[1]) for _, _, m in inputs})
+    print(f"{len(inputs)} images, (H, W) × channels: {sizes}; torch threads {torch.get_num_threads()}")
+
+    worst, flips = 0.0, 0
+    for _, x, m in inputs:  # warm-up and output check
+        a, b = old_par(x, m), par(x, m)
+        worst = max(worst, float((a - b).abs().max()))
+        flips += int((a.argmax(1) != b.argmax(1)).sum())
+    ratios = []
+    for r in range(args.rounds):
+        t_old = t_new = 0.0
+        for _, x, m in inputs:
+            t0 = time.perf_counter()
+            old_par(x, m)
+            t1 = time.perf_counter()
+            par(x, m)
+            t2 = time.perf_counter()
+            t_old += t1 - t0
+            t_new += t2 - t1
+        ratios.append(t_old / t_new)
+        print(f"round {r}: old {t_old / len(inputs) * 1e3:7.1f} ms/image   new {t_new / len(inputs) * 1e3:7.1f} "
+              f"ms/image   old/new {ratios[-1]:.2f}", flush=True)
+    print(f"outputs: max |old - new| {worst:.2e}, argmax differs at {flips} pixels")
+    print(f"old/new over {args.rounds} rounds: median {statistics.median(ratios):.2f}, "
+          f"spread {min(ratios):.2f}-{max(ratios):.2f}")
+    print(f"par speed-up: {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()

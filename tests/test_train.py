@@ -305,8 +305,6 @@ def test_cli_end_to_end_train_predict_eval(voc, tmp_path, capsys):
     """excelseg train (a few iterations, validation, checkpoint) → predictions of the trained decoder → excelseg
     eval; then --resume with a changed setting is refused without --force."""
     from excelseg.interop import load_heads
-    from excelseg.outputs import save_label_png
-    from excelseg.preprocess import network_input
 
     clip = save_tiny(tmp_path / "tiny.pt", **TINY)
     cfg_path = tiny_yaml(tmp_path / "tiny.yaml", iterations=3, val_every=3, checkpoint_every=3)
@@ -318,21 +316,14 @@ def test_cli_end_to_end_train_predict_eval(voc, tmp_path, capsys):
     assert "validation @ iteration 3" in out and "crop: label-free random crop" in out
     assert (run / "excelseg_config.yaml").is_file() and (run / "train.log").is_file()
     ck = json.loads((run / "latest.json").read_text())
-    state, meta = load_heads(run / ck["heads"])
+    _, meta = load_heads(run / ck["heads"])
     assert ck["iteration"] == 3 and meta["iteration"] == "3"
 
-    # predict val with the trained heads, then score with excelseg eval
-    model = tiny_excel()
-    model.load_trainable_state_dict(state)
-    model.eval()
-    val = open_dataset("voc", voc, split="val")
+    # segment val with the trained checkpoint (MS + flip), then score with excelseg eval
     pred = tmp_path / "pred"
-    with torch.no_grad():
-        for i in range(len(val)):
-            s = val[i]
-            x = network_input(s["image"], (32, 32))[None]
-            logits = F.interpolate(model(x).seg_logits, size=s["mask"].shape, mode="bilinear", align_corners=False)
-            save_label_png(pred / f"{s['name']}.png", logits[0].argmax(0).to(torch.uint8).numpy())
+    assert main(["segment", "--checkpoint", str(run / ck["heads"]), "--dataset", "voc", "--root", str(voc),
+                 "--split", "val", "--clip", str(clip), "--out-dir", str(pred), "--device", "cpu", "--no-crf"]) == 0
+    val = open_dataset("voc", voc, split="val")
     assert main(["eval", "--pred", str(pred), "--root", str(voc), "--split", "val", "--workers", "1"]) == 0
     result = json.loads((pred / "metrics.json").read_text())
     assert 0.0 <= result["miou"] <= 1.0 and result["evaluated"] == len(val)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import PipelineConfig, config_to_dict, dump_config
+from .config import PipelineConfig, config_to_dict
 from .model import ExcelModel
 from .optim import build_optimizer, set_lrs
 from .training import check_batch, training_losses, uses_lvc
@@ -245,6 +245,7 @@ class Trainer:
         self.device = torch.device(device)
         self.out_dir = Path(out_dir).expanduser()
         self.metadata = dict(metadata or {})
+        self.class_names = list(train_ds.class_names)
         self._log_fn, self.progress = log, progress
         self.stop_requested = False
         if t.amp not in ("auto", "off", "bf16", "fp16"):
@@ -343,16 +344,19 @@ class Trainer:
 
         On a write error (disk full, permissions) raises :class:`TrainingError`; the previous checkpoint and
         pointer stay as they were."""
-        from .interop import save_heads
+        from .interop import save_checkpoint
         from .outputs import atomic_write
 
         folder = self.out_dir / CKPT_DIR
         name = f"iter_{self.iteration:06d}"
         heads_path, state_path = folder / f"{name}.safetensors", folder / f"{name}.state.pt"
         if self.dist.main:
-            meta = {**self.metadata, "iteration": self.iteration, "config": dump_config(self.cfg)}
-            try:
-                save_heads(heads_path, {k: v.detach().cpu() for k, v in self.heads.state_dict().items()}, meta)
+            extra = {k: v for k, v in self.metadata.items() if k not in ("clip", "class_names")}
+            try:  # the checkpoint format of excelseg.interop: Segmenter / CamPredictor / segment read it directly
+                save_checkpoint(heads_path, {k: v.detach().cpu() for k, v in self.heads.state_dict().items()},
+                                class_names=self.metadata.get("class_names", self.class_names),
+                                clip_identity=self.metadata.get("clip", "unknown"), config=self.cfg,
+                                metadata={**extra, "iteration": self.iteration})
                 state = self.state()
                 atomic_write(state_path, lambda tmp: torch.save(state, tmp))
                 pointer = {"heads": f"{CKPT_DIR}/{heads_path.name}", "state": f"{CKPT_DIR}/{state_path.name}",

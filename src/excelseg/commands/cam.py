@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -16,9 +15,12 @@ from .common import (
     check_writable,
     config_from_args,
     decoded_batches,
+    finish_run,
     load_checkpoint_arg,
     out_dir_arg,
+    pending,
     split_overrides,
+    unique_stems,
     write_resolved_config,
 )
 
@@ -59,13 +61,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def unique_stems(paths: list[Path]) -> list[str]:
-    """Output stems; inputs sharing a file stem get their parent folder names prefixed."""
-    stems = [p.stem for p in paths]
-    dupes = {s for s in stems if stems.count(s) > 1}
-    return [f"{p.parent.name}_{p.stem}" if p.stem in dupes else p.stem for p in paths]
-
-
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -102,11 +97,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = out_dir_arg(args)
     check_writable(out_dir)
     stems = unique_stems(paths)
-    todo = [(p, s) for p, s in zip(paths, stems)
-            if args.overwrite or not is_done(out_dir, s, args.save_cams, overlay=True)]
-    skipped = len(paths) - len(todo)
-    if skipped:
-        print(f"{skipped} of {len(paths)} images already done in {out_dir} (use --overwrite to redo)")
+    todo, skipped = pending(paths, stems, out_dir, lambda s: is_done(out_dir, s, args.save_cams, overlay=True),
+                            args.overwrite)
     if not todo:
         return 0
     device = resolve_device(args.device)
@@ -129,9 +121,5 @@ def run(args: argparse.Namespace) -> int:
                 failures.append((path, f"cannot write outputs: {exc}"))
             bar.update(1)
     bar.close()
-    elapsed = time.perf_counter() - start
-    print(f"done: {written} written, {skipped} skipped, {len(failures)} failed in {elapsed:.1f} s -> {out_dir}")
-    for path, reason in failures:
-        print(f"failed: {path}: {reason}", file=sys.stderr)
-    return 1 if failures else 0
+    return finish_run(written, skipped, failures, start, out_dir)
 

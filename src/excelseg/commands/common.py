@@ -296,6 +296,38 @@ def cam_predictor(args: argparse.Namespace, clip: Any, vocab: Any, cfg: Any, dev
         raise CliError(str(exc)) from None
 
 
+def unique_stems(paths: list[Path]) -> list[str]:
+    """Output stems of input images; inputs sharing a file stem get their parent folder names prefixed."""
+    stems = [p.stem for p in paths]
+    dupes = {s for s in stems if stems.count(s) > 1}
+    return [f"{p.parent.name}_{p.stem}" if p.stem in dupes else p.stem for p in paths]
+
+
+def pending(paths: list, stems: list[str], out_dir: Path, finished, overwrite: bool) -> tuple[list, int]:
+    """``([(path, stem)] still to do, number already done)``; ``finished(stem)`` tells a done image (atomic writes:
+    an existing output is a complete one). Says how many are skipped."""
+    todo = [(p, s) for p, s in zip(paths, stems) if overwrite or not finished(s)]
+    skipped = len(paths) - len(todo)
+    if skipped:
+        print(f"{skipped} of {len(paths)} images already done in {out_dir} (use --overwrite to redo)")
+    return todo, skipped
+
+
+def finish_run(written: int, skipped: int, failures: list, start: float, out_dir: Path, show: int = 20) -> int:
+    """Print the summary line of a per-image command and its failures (at most ``show``); the exit status:
+    0 all done, 1 some images failed."""
+    import time
+
+    elapsed = time.perf_counter() - start
+    rate = f" ({elapsed / written:.2f} s/img)" if written else ""
+    print(f"done: {written} written, {skipped} skipped, {len(failures)} failed in {elapsed:.1f} s{rate} -> {out_dir}")
+    for path, reason in failures[:show]:
+        print(f"failed: {path}: {reason}", file=sys.stderr)
+    if len(failures) > show:
+        print(f"failed: … and {len(failures) - show} more", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def decoded_batches(todo: list, batch_size: int, failures: list, bar: Any):
     """Batches ``[(path, stem, rgb)]`` of the readable images of ``todo`` ``[(path, stem)]``; an unreadable image
     is appended to ``failures`` as ``(path, reason)`` and advances the progress ``bar``."""

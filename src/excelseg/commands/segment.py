@@ -9,7 +9,6 @@ the logits at 0.2× the image size and runs the CRF."""
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -20,11 +19,14 @@ from .common import (
     batch_size_arg,
     check_writable,
     decoded_batches,
+    finish_run,
     open_dataset_args,
     out_dir_arg,
+    pending,
     scales_arg,
     size_arg,
     split_overrides,
+    unique_stems,
     write_resolved_config,
 )
 
@@ -149,15 +151,12 @@ def run(args: argparse.Namespace) -> int:
         paths, stems = [ds.image_path(i) for i in ds.ids], list(ds.ids)
     else:
         paths = collect_images(inputs, recursive=args.recursive)
-        stems = _unique_stems(paths)
+        stems = unique_stems(paths)
     out_dir = out_dir_arg(args)
     check_writable(out_dir)
     names = {s: output_names(s, args, cfg.segment.crf) for s in stems}
-    todo = [(p, s) for p, s in zip(paths, stems)
-            if args.overwrite or not all((out_dir / n).is_file() for n in names[s])]
-    skipped = len(paths) - len(todo)
-    if skipped:
-        print(f"{skipped} of {len(paths)} images already done in {out_dir} (use --overwrite to redo)")
+    todo, skipped = pending(paths, stems, out_dir, lambda s: all((out_dir / n).is_file() for n in names[s]),
+                            args.overwrite)
     if not todo:
         return 0
     device = resolve_device(args.device)
@@ -210,16 +209,4 @@ def run(args: argparse.Namespace) -> int:
                 failures.append((path, f"cannot write outputs: {exc}"))
             bar.update(1)
     bar.close()
-    elapsed = time.perf_counter() - start
-    print(f"done: {written} written, {skipped} skipped, {len(failures)} failed in {elapsed:.1f} s "
-          f"({elapsed / max(1, written):.2f} s/img) -> {out_dir}")
-    for path, reason in failures:
-        print(f"failed: {path}: {reason}", file=sys.stderr)
-    return 1 if failures else 0
-
-
-def _unique_stems(paths: list[Path]) -> list[str]:
-    """Output stems; inputs sharing a file stem get their parent folder names prefixed (as excelseg cam)."""
-    stems = [p.stem for p in paths]
-    dupes = {s for s in stems if stems.count(s) > 1}
-    return [f"{p.parent.name}_{p.stem}" if p.stem in dupes else p.stem for p in paths]
+    return finish_run(written, skipped, failures, start, out_dir)

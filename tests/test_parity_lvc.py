@@ -26,16 +26,15 @@ from parity_kit import (
     random_clip_weights,
     require_kit,
 )
+from parity_rules import TOL_CAM, TOL_P, resolve_lvc_flips
 
 NAMES = image_names()
 GRID = (20, 20)
 N_TOK = 400
 
 # parity README §6 tolerances (≈ 10–20× the reference's own thread noise)
-TOL_CAM = 2e-4  # cam_static / cam_lvc / cam_lvc_flip, values in [0, 1]
 TOL_LOGITS = 5e-4  # seg_logits, batch4.segs
 TOL_ADAPTER = 2e-4  # adapter_fts
-TOL_P = 2e-5  # P
 TOL_TRANS, TOL_TRANS_REL = 2e-6, 1e-3  # trans_P: abs and rel (entries ≈ 2.5e-3)
 TOL_REFINED = 2e-5  # refined_*
 TOL_LAYER_DIFF_REL = 1e-5  # layer_diff_P (≈ 7.6e4)
@@ -43,11 +42,7 @@ TOL_TOKENS_REL = 1e-4  # per-layer tokens, relative to the layer's max |value|
 TOL_LABEL_FRAC = 1e-3  # label maps: ≤ 0.1 % of the pixels per image
 TOL_LOSS_REL = 1e-4  # loss_seg / loss_div / loss_total
 TOL_R_MEAN = 2e-6  # R_mean (§6.1)
-# LVC exception (§6 "cam_lvc*" note, §6.1 cam_lvc): ≤ 2 % of the 400 token rows may exceed TOL_CAM, and only
-# because an R' entry within rounding of 0 flipped its −∞ mask. "Within rounding": P = sigmoid(R') has slope 1/4 at
-# 0, so the README's P tolerance (2e-5) corresponds to |ΔR'| ≤ 8e-5.
-LVC_ROW_FRACTION = 0.02
-R_NEAR_ZERO = 4 * TOL_P
+# TOL_CAM, TOL_P and the LVC-mask flip rule: parity_rules.py (shared with test_parity_train.py)
 
 MEASURED: dict[str, float] = {}  # worst error per array over the run (printed by test_report, for the record)
 
@@ -92,53 +87,8 @@ def _mirror_rows(rows: np.ndarray) -> np.ndarray:
 
 
 def check_lvc_cams(cams_fn, logits: torch.Tensor, ref: np.ndarray, rows_of: list, what: str) -> np.ndarray:
-    """LVC CAM tolerance rule (README §6, §6.1) → the CAMs to use downstream, (400, 20).
-
-    ``cams_fn(logits)`` maps R' (B, N, N) to (400, 20) CAMs; ``rows_of[b](rows)`` maps final token rows to the
-    rows of batch item b they come from. Every row must be within TOL_CAM, except at most 2 % of the rows; each
-    such row must hold an R' entry within rounding of 0 (|R'| ≤ R_NEAR_ZERO) in a batch item it comes from, and
-    putting some of those entries (with their symmetric partners, R being symmetric) on the other side of 0 must
-    bring *every* row within TOL_CAM. Candidates are tried greedily from the smallest |R'| up; one is kept when it
-    lowers the number of rows off by more than TOL_CAM. This replaces the README's magnitude cap for the exception
-    rows (~1e-3; 1e-2 in §6.1) by the stronger counterfactual, because a genuine flip can move a row further:
-    R' = −5.4e-7 moves a row of 2007_000033 by 1.5e-2. The returned CAMs are the resolved ones.
-    """
-    def off_rows(cams: np.ndarray) -> np.ndarray:
-        return np.nonzero(np.abs(cams.astype(np.float64) - ref).max(axis=1) > TOL_CAM)[0]
-
-    cams = cams_fn(logits)
-    err = np.abs(cams.astype(np.float64) - ref).max(axis=1)
-    bad = off_rows(cams)
-    if len(bad) == 0:
-        _note(what, err.max())
-        return cams
-    assert len(bad) <= LVC_ROW_FRACTION * N_TOK, f"{what}: {len(bad)} token rows differ by > {TOL_CAM}"
-    explained = np.zeros(len(bad), dtype=bool)
-    candidates = []  # (|R'|, batch item, row, column)
-    for b, rows_fn in enumerate(rows_of):
-        rows = rows_fn(bad)
-        near = (logits[b, torch.from_numpy(rows)].abs() <= R_NEAR_ZERO).numpy()  # (len(bad), N)
-        explained |= near.any(axis=1)
-        for r, c in zip(*np.nonzero(near)):
-            i, j = sorted((int(rows[r]), int(c)))
-            candidates.append((abs(float(logits[b, i, j])), b, i, j))
-    assert explained.all(), f"{what}: rows {bad[~explained].tolist()} differ but hold no R' within rounding of 0"
-    current, n_bad = logits, len(bad)
-    for _, b, i, j in sorted(set(candidates)):
-        trial = current.clone()
-        for a, c in ((i, j), (j, i)):
-            v = trial[b, a, c]
-            trial[b, a, c] = -1e-12 if v >= 0 else -v
-        cams_t = cams_fn(trial)
-        if len(off_rows(cams_t)) < n_bad:
-            current, cams, n_bad = trial, cams_t, len(off_rows(cams_t))
-        if n_bad == 0:
-            break
-    err2 = np.abs(cams.astype(np.float64) - ref).max()
-    assert err2 <= TOL_CAM, f"{what}: rows {bad.tolist()} stay off by {err2:.2e} with the near-zero R' flipped"
-    _note(what + " (after resolving R'≈0 flips)", err2)
-    _note(what + " raw, rows with R'≈0 flip", err.max())
-    return cams
+    """:func:`parity_rules.resolve_lvc_flips` with this module's record of measured errors."""
+    return resolve_lvc_flips(cams_fn, logits, ref, rows_of, what, _note)
 
 
 def check_box(box: torch.Tensor, cams: torch.Tensor, ref_box: np.ndarray, ref_cams: np.ndarray, tau: float,

@@ -5,7 +5,7 @@ reproduced with excelseg's training step (:func:`excelseg.training.training_loss
 * per step: group lrs (rel 1e-6), losses (rel 1e-4), ``R_mean`` (2e-6), pseudo-labels / ``seg_pred_step4``
   (≤ 0.1 % of pixels per image), ``pos/neg_count`` (exact, with the README's margin for sampled pixels whose
   label moved: up to 2·17·17 pairs each), ``segs`` (5e-4), ``cam_lvc`` (≤ 2e-4 except in ≤ 2 % of the token rows
-  per image, all ≤ 1e-2);
+  per image, each explained by a flipped R′ ≈ 0 mask entry: :func:`parity_rules.resolve_lvc_flips`);
 * then the norms, in float64: ``grad_norm`` (element-wise rel 5e-4), ``grad.<name>`` (rel 5e-4 of max|ref|),
   ``value_norm`` (rel 3e-7; the 12 zero-init tensors abs 2e-8), ``value.<name>`` (abs 5e-7);
 * the final state: ≥ 99.9 % of the 6,313,237 elements within 1e-6, ≥ 99 % within 1e-7, all within
@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from parity_kit import GOLDEN, PARITY, REF_BANK, random_clip_weights, require_kit
+from parity_rules import resolve_lvc_flips
 
 # README §6.1 "recommended" column
 TOL_LR_REL = 1e-6
@@ -28,7 +29,7 @@ TOL_LOSS_REL = 1e-4
 TOL_R_MEAN = 2e-6
 TOL_LABEL_FRAC = 1e-3
 TOL_SEGS = 5e-4
-TOL_CAM, CAM_ROW_FRACTION, TOL_CAM_ROWS = 2e-4, 0.02, 1e-2
+TOL_CAM = 2e-4  # cam_static (steps 0–2); cam_lvc: parity_rules.resolve_lvc_flips
 TOL_GRAD_REL = 5e-4
 TOL_VALUE_NORM_REL, TOL_VALUE_NORM_ZERO = 3e-7, 2e-8
 TOL_VALUE = 5e-7
@@ -90,13 +91,14 @@ def _trajectory(setup, golden_labels: bool):
 
     from excelseg.config import PAPER_VOC
     from excelseg.heads import reference_key_map
+    from excelseg.lvc import relation_logits
     from excelseg.optim import build_optimizer, set_lrs
     from excelseg.training import training_losses
 
     g, model, init, x, cls = setup
     heads = model.heads
     heads.load_state_dict(init)
-    cfg = PAPER_VOC.train
+    cfg, cfg_heads = PAPER_VOC.train, PAPER_VOC.heads
     opt = build_optimizer(heads, cfg)
     ref_to_ours = reference_key_map()
     params = dict(heads.named_parameters())
@@ -116,6 +118,8 @@ def _trajectory(setup, golden_labels: bool):
             "pos": int(res.pos_count), "neg": int(res.neg_count), "R_mean": float(res.output.relation_mean),
             "segs": res.output.seg_logits.detach().clone(), "pseudo": res.pseudo.clone(),
             "source": res.aff_source.clone(), "cams": res.cams.clone(),
+            "relation_logits": relation_logits(res.output.adapter_fts.detach(), cfg_heads.relation_gain),
+            "cache": res.output.cache, "grid": res.output.grid,  # the memoised frozen pass: no copy
             "grad_norm": [float(torch.linalg.vector_norm(p.grad.double())) for p in ordered],
             "grad": {n: params[ref_to_ours[n]].grad.detach().clone() for n in _small_names(g)},
         }
@@ -196,15 +200,31 @@ def test_golden_labels_losses_counts(run_golden_labels):
             assert _rel(rec[key], g[key][k]) <= TOL_LOSS_REL, (k, key, rec[key], float(g[key][k]))
 
 
-def test_lvc_cams(run):
+def test_lvc_cams(setup, run):
+    """Steps 3–4 use LVC CAMs from that step's adapter features (README §6.1 ``cam_lvc``): every token row within
+    2e-4, except rows explained by an R′ ≈ 0 entry whose −∞ mask flipped (our heads after step 2 differ from the
+    reference's by float noise and the few pseudo-label pixels that differ, so R′ near 0 may change sign — seen
+    at step 4 with AVX2 kernels, rows off by 6.1e-2); steps 0–2 use the static CAMs of ``batch4``."""
+    from excelseg.lvc import shift_from_logits
+
+    model = setup[1]
     g, steps, _, _ = run
     for i, k in enumerate((3, 4)):
-        ours = steps[k]["cams"].flatten(2).transpose(1, 2).double().numpy()  # (4, 400, 20)
-        rows = np.abs(ours - g["cam_lvc"][i]).max(axis=2)  # (4, 400)
-        _note("cam_lvc", rows.max())
-        assert rows.max() <= TOL_CAM_ROWS, (k, rows.max())
-        off = (rows > TOL_CAM).sum(axis=1)
-        assert (off <= CAM_ROW_FRACTION * rows.shape[1]).all(), (k, off)
+        rec = steps[k]
+        ours = rec["cams"].flatten(2).transpose(1, 2).double().numpy()  # (4, 400, 20)
+        for b in range(ours.shape[0]):
+            cache_b = rec["cache"].select(slice(b, b + 1))
+
+            def cams_fn(lg, cache_b=cache_b):
+                with torch.no_grad():
+                    feats, _ = model.encoder.calibrate(cache_b, shift_from_logits(lg))
+                    cams = model.cams_from_features(feats, rec["grid"])[0]
+                return cams.flatten(1).T.double().numpy()
+
+            logits = rec["relation_logits"][b:b + 1]
+            # the function checked is the one training used: same logits, same CAMs (batch 4 vs 1: kernel noise)
+            assert np.abs(cams_fn(logits) - ours[b]).max() <= 1e-5
+            resolve_lvc_flips(cams_fn, logits, g["cam_lvc"][i][b], [lambda r: r], f"cam_lvc step {k}", _note)
     # steps 0–2 use the static CAMs of batch4
     static = np.load(GOLDEN / "batch4.npz")["cam_static"]
     for k in range(3):

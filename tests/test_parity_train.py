@@ -215,10 +215,10 @@ def test_lvc_cams(setup, run):
         for b in range(ours.shape[0]):
             cache_b = rec["cache"].select(slice(b, b + 1))
 
-            def cams_fn(lg, cache_b=cache_b):
+            def cams_fn(lg, cache_b=cache_b, grid=rec["grid"]):
                 with torch.no_grad():
                     feats, _ = model.encoder.calibrate(cache_b, shift_from_logits(lg))
-                    cams = model.cams_from_features(feats, rec["grid"])[0]
+                    cams = model.cams_from_features(feats, grid)[0]
                 return cams.flatten(1).T.double().numpy()
 
             logits = rec["relation_logits"][b:b + 1]

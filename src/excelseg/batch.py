@@ -7,7 +7,8 @@ dataset's whole vocabulary). This module adds what a run over 10⁴–10⁵ imag
 * :class:`Shard`: a disjoint, deterministic slice ``sorted(ids)[rank::world]`` for one of ``world`` processes
   (``--shard i/n`` or torchrun's ``RANK`` / ``WORLD_SIZE``); no process group is needed (embarrassingly parallel).
 * resume and outputs: :mod:`excelseg.outputs` (``is_done``, ``stale_temps_of``, the CAM archive format).
-* :func:`iter_pseudo_labels`: images decoded by a ``DataLoader`` (``workers`` processes), backbone forwards in
+* :func:`iter_pseudo_labels`: images decoded by a ``DataLoader`` (``workers`` processes, or one thread ahead with
+  ``overlap``: :func:`prefetch`), backbone forwards in
   batches of ``batch_size`` (the network input has a fixed size, so images of any size batch), per-image
   :class:`LabelOutput`; unreadable images come back as errors, not exceptions.
 * optional dense CRF (:mod:`excelseg.crf`) on the ``[bg, cams]`` scores after PAR, at the full image size.
@@ -17,7 +18,9 @@ dataset's whole vocabulary). This module adds what a run over 10⁴–10⁵ imag
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +33,9 @@ from .crf import CrfConfig, dense_crf
 from .predictor import CamPredictor, CamResult
 from .vocab import Vocabulary, normalize_name
 
-__all__ = ["LabelOutput", "Shard", "dataset_vocabulary", "iter_pseudo_labels"]
+__all__ = ["LabelOutput", "Shard", "dataset_vocabulary", "iter_pseudo_labels", "prefetch"]
+
+_END = object()
 
 
 # ---- sharding ----------------------------------------------------------------------------------------------
@@ -142,6 +147,46 @@ def _crf_label(state, result: CamResult, rgb: np.ndarray, crf: CrfConfig) -> np.
     return np.asarray(values, dtype=np.uint8)[q.argmax(axis=0)]
 
 
+def prefetch(items: Iterable[Any]) -> Iterator[Any]:
+    """``items``, produced one ahead by a background thread (exceptions are re-raised here, in order). Closing
+    the iterator early stops the thread after the item it is producing."""
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((_END, None))
+        except Exception as exc:  # noqa: BLE001 -- handed to the consumer, which re-raises it
+            q.put((_END, exc))
+
+    thread = threading.Thread(target=produce, name="excelseg-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is _END:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on the full queue
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
 def iter_pseudo_labels(
     predictor: CamPredictor,
     dataset: Any,
@@ -151,6 +196,7 @@ def iter_pseudo_labels(
     batch_size: int = 1,
     workers: int = 0,
     crf: CrfConfig | None = None,
+    overlap: bool = False,
 ) -> Iterator[LabelOutput]:
     """Pseudo-labels of ``names`` (in order), one :class:`LabelOutput` per image.
 
@@ -162,12 +208,14 @@ def iter_pseudo_labels(
         batch_size: images per backbone forward.
         workers: ``DataLoader`` processes decoding images (0: in this process).
         crf: dense CRF parameters (:data:`excelseg.crf.REFERENCE_CRF`) to post-process the labels; ``None``: off.
+        overlap: with ``workers`` 0, decode the next batch in a background thread (:func:`prefetch`) while this
+            one runs the forward (worker processes already decode ahead).
     """
     loader = torch.utils.data.DataLoader(_ImageSource(dataset, names), batch_size=batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=_as_list)
     cfg = predictor.config.cam
     grid = predictor.encoder.grid_for(tuple(cfg.size))
-    for batch in loader:
+    for batch in (prefetch(loader) if overlap and workers == 0 else loader):
         ready = []
         for item in batch:
             if item["error"] is not None:

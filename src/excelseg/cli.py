@@ -17,6 +17,7 @@ from .commands.common import OVERRIDE_RE, CliError
 
 COMMAND_ORDER = ("cam", "pseudo_label", "segment", "prepare", "bank", "describe", "train", "eval", "eval_cams",
                  "import_checkpoint", "demo", "train_clip")
+HELPER_MODULES = ("common", "jobs")  # modules of excelseg.commands that are not subcommands
 
 
 def command_modules() -> list[str]:
@@ -26,7 +27,7 @@ def command_modules() -> list[str]:
 
     from . import commands
 
-    names = [m.name for m in pkgutil.iter_modules(commands.__path__) if m.name not in ("common",)
+    names = [m.name for m in pkgutil.iter_modules(commands.__path__) if m.name not in HELPER_MODULES
              and not m.name.startswith("_")]
     return sorted(names, key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else 99, n))
 

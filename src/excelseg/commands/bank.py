@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from .common import CliError, batch_size_arg, clusters_arg, config_from_args
+from .common import CliError, add_clip_arg, add_config_arg, batch_size_arg, clusters_arg, config_from_args
 
 EXAMPLES = """examples:
   excelseg bank build --knowledge voc --clusters 112 --out voc_bank.safetensors
@@ -45,13 +45,10 @@ def register(sub) -> None:
                    help="number of attributes B, or 'auto' (chosen by silhouette score); "
                         "default: the paper's 112 for voc, 224 for coco")
     b.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
-    b.add_argument("--clip", default=None,
-                   help="CLIP weights: open_clip tag, weight file or hf-hub:ORG/NAME (as for 'excelseg "
-                        "cam'); default $EXCELSEG_CLIP, then ViT-B-16")
+    add_clip_arg(b)
     b.add_argument("--seed", type=int, default=0, help="K-means seed (default 0)")
-    b.add_argument("--config", default=None, metavar="NAME|YAML",
-                   help="pipeline settings whose text.template prefixes every description (default: those the "
-                        "CLIP was made for, else voc: the paper's 'a clean origami {}.')")
+    add_config_arg(b, "pipeline settings whose text.template prefixes every description (default: those the "
+                      "CLIP was made for, else voc: the paper's 'a clean origami {}.')")
     b.add_argument("--template", default=None,
                    help="prefix put before every description, with the class name at {} (overrides --config)")
     b.add_argument("--no-prefix", action="store_true",

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 
 from .common import (
     CliError,
-    add_checkpoint_arg,
+    add_job_args,
     add_model_args,
     add_out_dir,
+    add_vocabulary_arg,
     cam_predictor,
     check_writable,
     config_from_args,
-    decoded_batches,
-    finish_run,
     load_checkpoint_arg,
     out_dir_arg,
-    pending,
     split_overrides,
     unique_stems,
     write_resolved_config,
@@ -46,29 +42,26 @@ def register(sub) -> None:
     p.add_argument("--classes", default=None,
                    help="classes present in the images: comma list or a .txt/.json file "
                         "(required unless --vocabulary is given, in which case all its classes compete)")
-    p.add_argument("--vocabulary", default=None,
-                   help="texts the alignment is computed against: voc, coco, a comma list or a file "
-                        "(default: the --classes themselves plus the paper's background words)")
+    add_vocabulary_arg(p, "texts the alignment is computed against: voc, coco, a comma list or a file "
+                          "(default: the --classes themselves plus the paper's background words)")
     add_out_dir(p, "excelseg_out", "folder for the per-image outputs")
     p.add_argument("--save-cams", action="store_true", help="also write the CAM archive <stem>_cams.npz")
     p.add_argument("--cam-size", default="full",
                    help="size of the archived CAMs: full (the image, default), grid (the patch grid) or N = longer "
                         "side (4-256)")
-    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    add_job_args(p)
     p.add_argument("--recursive", action="store_true", help="search directories recursively")
-    add_model_args(p)
-    add_checkpoint_arg(p)
+    add_model_args(p, checkpoint=True)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..devices import resolve_device
     from ..images import collect_images
     from ..outputs import is_done, parse_cam_size, write_result
     from ..vocab import Vocabulary, parse_class_list
     from ..weights import load_clip
+    from .jobs import ImageJob, pending
 
     try:
         cam_size = parse_cam_size(args.cam_size)
@@ -107,19 +100,11 @@ def run(args: argparse.Namespace) -> int:
     predictor = cam_predictor(args, clip, vocab, cfg, device, ckpt)
     write_resolved_config(out_dir, cfg, clip=clip.identity, command="cam",
                           **({"checkpoint": str(args.checkpoint)} if ckpt is not None else {}))
-    failures: list[tuple[Path, str]] = []
-    written = 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="img", desc="cam", disable=None)
-    for batch in decoded_batches(todo, args.batch_size, failures, bar):
+    job = ImageJob(len(todo), "cam", out_dir, skipped, overlap=not args.no_overlap)
+    for batch in job.batches(todo, args.batch_size):
         states = predictor.encode_batch([rgb for _, _, rgb in batch])
         for (path, stem, rgb), state in zip(batch, states):
-            try:
-                write_result(out_dir, stem, rgb, predictor.predict_state(state, classes), args.save_cams, cam_size)
-                written += 1
-            except OSError as exc:
-                failures.append((path, f"cannot write outputs: {exc}"))
-            bar.update(1)
-    bar.close()
-    return finish_run(written, skipped, failures, start, out_dir)
-
+            result = predictor.predict_state(state, classes)
+            job.write(path, lambda stem=stem, rgb=rgb, result=result:
+                      write_result(out_dir, stem, rgb, result, args.save_cams, cam_size))
+    return job.finish()

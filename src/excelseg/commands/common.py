@@ -140,6 +140,14 @@ def add_out_dir(p: argparse.ArgumentParser, default: str | None, what: str) -> N
     p.add_argument("--out", dest="out_dir", action=DeprecatedAlias, new="--out-dir", help=argparse.SUPPRESS)
 
 
+def add_job_args(p: Any) -> None:
+    """Options of the per-image batch commands (cam, segment, pseudo-label): resume and I/O overlap."""
+    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="decode and write in the main thread (default: the next batch is decoded and the outputs "
+                        "written in background threads while the forward runs)")
+
+
 def out_dir_arg(args: argparse.Namespace) -> Path:
     if args.out_dir is None:
         raise CliError("give --out-dir DIR (the folder for the outputs)")
@@ -149,13 +157,33 @@ def out_dir_arg(args: argparse.Namespace) -> Path:
 # ---- shared option groups -------------------------------------------------------------------------------------
 
 
-def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1) -> None:
-    """Options of every command that runs the training-free pipeline."""
+CLIP_HELP = ("CLIP weights: open_clip tag (default ViT-B-16, OpenAI weights), a weight file (.pt TorchScript or "
+             "state dict, .pth, .bin, .safetensors), hf-hub:ORG/NAME or 'synthetic' (shipped); default "
+             "$EXCELSEG_CLIP, then ViT-B-16")
+CONFIG_HELP = ("pipeline settings: voc (the paper's, default), coco, synthetic or a YAML file; section.key=value "
+               "words override single settings (see 'Settings' in the README)")
+
+
+def add_clip_arg(p: Any, help: str = CLIP_HELP) -> None:
+    """``--clip SPEC``: the CLIP weights (resolved by :func:`excelseg.weights.load_clip`)."""
+    p.add_argument("--clip", default=None, metavar="SPEC", help=help)
+
+
+def add_config_arg(p: Any, help: str = CONFIG_HELP) -> None:
+    """``--config NAME|YAML``: pipeline settings (:func:`config_from_args`)."""
+    p.add_argument("--config", default=None, metavar="NAME|YAML", help=help)
+
+
+def add_vocabulary_arg(p: Any, help: str) -> None:
+    """``--vocabulary``: voc, coco, a comma list or a file (:meth:`excelseg.vocab.Vocabulary.from_spec`)."""
+    p.add_argument("--vocabulary", default=None, help=help)
+
+
+def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1, checkpoint: bool = False) -> None:
+    """Options of every command that runs the training-free pipeline; ``checkpoint``: also ``--checkpoint``
+    (trained heads for LVC CAMs / pseudo-labels: cam, pseudo-label)."""
     g = p.add_argument_group("model")
-    g.add_argument("--clip", default=None,
-                   help="CLIP weights: open_clip tag (default ViT-B-16, OpenAI weights), a weight file "
-                        "(.pt TorchScript or state dict, .pth, .bin, .safetensors), hf-hub:ORG/NAME or "
-                        "'synthetic' (shipped); default $EXCELSEG_CLIP, then ViT-B-16")
+    add_clip_arg(g)
     g.add_argument("--bank", default=None,
                    help="TSE attribute bank (.pth reference format, .safetensors, .npz) enriching every class; "
                         "default: plain prompts")
@@ -164,9 +192,7 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1) -> Non
                         "once and cached; classes it does not describe keep plain prompts (with a warning)")
     g.add_argument("--clusters", type=clusters_arg, default=None,
                    help="attribute clusters B for --knowledge: N or auto (default 112 voc, 224 coco, else auto)")
-    g.add_argument("--config", default=None, metavar="NAME|YAML",
-                   help="pipeline settings: voc (the paper's, default), coco, synthetic or a YAML file; "
-                        "section.key=value words override single settings (see 'Settings' in the README)")
+    add_config_arg(g)
     g.add_argument("--preset", default=None, choices=["paper", "paper-voc", "paper-coco"], help=argparse.SUPPRESS)
     g.add_argument("--size", type=size_arg, default=None, help="network input N or HxW (= cam.size; paper: 320)")
     g.add_argument("--scales", type=scales_arg, default=None,
@@ -180,6 +206,11 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1) -> Non
                    help="CLIP forward precision (autocast): fp32 (default, parity), bf16 (CUDA or CPU), fp16 (CUDA)")
     g.add_argument("--batch-size", type=batch_size_arg, default=batch_default,
                    help=f"images per backbone forward (default {batch_default})")
+    if checkpoint:
+        g.add_argument("--checkpoint", default=None, metavar="CKPT",
+                       help="trained heads (excelseg .safetensors checkpoint): LVC CAMs with flip and P-guided "
+                            "refinement, the reference's infer_lam --training_free false; default: training-free. "
+                            "Its settings and class list are the defaults")
     p.set_defaults(overrides=[])  # section.key=value words, collected by excelseg.cli.main
 
 
@@ -225,14 +256,6 @@ def split_overrides(words: list[str]) -> tuple[list[str], list[str]]:
     return [w for w in words if not OVERRIDE_RE.match(w)], [w for w in words if OVERRIDE_RE.match(w)]
 
 
-def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
-    """``--checkpoint``: trained heads for LVC CAMs / pseudo-labels (cam, pseudo-label)."""
-    p.add_argument("--checkpoint", default=None, metavar="CKPT",
-                   help="trained heads (excelseg .safetensors checkpoint): LVC CAMs with flip and P-guided "
-                        "refinement, the reference's infer_lam --training_free false; default: training-free. "
-                        "Its settings and class list are the defaults")
-
-
 def load_checkpoint_arg(args: argparse.Namespace):
     """The ``--checkpoint`` file as a HeadsCheckpoint (None without one), or a one-line CliError."""
     if getattr(args, "checkpoint", None) is None:
@@ -245,12 +268,19 @@ def load_checkpoint_arg(args: argparse.Namespace):
         raise CliError(str(exc)) from None
 
 
+CAM_FLAGS = (("size", "cam.size"), ("scales", "cam.scales"), ("flip", "cam.flip"),
+             ("box_threshold", "refine.box_threshold"))
+SEGMENT_FLAGS = (("size", "cam.size"), ("scales", "segment.scales"), ("flip", "segment.flip"),
+                 ("crf", "segment.crf"))
+
+
 def config_from_args(args: argparse.Namespace, clip: Any = None, overrides: list[str] | None = None,
-                     base: Any = None):
+                     base: Any = None, flags: tuple = CAM_FLAGS):
     """The pipeline configuration of a command, resolved in one order:
     ``--config`` (or the deprecated ``--preset``; default: ``base`` (a checkpoint's settings), else the
     weights' own settings, else voc) →
-    ``section.key=value`` overrides → the dedicated flags (--size, --scales, --flip, --box-threshold)."""
+    ``section.key=value`` overrides → the dedicated flags, ``(attribute, section.key)`` pairs (default
+    :data:`CAM_FLAGS`: --size, --scales, --flip, --box-threshold; ``segment``: :data:`SEGMENT_FLAGS`)."""
     from ..config import ConfigError, apply_overrides, load_config
 
     spec = args.config
@@ -260,8 +290,7 @@ def config_from_args(args: argparse.Namespace, clip: Any = None, overrides: list
     if spec is None:
         spec = base if base is not None else getattr(clip, "default_config", None) or "voc"
     pairs = list(overrides or [])
-    for flag, key in (("size", "cam.size"), ("scales", "cam.scales"), ("flip", "cam.flip"),
-                      ("box_threshold", "refine.box_threshold")):
+    for flag, key in flags:
         value = getattr(args, flag, None)
         if value is not None:
             pairs.append((key, value))
@@ -301,48 +330,6 @@ def unique_stems(paths: list[Path]) -> list[str]:
     stems = [p.stem for p in paths]
     dupes = {s for s in stems if stems.count(s) > 1}
     return [f"{p.parent.name}_{p.stem}" if p.stem in dupes else p.stem for p in paths]
-
-
-def pending(paths: list, stems: list[str], out_dir: Path, finished, overwrite: bool) -> tuple[list, int]:
-    """``([(path, stem)] still to do, number already done)``; ``finished(stem)`` tells a done image (atomic writes:
-    an existing output is a complete one). Says how many are skipped."""
-    todo = [(p, s) for p, s in zip(paths, stems) if overwrite or not finished(s)]
-    skipped = len(paths) - len(todo)
-    if skipped:
-        print(f"{skipped} of {len(paths)} images already done in {out_dir} (use --overwrite to redo)")
-    return todo, skipped
-
-
-def finish_run(written: int, skipped: int, failures: list, start: float, out_dir: Path, show: int = 20) -> int:
-    """Print the summary line of a per-image command and its failures (at most ``show``); the exit status:
-    0 all done, 1 some images failed."""
-    import time
-
-    elapsed = time.perf_counter() - start
-    rate = f" ({elapsed / written:.2f} s/img)" if written else ""
-    print(f"done: {written} written, {skipped} skipped, {len(failures)} failed in {elapsed:.1f} s{rate} -> {out_dir}")
-    for path, reason in failures[:show]:
-        print(f"failed: {path}: {reason}", file=sys.stderr)
-    if len(failures) > show:
-        print(f"failed: … and {len(failures) - show} more", file=sys.stderr)
-    return 1 if failures else 0
-
-
-def decoded_batches(todo: list, batch_size: int, failures: list, bar: Any):
-    """Batches ``[(path, stem, rgb)]`` of the readable images of ``todo`` ``[(path, stem)]``; an unreadable image
-    is appended to ``failures`` as ``(path, reason)`` and advances the progress ``bar``."""
-    from ..images import ImageReadError, read_image, to_rgb_array
-
-    for i in range(0, len(todo), batch_size):
-        batch = []
-        for path, stem in todo[i:i + batch_size]:
-            try:
-                batch.append((path, stem, to_rgb_array(read_image(path))))
-            except (ImageReadError, ValueError) as exc:
-                failures.append((path, str(exc)))
-                bar.update(1)
-        if batch:
-            yield batch
 
 
 # ---- files ----------------------------------------------------------------------------------------------------

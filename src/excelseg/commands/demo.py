@@ -103,11 +103,7 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     from ..knowledge import parse_knowledge
     from ..outputs import write_result
     from ..predictor import CamPredictor
-    from ..synthetic import (
-        held_out_samples,
-        knowledge_base,
-        synthetic_vocabulary,
-    )
+    from ..synthetic import held_out_samples, knowledge_base, synthetic_vocabulary
     from ..synthetic.seeds import seed_miou
     from ..weights import load_clip
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import CliError
+from .common import CliError, add_clip_arg, add_config_arg, add_vocabulary_arg
 
 EXAMPLES = """examples:
   excelseg import-checkpoint checkpoints/model_iter_30000.pth --out voc_heads.safetensors
@@ -33,14 +33,11 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--num-classes", type=int, default=None,
                    help="expected foreground classes (20 VOC, 80 COCO); default: whatever the file has")
-    p.add_argument("--vocabulary", default=None,
-                   help="the classes the heads were trained for: voc, coco, a comma list or a file "
-                        "(default: voc for 20 classes, coco for 80)")
-    p.add_argument("--clip", default=None,
-                   help="the CLIP the heads were trained with: a weight file (its sha256 is recorded) or an "
-                        "open_clip tag (default ViT-B-16:openai, the reference's CLIP)")
-    p.add_argument("--config", default=None, metavar="NAME|YAML",
-                   help="settings stored with the heads (default voc, or coco for 80 classes)")
+    add_vocabulary_arg(p, "the classes the heads were trained for: voc, coco, a comma list or a file "
+                          "(default: voc for 20 classes, coco for 80)")
+    add_clip_arg(p, "the CLIP the heads were trained with: a weight file (its sha256 is recorded) or an "
+                    "open_clip tag (default ViT-B-16:openai, the reference's CLIP)")
+    add_config_arg(p, "settings stored with the heads (default voc, or coco for 80 classes)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.set_defaults(func=run)
 

@@ -8,13 +8,11 @@ scores)."""
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 
 from .common import (
     CliError,
-    add_checkpoint_arg,
     add_dataset_args,
+    add_job_args,
     add_model_args,
     add_out_dir,
     cam_predictor,
@@ -55,7 +53,6 @@ image-level labels, such as VOC test, unless --all-classes).
 CPU: on a shared or busy machine one torch thread per process (OMP_NUM_THREADS=1, which torchrun sets) measured up
 to 9x faster than torch's default thread count (benchmarks/pseudo_label_throughput.py)."""
 
-SHOW_FAILURES = 20
 
 
 def register(sub) -> None:
@@ -76,9 +73,8 @@ def register(sub) -> None:
     o.add_argument("--all-classes", action="store_true",
                    help="let every class compete in every image instead of its image-level labels (the only way "
                         "to label a split without labels, e.g. VOC test)")
-    o.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
-    add_model_args(p)
-    add_checkpoint_arg(p)
+    add_job_args(o)
+    add_model_args(p, checkpoint=True)
     p.set_defaults(func=run)
 
 
@@ -94,13 +90,12 @@ def _check_labels(ds, all_classes: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..batch import Shard, dataset_vocabulary, iter_pseudo_labels
     from ..crf import REFERENCE_CRF, require_crf
     from ..devices import device_for_rank, resolve_device
     from ..outputs import cam_archive, is_done, parse_cam_size, stale_temps_of, write_outputs
     from ..weights import load_clip
+    from .jobs import ImageJob
 
     overrides = args.overrides  # section.key=value words
     config_from_args(args, overrides=overrides)  # bad settings fail here, before any model is loaded
@@ -145,34 +140,16 @@ def run(args: argparse.Namespace) -> int:
     predictor = cam_predictor(args, clip, vocab, cfg, device, ckpt)
     write_resolved_config(out_dir, cfg, clip=clip.identity, command="pseudo-label", dataset=ds.kind,
                           split=ds.split)
-    failures: list[tuple[str, str]] = []
-    written = 0
-    start = time.perf_counter()
-    desc = "pseudo-label" + (f" {shard}" if shard.world > 1 else "")
-    bar = tqdm(total=len(todo), unit="img", desc=desc, disable=None, dynamic_ncols=True)
-    try:
-        for out in iter_pseudo_labels(predictor, ds, todo, classes_of, batch_size=args.batch_size,
-                                      workers=args.workers, crf=REFERENCE_CRF if args.crf else None):
-            if out.error is not None:
-                failures.append((out.name, out.error))
-            else:
-                try:
-                    archive = cam_archive(out.result, cam_size) if args.save_cams else None
-                    write_outputs(out_dir, out.name, out.label, archive)
-                    written += 1
-                except OSError as exc:
-                    failures.append((out.name, f"cannot write outputs: {exc}"))
-            bar.update(1)
-    finally:
-        bar.close()
-    elapsed = time.perf_counter() - start
-    rate = (written + len(failures)) / elapsed if elapsed > 0 else 0.0
-    print(f"done: {written} written, {skipped} skipped, {len(failures)} failed in {elapsed:.1f} s "
-          f"({rate:.3g} img/s{', device ' + str(predictor.device) if predictor.device.type != 'cpu' else ''})"
-          f"{where} -> {out_dir}")
-    for name, reason in failures[:SHOW_FAILURES]:
-        print(f"failed: {name}: {reason}", file=sys.stderr)
-    if len(failures) > SHOW_FAILURES:
-        print(f"failed: … and {len(failures) - SHOW_FAILURES} more", file=sys.stderr)
-    return 1 if failures else 0
-
+    job = ImageJob(len(todo), "pseudo-label" + (f" {shard}" if shard.world > 1 else ""), out_dir, skipped,
+                   overlap=not args.no_overlap)
+    outputs = iter_pseudo_labels(predictor, ds, todo, classes_of, batch_size=args.batch_size,
+                                 workers=args.workers, crf=REFERENCE_CRF if args.crf else None,
+                                 overlap=not args.no_overlap)
+    for out in outputs:
+        if out.error is not None:
+            job.fail(out.name, out.error)
+            continue
+        archive = cam_archive(out.result, cam_size) if args.save_cams else None
+        job.write(out.name, lambda out=out, archive=archive: write_outputs(out_dir, out.name, out.label, archive))
+    device = f", device {predictor.device}" if predictor.device.type != "cpu" else ""
+    return job.finish(device + where)

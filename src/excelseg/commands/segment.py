@@ -9,20 +9,21 @@ the logits at 0.2× the image size and runs the CRF."""
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from .common import (
+    SEGMENT_FLAGS,
     CliError,
+    add_clip_arg,
+    add_config_arg,
     add_dataset_args,
+    add_job_args,
     add_out_dir,
     batch_size_arg,
     check_writable,
-    decoded_batches,
-    finish_run,
+    config_from_args,
     open_dataset_args,
     out_dir_arg,
-    pending,
     scales_arg,
     size_arg,
     split_overrides,
@@ -66,14 +67,12 @@ def register(sub) -> None:
     o.add_argument("--save-logits", action="store_true", help="also write float16 <stem>_logits.npz")
     o.add_argument("--voc-test-submission", action="store_true",
                    help="write only the labels, in the VOC evaluation server's folder layout")
-    o.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    add_job_args(o)
     o.add_argument("--recursive", action="store_true", help="search directories recursively")
     g = p.add_argument_group("model")
-    g.add_argument("--clip", default=None,
-                   help="CLIP weights the heads were trained with (default: the open_clip tag the checkpoint "
-                        "records; a weight file must be given)")
-    g.add_argument("--config", default=None, metavar="NAME|YAML",
-                   help="settings (default: those stored in the checkpoint); section.key=value words override")
+    add_clip_arg(g, "CLIP weights the heads were trained with (default: the open_clip tag the checkpoint "
+                    "records; a weight file must be given)")
+    add_config_arg(g, "settings (default: those stored in the checkpoint); section.key=value words override")
     g.add_argument("--size", type=size_arg, default=None, help="base input N or HxW (= cam.size; paper: 320)")
     g.add_argument("--scales", type=scales_arg, default=None,
                    help="scales × --size (= segment.scales; paper: 1,0.7,1.2,1.5)")
@@ -99,29 +98,12 @@ def output_names(stem: str, args: argparse.Namespace, crf: bool) -> list[str]:
     return names
 
 
-def resolve_config(args: argparse.Namespace, stored, overrides: list[str]):
-    from ..config import ConfigError, apply_overrides, load_config
-
-    pairs: list = list(overrides)
-    for flag, key in (("size", "cam.size"), ("scales", "segment.scales"), ("flip", "segment.flip"),
-                      ("crf", "segment.crf")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            pairs.append((key, value))
-    try:
-        return apply_overrides(load_config(args.config) if args.config else stored, pairs)
-    except (ConfigError, FileNotFoundError) as exc:
-        raise CliError(str(exc)) from None
-
-
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..devices import resolve_device
     from ..images import collect_images
     from ..interop import CheckpointError, check_checkpoint, load_checkpoint
-    from ..outputs import save_label_png, save_npz
     from ..weights import load_clip
+    from .jobs import ImageJob, pending
 
     inputs, overrides = split_overrides(args.inputs)
     overrides = [*args.overrides, *overrides]
@@ -134,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         ckpt = load_checkpoint(args.checkpoint)
     except CheckpointError as exc:
         raise CliError(str(exc)) from None
-    cfg = resolve_config(args, ckpt.config, overrides)  # bad settings fail here, before the CLIP is loaded
+    # bad settings fail here, before the CLIP is loaded
+    cfg = config_from_args(args, overrides=overrides, base=ckpt.config, flags=SEGMENT_FLAGS)
     if cfg.segment.crf:
         from ..crf import require_crf
 
@@ -176,37 +159,33 @@ def run(args: argparse.Namespace) -> int:
     segmenter = Segmenter(clip, ckpt.heads(), ckpt.class_names, config=cfg, device=device)
     write_resolved_config(out_dir, cfg, clip=clip.identity, checkpoint=str(args.checkpoint), command="segment",
                           classes=",".join(ckpt.class_names))
-    failures: list[tuple[Path, str]] = []
-    written = 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(todo), unit="img", desc="segment", disable=None)
-    for batch in decoded_batches(todo, args.batch_size, failures, bar):
+    job = ImageJob(len(todo), "segment", out_dir, skipped, overlap=not args.no_overlap)
+    for batch in job.batches(todo, args.batch_size):
         try:
             results = segmenter.predict_batch([rgb for _, _, rgb in batch], crf=cfg.segment.crf,
                                               single_scale=args.single_scale)
         except ValueError as exc:  # e.g. an input smaller than one patch at some scale
             raise CliError(str(exc)) from None
         for (path, stem, _), res in zip(batch, results):
-            files = [out_dir / n for n in names[stem]]
-            try:
-                if args.voc_test_submission:
-                    save_label_png(files[0], res.label)
-                else:
-                    save_label_png(files[0], res.label if res.label_no_crf is None else res.label_no_crf)
-                    rest = files[1:]
-                    if args.single_scale:
-                        save_label_png(rest.pop(0), res.label_single_scale)
-                    if cfg.segment.crf:
-                        save_label_png(rest.pop(0), res.label)
-                    if args.save_logits:
-                        import numpy as np
+            job.write(path, lambda stem=stem, res=res: write_outputs(args, cfg, [out_dir / n for n in names[stem]], res))
+    return job.finish()
 
-                        save_npz(rest.pop(0), logits=res.logits.numpy().astype(np.float16),
-                                 class_names=np.array(["background", *res.class_names]),
-                                 size=np.array(res.image_size, dtype=np.int64))
-                written += 1
-            except OSError as exc:
-                failures.append((path, f"cannot write outputs: {exc}"))
-            bar.update(1)
-    bar.close()
-    return finish_run(written, skipped, failures, start, out_dir)
+
+def write_outputs(args: argparse.Namespace, cfg, files: list[Path], res) -> None:
+    """One image's label PNGs (and logits) in the order of :func:`output_names`."""
+    import numpy as np
+
+    from ..outputs import save_label_png, save_npz
+
+    if args.voc_test_submission:
+        save_label_png(files[0], res.label)
+        return
+    save_label_png(files[0], res.label if res.label_no_crf is None else res.label_no_crf)
+    rest = files[1:]
+    if args.single_scale:
+        save_label_png(rest.pop(0), res.label_single_scale)
+    if cfg.segment.crf:
+        save_label_png(rest.pop(0), res.label)
+    if args.save_logits:
+        save_npz(rest.pop(0), logits=res.logits.numpy().astype(np.float16),
+                 class_names=np.array(["background", *res.class_names]), size=np.array(res.image_size, dtype=np.int64))

@@ -49,17 +49,8 @@ from typing import Any
 import numpy as np
 
 from ..outputs import IGNORE_INDEX, read_label_png, remove_stale_temps, save_label_png
-from .index import (
-    DatasetUnusableError,
-    PrepareResult,
-    Problem,
-    ProgressFn,
-    bad_values,
-    examples,
-    load_index,
-    make_index,
-    parallel_map,
-)
+from . import index as idx
+from .index import DatasetUnusableError, PrepareResult, Problem, ProgressFn, examples
 from .labels import coco_key, read_label_file
 
 __all__ = ["LABEL_SOURCES", "MISSING_PYCOCOTOOLS", "OVERLAP_RULE", "build_coco_index", "rasterize_instances", "require_pycocotools"]
@@ -129,7 +120,7 @@ def _mask_task(task: tuple[str, int, int, str, list[tuple[int, bool, Any]], int,
                 mask = None
             if mask is not None:
                 values = [int(v) for v in np.flatnonzero(np.bincount(mask.reshape(-1), minlength=256))]
-                if mask.shape == (h, w) and not bad_values(values, num_classes):
+                if mask.shape == (h, w) and not idx.bad_values(values, num_classes):
                     return name, "kept", [v for v in values if 1 <= v <= num_classes]
             status = "replaced"
         else:
@@ -248,7 +239,7 @@ def build_coco_index(
     index: dict[str, Any] = {}
     if merge_with is not None and Path(merge_with).is_file():
         try:
-            old = load_index(merge_with)
+            old = idx.load_index(merge_with)
         except (OSError, ValueError):
             old = None
         if old is not None and old.get("dataset") == "coco" and Path(old["root"]) == root.resolve():
@@ -310,7 +301,7 @@ def build_coco_index(
         counts: dict[str, int] = defaultdict(int)
         mask_labels: dict[str, list[int]] = {}
         failed: list[str] = []
-        for name, status, result in parallel_map(_mask_task, tasks, workers, 16, progress, f"{split} masks"):
+        for name, status, result in idx.parallel_map(_mask_task, tasks, workers, 16, progress, f"{split} masks"):
             counts[status] += 1
             if status == "error":
                 failed.append(f"{name} ({result})")
@@ -406,7 +397,7 @@ def build_coco_index(
 
     assert categories is not None
     splits = index["splits"]
-    result = make_index("coco", root.resolve(), [c["name"] for c in categories], splits=splits, files=index["files"],
+    result = idx.make_index("coco", root.resolve(), [c["name"] for c in categories], splits=splits, files=index["files"],
                         labels=dict(sorted(index["labels"].items())), sizes=dict(sorted(index["sizes"].items())),
                         excluded={}, info=index["info"], image_files=index["image_files"] or None)
     if not any(splits.values()):

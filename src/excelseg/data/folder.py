@@ -31,18 +31,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..vocab import Vocabulary, normalize_name, parse_class_list
+from . import index as idx
 from .dataset import Sample, SegDataset
-from .index import (
-    PrepareResult,
-    Problem,
-    ProgressFn,
-    bad_values,
-    examples,
-    image_size,
-    make_index,
-    mask_values,
-    parallel_map,
-)
+from .index import PrepareResult, Problem, ProgressFn, examples
 
 __all__ = ["FolderDataset", "build_folder_index", "read_labels_file"]
 
@@ -184,13 +175,13 @@ def build_folder_index(
                  for n, rel in image_files.items() if n not in excluded]
         errors: list[str] = []
         extra_classes = 0
-        for n, hw, mask, error in parallel_map(_check_one, tasks, workers, 32, progress, "images"):
+        for n, hw, mask, error in idx.parallel_map(_check_one, tasks, workers, 32, progress, "images"):
             if error is None and mask is not None:
                 mhw, values = mask
                 if tuple(mhw) != tuple(hw):
                     error = f"mask {mhw[1]}x{mhw[0]}, image {hw[1]}x{hw[0]}"
-                elif bad_values(values, len(names)):
-                    error = f"mask values outside 0-{len(names)} and 255: {bad_values(values, len(names))}"
+                elif idx.bad_values(values, len(names)):
+                    error = f"mask values outside 0-{len(names)} and 255: {idx.bad_values(values, len(names))}"
                 elif {v for v in values if 1 <= v <= len(names)} - set(labels[n]):
                     extra_classes += 1
             if error is not None:
@@ -205,7 +196,7 @@ def build_folder_index(
             notes.append(f"{extra_classes} masks contain classes that their image's tags do not list")
     ids = [n for n in image_files if n not in excluded]
     root = images_dir.resolve()
-    index = make_index(
+    index = idx.make_index(
         "folder", root, names, splits={SPLIT: ids}, labels={n: labels[n] for n in ids}, sizes=sizes,
         files={SPLIT: {"image": [], "mask": [str(masks_path.resolve() / "{id}.png")] if masks_path else []}},
         excluded=excluded, info={"labels_file": str(Path(labels_file).resolve())}, exif_transpose=True,
@@ -216,13 +207,13 @@ def build_folder_index(
 def _check_one(task: tuple[str, str, str | None]) -> tuple[str, Any, Any, str | None]:
     name, image_path, mask_path = task
     try:
-        hw = image_size(image_path, exif_transpose=True)
+        hw = idx.image_size(image_path, exif_transpose=True)
     except Exception as exc:  # noqa: BLE001 (reported per file)
         return name, None, None, f"unreadable image: {type(exc).__name__}: {exc}"
     if mask_path is None:
         return name, hw, None, None
     try:
-        return name, hw, mask_values(mask_path), None
+        return name, hw, idx.mask_values(mask_path), None
     except Exception as exc:  # noqa: BLE001 (reported per file)
         return name, hw, None, f"unreadable mask: {exc}"
 

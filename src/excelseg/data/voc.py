@@ -34,18 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from ..vocab import VOC_CLASSES, VOC_PROMPT_NAMES
-from .index import (
-    DatasetUnusableError,
-    PrepareResult,
-    Problem,
-    ProgressFn,
-    bad_values,
-    examples,
-    image_size,
-    make_index,
-    mask_values,
-    parallel_map,
-)
+from . import index as idx
+from .index import DatasetUnusableError, PrepareResult, Problem, ProgressFn, examples
 from .labels import read_label_file, read_voc_annotation, voc_key
 
 __all__ = ["LABEL_SOURCES", "LIST_NAMES", "build_voc_index", "find_voc_root"]
@@ -110,14 +100,14 @@ def _scan_one(task: tuple[str, str, str | None, str | None]) -> tuple[str, Any, 
     """Worker: ``(id, image size, (mask size, values) or None, error or None, annotation result)``."""
     name, image_path, mask_path, ann_path = task
     try:
-        hw = image_size(image_path)
+        hw = idx.image_size(image_path)
     except Exception as exc:  # noqa: BLE001 (reported per file)
         return name, None, None, f"unreadable image {image_path}: {type(exc).__name__}: {exc}", None
     if mask_path is None:
         return name, hw, None, None, None
     ann = _read_annotation(ann_path)
     try:
-        return name, hw, mask_values(mask_path), None, ann
+        return name, hw, idx.mask_values(mask_path), None, ann
     except Exception as exc:  # noqa: BLE001 (reported per file)
         return name, hw, None, f"unreadable mask {mask_path}: {exc}", None
 
@@ -200,7 +190,7 @@ def build_voc_index(
     unreadable: list[str] = []
     size_errors: list[tuple[str, str]] = []
     value_errors: list[tuple[str, str]] = []
-    for name, hw, mask, error, ann in parallel_map(_scan_one, tasks, workers, 32, progress, "masks"):
+    for name, hw, mask, error, ann in idx.parallel_map(_scan_one, tasks, workers, 32, progress, "masks"):
         if error is not None:
             unreadable.append(f"{name} ({error})")
             excluded[name] = error
@@ -213,7 +203,7 @@ def build_voc_index(
             size_errors.append((name, f"{name} (mask {mhw[1]}x{mhw[0]}, image {hw[1]}x{hw[0]})"))
             excluded[name] = "mask size differs from image size"
             continue
-        bad = bad_values(values, NUM_CLASSES)
+        bad = idx.bad_values(values, NUM_CLASSES)
         if bad:
             value_errors.append((name, f"{mask_of[name]}: {', '.join(map(str, bad))}"))
             excluded[name] = f"mask values outside 0-{NUM_CLASSES} and 255: {bad}"
@@ -263,7 +253,7 @@ def build_voc_index(
     mask_templates = [f"{d}/{{id}}.png" for d in (AUG_DIR, MASK_DIR) if (root / d).is_dir()]
     files = {s: {"image": [f"{IMAGE_DIR}/{{id}}.jpg"], "mask": [] if s == "test" else mask_templates}
              for s in splits}
-    index = make_index("voc", root.resolve(), VOC_CLASSES, splits=splits, files=files, labels=labels, sizes=sizes,
+    index = idx.make_index("voc", root.resolve(), VOC_CLASSES, splits=splits, files=files, labels=labels, sizes=sizes,
                        excluded=dict(sorted(excluded.items())),
                        info={"masks": f"{AUG_DIR} preferred, else {MASK_DIR}", **label_info})
     return PrepareResult(index, problems, notes)

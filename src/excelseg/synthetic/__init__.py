@@ -13,22 +13,22 @@ from __future__ import annotations
 from .dataset import HELD_OUT_SEED, held_out_samples, synthetic_vocabulary, write_dataset
 from .knowledge import knowledge_base, sentence_tables
 from .scenes import (
-    BACKGROUNDS,
-    CLASS_NAMES,
-    CLASSES,
-    COLOURS,
-    MIN_VISIBLE_FRACTION,
-    MIN_VISIBLE_IMAGE_FRACTION,
-    PATTERNS,
-    SHAPE_AREA,
-    SHAPES,
-    SIZES,
-    ClassSpec,
-    PlacedObject,
-    Scene,
-    SceneGenerator,
-    caption_phrase,
-    shape_test,
+                     BACKGROUNDS,
+                     CLASS_NAMES,
+                     CLASSES,
+                     COLOURS,
+                     MIN_VISIBLE_FRACTION,
+                     MIN_VISIBLE_IMAGE_FRACTION,
+                     PATTERNS,
+                     SHAPE_AREA,
+                     SHAPES,
+                     SIZES,
+                     ClassSpec,
+                     PlacedObject,
+                     Scene,
+                     SceneGenerator,
+                     caption_phrase,
+                     shape_test,
 )
 
 __all__ = [

@@ -50,21 +50,21 @@ or image size.
 """
 
 from .base import (
-    DEFAULT_SPEC,
-    ENV_CACHE,
-    ENV_CLIP,
-    KNOWN_FILES,
-    NAMED_CONFIGS,
-    NAMED_WEIGHTS,
-    OPENAI_MEAN,
-    OPENAI_STD,
-    LoadedClip,
-    UnsupportedModelError,
-    WeightsFormatError,
-    WeightsMismatchError,
-    WeightsNotFoundError,
-    check_supported,
-    file_sha256,
+                   DEFAULT_SPEC,
+                   ENV_CACHE,
+                   ENV_CLIP,
+                   KNOWN_FILES,
+                   NAMED_CONFIGS,
+                   NAMED_WEIGHTS,
+                   OPENAI_MEAN,
+                   OPENAI_STD,
+                   LoadedClip,
+                   UnsupportedModelError,
+                   WeightsFormatError,
+                   WeightsMismatchError,
+                   WeightsNotFoundError,
+                   check_supported,
+                   file_sha256,
 )
 from .resolve import default_cache_dir, load_clip
 

@@ -16,22 +16,8 @@ import torch
 from open_clip.model import CLIP, CustomTextCLIP
 from torch import nn
 
-from .base import (
-    _DEFINING_KEYS,
-    _MAX_LISTED,
-    _SUPPORTED_TEXT,
-    OPENAI_MEAN,
-    OPENAI_STD,
-    LoadedClip,
-    UnsupportedModelError,
-    WeightsFormatError,
-    WeightsMismatchError,
-    WeightsNotFoundError,
-    _check_config_supported,
-    _check_known_hash,
-    check_supported,
-    file_sha256,
-)
+from . import base
+from .base import LoadedClip, UnsupportedModelError, WeightsFormatError
 from .formats import _find_config, _read_safetensors, _read_torch_file, _strip_text_prefix
 
 _logger = logging.getLogger(__name__)
@@ -74,11 +60,11 @@ def _infer_config(sd: Mapping[str, torch.Tensor], where: str) -> dict[str, Any]:
     """An open_clip model config read off the shapes of an OpenAI/open_clip-layout CLIP state dict."""
     if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd):
         raise UnsupportedModelError(
-            f"{where} holds a ModifiedResNet image tower (ResNet, e.g. RN50): {_SUPPORTED_TEXT}")
+            f"{where} holds a ModifiedResNet image tower (ResNet, e.g. RN50): {base._SUPPORTED_TEXT}")
     if any(k.startswith("visual.trunk.") for k in sd):
-        raise UnsupportedModelError(f"{where} holds a timm image tower: {_SUPPORTED_TEXT}")
+        raise UnsupportedModelError(f"{where} holds a timm image tower: {base._SUPPORTED_TEXT}")
     if any(k.startswith("visual.attn_pool") for k in sd):
-        raise UnsupportedModelError(f"{where} holds an image tower with attentional pooling: {_SUPPORTED_TEXT}")
+        raise UnsupportedModelError(f"{where} holds an image tower with attentional pooling: {base._SUPPORTED_TEXT}")
     required = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj",
                 "token_embedding.weight", "positional_embedding")
     absent = [k for k in required if k not in sd]
@@ -141,7 +127,7 @@ def _infer_config(sd: Mapping[str, torch.Tensor], where: str) -> dict[str, Any]:
 
 def _build(cfg: Mapping[str, Any], quick_gelu: bool, what: str) -> nn.Module:
     """An fp32 open_clip model from a model config (no I/O)."""
-    _check_config_supported(cfg, what, local=True)
+    base._check_config_supported(cfg, what, local=True)
     kwargs = {k: v for k, v in cfg.items() if k != "custom_text"}
     kwargs["quick_gelu"] = quick_gelu
     cls = CustomTextCLIP if cfg.get("custom_text") else CLIP
@@ -149,7 +135,7 @@ def _build(cfg: Mapping[str, Any], quick_gelu: bool, what: str) -> nn.Module:
         model = _instantiate(cls, kwargs)
     except (TypeError, ValueError, AssertionError, KeyError) as e:
         raise WeightsFormatError(f"{what}: the open_clip model config is invalid ({type(e).__name__}: {e})") from e
-    check_supported(model)
+    base.check_supported(model)
     return model
 
 
@@ -193,15 +179,15 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, arch
                 and sd[key].numel() == expected[key].numel() == 1:
             sd[key] = sd[key].reshape(expected[key].shape)
     wrong = sorted((k for k in expected if k in sd and sd[k].shape != expected[k].shape),
-                   key=lambda k: _DEFINING_KEYS.index(k) if k in _DEFINING_KEYS else len(_DEFINING_KEYS))
+                   key=lambda k: base._DEFINING_KEYS.index(k) if k in base._DEFINING_KEYS else len(base._DEFINING_KEYS))
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if wrong or missing or unexpected:
         parts = []
 
         def listed(keys: list[str], fmt: Callable[[str], str]) -> str:
-            more = f" (and {len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
-            return ", ".join(fmt(k) for k in keys[:_MAX_LISTED]) + more
+            more = f" (and {len(keys) - base._MAX_LISTED} more)" if len(keys) > base._MAX_LISTED else ""
+            return ", ".join(fmt(k) for k in keys[:base._MAX_LISTED]) + more
 
         if wrong:
             parts.append(listed(wrong, lambda k: f"{k} has shape {_fmt_shape(sd[k].shape)}, "
@@ -210,7 +196,7 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, arch
             parts.append("missing keys: " + listed(missing, lambda k: f"{k} {_fmt_shape(expected[k].shape)}"))
         if unexpected:
             parts.append("unexpected keys: " + listed(unexpected, lambda k: f"{k} {_fmt_shape(sd[k].shape)}"))
-        raise WeightsMismatchError(f"weights in {path} do not match {arch_desc}: " + "; ".join(parts))
+        raise base.WeightsMismatchError(f"weights in {path} do not match {arch_desc}: " + "; ".join(parts))
     model.load_state_dict(sd, strict=True)
 
 
@@ -232,9 +218,9 @@ def _finish(model: nn.Module, device: str | torch.device) -> nn.Module:
 def _load_file(path: Path, *, device: str | torch.device, arch: str | None, quick_gelu: bool | None,
                name: str, source: str, default_config: str | None = None) -> LoadedClip:
     if not path.is_file():
-        raise WeightsNotFoundError(f"no such file: {path}" if not path.exists() else f"not a file: {path}")
-    sha = file_sha256(path)
-    _check_known_hash(path, sha)
+        raise base.WeightsNotFoundError(f"no such file: {path}" if not path.exists() else f"not a file: {path}")
+    sha = base.file_sha256(path)
+    base._check_known_hash(path, sha)
     meta: dict[str, str] = {}
     if path.suffix.lower() == ".safetensors":
         sd, meta = _read_safetensors(path)
@@ -270,8 +256,8 @@ def _load_file(path: Path, *, device: str | torch.device, arch: str | None, quic
     if vocab is not None and vocab < tokenizer.vocab_size:
         _logger.warning("%s has a %d-token vocabulary but the CLIP tokenizer has %d tokens", path, vocab,
                         tokenizer.vocab_size)
-    mean = tuple(float(x) for x in preprocess.get("mean", OPENAI_MEAN))
-    std = tuple(float(x) for x in preprocess.get("std", OPENAI_STD))
+    mean = tuple(float(x) for x in preprocess.get("mean", base.OPENAI_MEAN))
+    std = tuple(float(x) for x in preprocess.get("std", base.OPENAI_STD))
     _logger.info("loaded CLIP %s from %s (sha256 %s)", name, path, sha[:12])
     return LoadedClip(_finish(model, device), tokenizer, name, f"sha256:{sha}", source, mean, std,
                       default_config=preprocess.get("excelseg_config") or default_config)

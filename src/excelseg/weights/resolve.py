@@ -14,25 +14,8 @@ import torch
 from torch import nn
 
 from ..images import one_line
-from .base import (
-    DEFAULT_SPEC,
-    ENV_CACHE,
-    ENV_CLIP,
-    ENV_HF_OFFLINE,
-    ENV_OFFLINE,
-    KNOWN_FILES,
-    NAMED_CONFIGS,
-    NAMED_WEIGHTS,
-    OPENAI_CLIP_DIR,
-    OPENAI_MEAN,
-    OPENAI_STD,
-    WEIGHT_SUFFIXES,
-    LoadedClip,
-    WeightsMismatchError,
-    WeightsNotFoundError,
-    _check_config_supported,
-    check_supported,
-)
+from . import base
+from .base import ENV_CLIP, ENV_HF_OFFLINE, ENV_OFFLINE, LoadedClip, WeightsNotFoundError
 from .build import _arch_config, _finish, _load_file, _unknown_arch
 
 _logger = logging.getLogger(__name__)
@@ -47,7 +30,7 @@ def _env_flag(name: str) -> bool:
 
 def default_cache_dir() -> Path:
     """``EXCELSEG_CACHE`` if set, else ``~/.cache/excelseg`` (not created)."""
-    env = os.environ.get(ENV_CACHE, "").strip()
+    env = os.environ.get(base.ENV_CACHE, "").strip()
     return Path(env).expanduser() if env else Path("~/.cache/excelseg").expanduser()
 
 
@@ -145,14 +128,14 @@ def _open_clip_cached(arch: str, tag: str, oc_cache: Path) -> tuple[Path | None,
 
 def _tag_result(model: nn.Module, arch: str, tag: str, device: str | torch.device, source: str,
                 cache: Path) -> LoadedClip:
-    check_supported(model)
+    base.check_supported(model)
     pcfg = open_clip.get_pretrained_cfg(arch, tag)
     try:
         tokenizer = open_clip.get_tokenizer(arch, cache_dir=str(cache / "open_clip"))
     except Exception as e:
         raise WeightsNotFoundError(f"the tokenizer for {arch} could not be created: {e}") from e
-    mean = tuple(float(x) for x in pcfg.get("mean", OPENAI_MEAN))
-    std = tuple(float(x) for x in pcfg.get("std", OPENAI_STD))
+    mean = tuple(float(x) for x in pcfg.get("mean", base.OPENAI_MEAN))
+    std = tuple(float(x) for x in pcfg.get("std", base.OPENAI_STD))
     _logger.info("loaded CLIP %s:%s from %s", arch, tag, source)
     return LoadedClip(_finish(model, device), tokenizer, arch, f"{arch}:{tag}", source, mean, std)
 
@@ -169,7 +152,7 @@ def _load_tag(spec: str, looked: list[str], *, device: str | torch.device, cache
         raise _unknown_arch(arch)
     if arch_arg is not None and arch_arg != arch:
         raise ValueError(f"arch={arch_arg!r} contradicts the tag {spec!r}; pass one or the other")
-    _check_config_supported(_arch_config(arch), arch)
+    base._check_config_supported(_arch_config(arch), arch)
     tags = open_clip.list_pretrained_tags_by_model(arch)
     if tag is None:
         if "openai" not in tags:
@@ -190,7 +173,7 @@ def _load_tag(spec: str, looked: list[str], *, device: str | torch.device, cache
     openai_name = None
     if tag.lower() == "openai":
         openai_name = _openai_file(arch)
-        for folder in (cache / "clip", Path(OPENAI_CLIP_DIR).expanduser()):
+        for folder in (cache / "clip", Path(base.OPENAI_CLIP_DIR).expanduser()):
             candidate = folder / openai_name
             if candidate.is_file():
                 return _load_file(candidate, device=device, arch=None, quick_gelu=quick_gelu, name=arch,
@@ -204,14 +187,14 @@ def _load_tag(spec: str, looked: list[str], *, device: str | torch.device, cache
         try:
             model = open_clip.create_model(arch, pretrained=str(cached), pretrained_text=False, **kwargs)
         except Exception as e:
-            raise WeightsMismatchError(f"open_clip could not load its cached {arch}:{tag} from {cached}: {e}") from e
+            raise base.WeightsMismatchError(f"open_clip could not load its cached {arch}:{tag} from {cached}: {e}") from e
         return _tag_result(model, arch, tag, device, f"{cached} (open_clip cache, {arch}:{tag})", cache)
     if cached is not None:  # a URL download: may be an OpenAI TorchScript archive, read it ourselves
         loaded = _load_file(cached, device=device, arch=arch, quick_gelu=quick_gelu, name=arch,
                             source=f"{cached} (open_clip cache, {arch}:{tag})")
         return replace(loaded, identity=f"{arch}:{tag}",
-                       mean=tuple(float(x) for x in pcfg.get("mean", OPENAI_MEAN)),
-                       std=tuple(float(x) for x in pcfg.get("std", OPENAI_STD)))
+                       mean=tuple(float(x) for x in pcfg.get("mean", base.OPENAI_MEAN)),
+                       std=tuple(float(x) for x in pcfg.get("std", base.OPENAI_STD)))
     looked.extend(places)
 
     allowed, why = _downloads(download)
@@ -230,7 +213,7 @@ def _not_found_message(arch: str, tag: str, looked: list[str], cache: Path, open
     how = (f"Allow the download (unset {ENV_OFFLINE}/{ENV_HF_OFFLINE} or pass download=True), "
            f"or pass a local file with --clip PATH / {ENV_CLIP}=PATH.")
     if openai_name is not None:
-        sha = KNOWN_FILES.get(openai_name)
+        sha = base.KNOWN_FILES.get(openai_name)
         url = open_clip.get_pretrained_url(arch, "openai")
         how = (f"Download {openai_name} from OpenAI's CLIP release ({url or 'github.com/openai/CLIP'}"
                f"{f', sha256 {sha}' if sha else ''}) and put it in {cache / 'clip'}{os.sep}, or pass "
@@ -270,17 +253,17 @@ def _load_hub(spec: str, looked: list[str], *, device: str | torch.device, downl
         looked.append(f"open_clip config of {model_name} (failed: {one_line(e)})")
         raise WeightsNotFoundError(f"CLIP weights hf-hub:{repo_id} not found. Looked at: {'; '.join(looked)}.") from e
     if hub_cfg:
-        _check_config_supported(hub_cfg, f"hf-hub:{repo_id}")
+        base._check_config_supported(hub_cfg, f"hf-hub:{repo_id}")
     try:
         model = open_clip.create_model(model_name, **kwargs)
         tokenizer = open_clip.get_tokenizer(model_name)
     except Exception as e:
         looked.append(f"open_clip load of {model_name} (failed: {one_line(e)})")
         raise WeightsNotFoundError(f"CLIP weights hf-hub:{repo_id} not found. Looked at: {'; '.join(looked)}.") from e
-    check_supported(model)
+    base.check_supported(model)
     pp = open_clip.get_model_preprocess_cfg(model)
-    mean = tuple(float(x) for x in pp.get("mean", OPENAI_MEAN))
-    std = tuple(float(x) for x in pp.get("std", OPENAI_STD))
+    mean = tuple(float(x) for x in pp.get("mean", base.OPENAI_MEAN))
+    std = tuple(float(x) for x in pp.get("std", base.OPENAI_STD))
     _logger.info("loaded CLIP hf-hub:%s from %s", repo_id, source)
     return LoadedClip(_finish(model, device), tokenizer, repo_id, f"hf-hub:{repo_id}", source, mean, std)
 
@@ -288,7 +271,7 @@ def _load_hub(spec: str, looked: list[str], *, device: str | torch.device, downl
 def _looks_like_path(spec: str) -> bool:
     return (
         "/" in spec or "\\" in spec or os.sep in spec or spec.startswith("~")
-        or spec.lower().endswith(WEIGHT_SUFFIXES)
+        or spec.lower().endswith(base.WEIGHT_SUFFIXES)
     )
 
 
@@ -321,7 +304,7 @@ def load_clip(
 
     Raises:
         WeightsNotFoundError: nothing found (the message lists every place looked and how to get the weights).
-        WeightsMismatchError: wrong sha256 for a known file, or weights that do not fit the architecture
+        base.WeightsMismatchError: wrong sha256 for a known file, or weights that do not fit the architecture
             (:class:`WeightsFormatError` for unreadable files and checkpoints that would need unpickling).
         UnsupportedModelError: unknown architecture, or an image tower excelseg cannot run.
     """
@@ -333,7 +316,7 @@ def load_clip(
     elif env:
         text, origin = env, f"{ENV_CLIP}"
     else:
-        text, origin = DEFAULT_SPEC, f"the default ({ENV_CLIP} is not set)"
+        text, origin = base.DEFAULT_SPEC, f"the default ({ENV_CLIP} is not set)"
     looked = [f"spec {text!r} from {origin}"]
     cache = _cache_root(cache_dir)
     _logger.debug("resolving CLIP spec %r from %s; cache %s", text, origin, cache)
@@ -346,13 +329,13 @@ def load_clip(
     if path.is_file():
         return _load_file(path, device=device, arch=arch, quick_gelu=quick_gelu, name=path.stem,
                           source=f"{path} (from {origin})")
-    if text.lower() in NAMED_WEIGHTS:
-        shipped = Path(__file__).resolve().parents[1] / NAMED_WEIGHTS[text.lower()]
+    if text.lower() in base.NAMED_WEIGHTS:
+        shipped = Path(__file__).resolve().parents[1] / base.NAMED_WEIGHTS[text.lower()]
         if not shipped.is_file():
             raise WeightsNotFoundError(f"the shipped weights {text!r} are missing from the installation: {shipped}")
         return _load_file(shipped, device=device, arch=arch, quick_gelu=quick_gelu, name=text.lower(),
                           source=f"{shipped} (shipped weights {text.lower()!r}, from {origin})",
-                          default_config=NAMED_CONFIGS.get(text.lower()))
+                          default_config=base.NAMED_CONFIGS.get(text.lower()))
     tag_text = text
     if _looks_like_path(text):
         arch_part = _split_tag(text.replace("/", "-"))[0]

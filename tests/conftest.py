@@ -3,13 +3,19 @@
 * Weights resolve offline or fail clearly (environment switches).
 * Every test starts from the same torch RNG state and thread count and cannot leave a changed thread count,
   default dtype or grad mode behind, whatever order pytest-randomly picks (``make test`` runs a fixed seed).
+* Under pytest-xdist (``make test`` runs ``-n auto``) each worker gets its share of the cores as torch threads,
+  so workers do not oversubscribe the CPU; every tolerance holds for any thread count (README "Tests").
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the cores are shared by the N worker processes
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 _THREADS = torch.get_num_threads()
 
 

@@ -44,7 +44,7 @@ def random_clip_weights() -> Path:
     path = cache / "clip_rand_seed0.pt"
     if not path.is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / "clip_rand_seed0.pt.tmp"
+        tmp = cache / f"clip_rand_seed0.pt.{os.getpid()}.tmp"  # test workers may regenerate it concurrently
         subprocess.run([sys.executable, str(PARITY / "make_random_clip.py"), "--seed", "0", "--out", str(tmp)],
                        check=True, capture_output=True)
         os.replace(tmp, path)

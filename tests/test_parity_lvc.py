@@ -65,7 +65,6 @@ def kit():
     from excelseg.interop import import_reference_heads
     from excelseg.model import ExcelModel
 
-    torch.set_num_threads(2)
     clip = load_clip(random_clip_weights(), device="cpu")
     predictor = CamPredictor(clip, vocabulary="voc", bank=REF_BANK, config=PAPER_VOC, device="cpu")
     text = predictor.text_features(predictor.vocabulary)

@@ -53,7 +53,6 @@ def kit(tmp_path_factory):
     from excelseg.interop import import_reference_heads, save_checkpoint
     from excelseg.vocab import Vocabulary
 
-    torch.set_num_threads(2)
     clip = load_clip(random_clip_weights(), device="cpu")
     state = import_reference_heads(PARITY / "ref_heads_seed0.safetensors", num_classes=20)
     ckpt = tmp_path_factory.mktemp("ckpt") / "heads.safetensors"

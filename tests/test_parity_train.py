@@ -61,7 +61,6 @@ def setup():
     from excelseg.preprocess import network_input
     from parity_kit import image_path
 
-    torch.set_num_threads(2)
     g = dict(np.load(GOLDEN / "train_steps.npz"))
     clip = load_clip(random_clip_weights(), device="cpu")
     predictor = CamPredictor(clip, vocabulary="voc", bank=REF_BANK, config=PAPER_VOC, device="cpu")

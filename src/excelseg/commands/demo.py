@@ -98,16 +98,10 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     import time
     from dataclasses import replace
 
-    from ..bank import bank_for
     from ..config import load_config
-    from ..knowledge import parse_knowledge
     from ..outputs import write_result
     from ..predictor import CamPredictor
-    from ..synthetic import (
-        held_out_samples,
-        knowledge_base,
-        synthetic_vocabulary,
-    )
+    from ..synthetic import held_out_samples, synthetic_bank, synthetic_vocabulary
     from ..synthetic.seeds import seed_miou
     from ..weights import load_clip
 
@@ -119,8 +113,7 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     vocab = synthetic_vocabulary()
     full = load_config(clip.default_config)  # the settings these weights were made for (configs/synthetic.yaml)
     write_resolved_config(out_dir, full, clip=clip.identity, command="demo --synthetic")
-    bank = bank_for(clip, parse_knowledge(knowledge_base(), "synthetic knowledge"), SYNTHETIC_CLUSTERS,
-                    prefix=full.text.template, progress=False)
+    bank = synthetic_bank(clip, full.text.template)
     plain = full.with_(cam=replace(full.cam, svc_last_blocks=0))
     print(f"synthetic CLIP ({clip.source}), {len(vocab.names)} classes, {args.scenes} held-out scenes "
           f"at {size[0]}x{size[1]}")
@@ -139,5 +132,4 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     return 0
 
 
-SYNTHETIC_CLUSTERS = 48  # TSE attributes for the 16 synthetic classes (3 per class; VOC's 112/20 ≈ 5.6)
 SYNTHETIC_OVERLAYS = 6

@@ -17,24 +17,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from excelseg.app import app_process
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -42,28 +35,6 @@ def memory_mb(pid: int) -> dict[str, float]:
     text = Path(f"/proc/{pid}/status").read_text()
     return {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.MULTILINE).group(1)) / 1024
             for k in ("VmRSS", "VmHWM")}
-
-
-def start_server(port: int, home: Path) -> subprocess.Popen:
-    env = {**os.environ, "HOME": str(home), "EXCELSEG_CACHE": str(home / "cache"), "EXCELSEG_OFFLINE": "1",
-           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
-           "GRADIO_TEMP_DIR": str(home / "gradio")}
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    with open(home / "app.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "excelseg.cli", "app", "--clip", "synthetic",
-                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the app exited:\n{(home / 'app.log').read_text()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the app did not start within 180 s")
 
 
 def scenes(n: int, round_index: int, folder: Path) -> list[tuple[Path, list[str], tuple[int, int]]]:
@@ -104,21 +75,15 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="excelseg-app-load-") as tmp:
         home = Path(tmp)
-        port = free_port()
         t0 = time.perf_counter()
-        server = start_server(port, home)
-        print(f"server pid {server.pid} ready in {time.perf_counter() - t0:.1f} s on 127.0.0.1:{port}")
-        try:
-            client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(home / "downloads"))
+        with app_process(["--clip", "synthetic"], home) as (server, url):
+            print(f"server pid {server.pid} ready in {time.perf_counter() - t0:.1f} s at {url}")
+            client = Client(url, verbose=False, download_files=str(home / "downloads"))
 
             def call(path: Path, names: list[str]):
                 return client.predict(handle_file(str(path)), ", ".join(names), "typed names", "synthetic", None,
                                       True, True, True, True, False, api_name="/segment")
 
-            warm = scenes(1, 99, home)[0]
-            check(call(warm[0], warm[1]), warm[1], warm[2])
-            mem0 = memory_mb(server.pid)
-            print(f"after one warm-up request: RSS {mem0['VmRSS']:.0f} MB (peak {mem0['VmHWM']:.0f} MB)")
             def timed(item) -> float:
                 start = time.perf_counter()
                 answer = call(item[0], item[1])
@@ -126,6 +91,10 @@ def main(argv=None) -> int:
                 check(answer, item[1], item[2])
                 return seconds
 
+            warm = scenes(1, 99, home)[0]
+            check(call(warm[0], warm[1]), warm[1], warm[2])
+            mem0 = memory_mb(server.pid)
+            print(f"after one warm-up request: RSS {mem0['VmRSS']:.0f} MB (peak {mem0['VmHWM']:.0f} MB)")
             for r in range(args.rounds):
                 batch = scenes(args.requests, r, home)
                 start = time.perf_counter()
@@ -137,12 +106,6 @@ def main(argv=None) -> int:
                       f"(latency min {min(latencies):.2f} / median {statistics.median(latencies):.2f} / "
                       f"max {max(latencies):.2f} s); server RSS {mem['VmRSS']:.0f} MB "
                       f"(+{mem['VmRSS'] - mem0['VmRSS']:.0f} since warm-up), peak {mem['VmHWM']:.0f} MB")
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
     return 0
 
 

@@ -17,17 +17,12 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from excelseg.app import EXAMPLE_SEED, EXAMPLE_SIDE
+from excelseg.app import EXAMPLE_SEED, EXAMPLE_SIDE, app_process
 from excelseg.synthetic import SceneGenerator
 
 SCENE = 4  # example-seed scene whose two classes the synthetic CLIP finds (1.6 % and 7.3 % of the pixels)
@@ -61,51 +56,15 @@ def _requirements() -> tuple[object, str]:
     return sync_playwright, browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``excelseg app`` in a child process, offline, with no --clip; yields its URL."""
     _requirements()
-    home = tmp_path_factory.mktemp("home")
-    port = _free_port()
-    env = {**os.environ, "HOME": str(home), "EXCELSEG_CACHE": str(home / "cache"), "EXCELSEG_OFFLINE": "1",
-           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
-           "GRADIO_TEMP_DIR": str(home / "gradio")}
-    env.pop("EXCELSEG_CLIP", None)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + START_TIMEOUT
-    with open(home / "app.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "excelseg.cli", "app", "--port", str(port)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"excelseg app exited with {proc.returncode}:\n{(home / 'app.log').read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"excelseg app did not serve {url} within {START_TIMEOUT} s:\n"
-                            f"{(home / 'app.log').read_text()}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with app_process([], tmp_path_factory.mktemp("home"), timeout=START_TIMEOUT) as (_, url):
+            yield url
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def _upload(page, path: Path) -> None:

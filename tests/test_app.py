@@ -316,3 +316,23 @@ def test_upload_component_hands_over_the_file_untouched(tmp_path):
     import excelseg.app
 
     assert not Path(excelseg.app.__file__).with_suffix(".pyi").exists()  # no stub written into the package
+
+
+def test_examples_and_notice_follow_the_weights(model, tmp_path):
+    """Synthetic CLIP: generated scenes and a plain notice of what the weights know; real weights (here a tiny
+    random CLIP): scikit-image's sample photos as examples and no notice."""
+    from tiny_clip import tiny_clip
+
+    from excelseg.app import header_markdown
+
+    scenes = model.examples()
+    assert len(scenes) == 4 and all(p.is_file() and Image.open(p).size == (EXAMPLE_SIDE,) * 2 for p, _ in scenes)
+    notice = header_markdown(model)
+    assert "only know the 16 synthetic shapes" in notice and "excelseg app --clip ViT-B-16" in notice
+    real = AppModel(tiny_clip(), device="cpu", work_dir=tmp_path)
+    assert "synthetic shapes" not in header_markdown(real)
+    if __import__("importlib").util.find_spec("skimage") is None:
+        assert real.examples() == []
+    else:
+        photos = {p.name: c for p, c in real.examples()}
+        assert photos.get("chelsea.png") == "cat" and all(p.is_file() for p, _ in real.examples())

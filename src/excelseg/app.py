@@ -202,6 +202,18 @@ class AppModel:
     def vocabulary_choices(self) -> list[str]:
         return [TYPED, "voc", "coco"] + ([SYNTHETIC] if self.synthetic else [])
 
+    def examples(self) -> list[tuple[Path, str]]:
+        """The page's example images with their class names: generated scenes on the synthetic CLIP
+        (:meth:`write_examples`), else scikit-image's sample photos when it is installed (else none)."""
+        if self.synthetic:
+            return self.write_examples()
+        from .samples import sample_photos
+
+        try:
+            return sample_photos()
+        except ImportError:
+            return []
+
     def write_examples(self, n: int = EXAMPLE_SCENES) -> list[tuple[Path, str]]:
         """Generated scenes as PNGs in the work folder with their class names: the page's examples on the
         synthetic CLIP (nothing is shipped: they are drawn at start-up)."""
@@ -542,7 +554,7 @@ def build_page(model: AppModel, examples: list[tuple[Path, str]] | None = None):
                                              type="filepath", elem_id="knowledge-file")
                 run = gr.Button("Segment", variant="primary", elem_id="run")
                 if examples:
-                    gr.Examples([[str(p), c] for p, c in examples], [image, classes], label="example scenes")
+                    gr.Examples([[str(p), c] for p, c in examples], [image, classes], label="examples")
             with gr.Column(scale=3):
                 status = gr.Markdown("", elem_id="status")
                 timing = gr.Markdown("", elem_id="timing")

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     model = AppModel(clip, config=cfg, checkpoint=ckpt, device=device, precision=args.precision,
                      max_side=args.max_side or MAX_SIDE)
     try:
-        examples = model.write_examples() if model.synthetic else None
+        examples = model.examples()
         print(f"excelseg app: CLIP {clip.name} ({clip.source}) on {device}; serving http://{args.host}:{args.port} "
               "(Ctrl-C stops)")
         launch(model, args.host, args.port, examples=examples)

@@ -22,15 +22,6 @@ from .common import (
     write_resolved_config,
 )
 
-# (scikit-image data file, classes present in it)
-SAMPLES = (
-    ("chelsea.png", "cat"),
-    ("astronaut.png", "person,flag"),
-    ("coffee.png", "cup,saucer,spoon"),
-    ("motorcycle_left.png", "motorbike"),
-    ("rocket.jpg", "rocket,tree"),
-)
-
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the training-free pipeline on bundled sample photos",
@@ -44,16 +35,17 @@ def register(sub) -> None:
 
 
 def sample_photos() -> list[tuple[Path, str]]:
-    """Paths of the scikit-image sample photos that exist in this installation, with their classes."""
+    """The scikit-image sample photos of this installation with their classes (:mod:`excelseg.samples`), or a
+    one-line CliError."""
+    from ..samples import sample_photos as found
+
     try:
-        import skimage
-    except ImportError:
-        raise CliError("the demo photos come from scikit-image: pip install 'excelseg[demo]'") from None
-    data_dir = Path(skimage.__file__).parent / "data"
-    found = [(data_dir / name, classes) for name, classes in SAMPLES if (data_dir / name).is_file()]
-    if not found:
-        raise CliError(f"no sample photos found in {data_dir}")
-    return found
+        photos = found()
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    if not photos:
+        raise CliError("no sample photos found in scikit-image's data folder")
+    return photos
 
 
 def run(args: argparse.Namespace) -> int:

@@ -227,7 +227,7 @@ def test_concurrent_callers_get_their_own_results(model, tmp_path):
         assert Path(r.label_png).name.startswith("scene_")
 
 
-def test_trained_segmenter_switch(clip, tmp_path):
+def test_trained_segmenter_switch(clip, tmp_path, capsys):
     from excelseg.config import apply_overrides, load_config
     from excelseg.heads import ExcelHeads
     from excelseg.interop import save_checkpoint
@@ -240,6 +240,9 @@ def test_trained_segmenter_switch(clip, tmp_path):
     cfg = apply_overrides(load_config("synthetic"), ["heads.dim=32", "heads.decoder_heads=2"])
     ckpt = save_checkpoint(tmp_path / "heads.safetensors", heads.state_dict(), class_names=classes,
                            clip_identity=clip.identity, config=cfg)
+    if __import__("importlib").util.find_spec("gradio") is not None:  # the command names the weights to give
+        assert main(["app", "--checkpoint", str(ckpt)]) == 2
+        assert "made with the CLIP weight file sha256:" in capsys.readouterr().err
     m = AppModel(clip, checkpoint=ckpt, device="cpu", work_dir=tmp_path / "work")
     path, _ = scene_file(tmp_path)
     counter = ForwardCounter(clip)
@@ -284,7 +287,7 @@ def test_read_image_max_side(tmp_path):
 
 def test_app_command_usage_errors(capsys):
     assert main(["app", "--port", "70000"]) == 2
-    assert "--port must lie in 0-65535" in capsys.readouterr().err
+    assert "--port must lie in 1-65535" in capsys.readouterr().err
     if __import__("importlib").util.find_spec("gradio") is None:
         assert main(["app", "--clip", "synthetic"]) == 2
         assert "pip install 'excelseg[app]'" in capsys.readouterr().err

@@ -30,8 +30,8 @@ def _port(text: str) -> int:
         port = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--port must be an integer, got {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"--port must lie in 0-65535, got {port}")
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"--port must lie in 1-65535, got {port}")
     return port
 
 
@@ -48,7 +48,7 @@ def register(sub) -> None:
                    help="pipeline settings (voc, coco, synthetic or a YAML file); default: the weights' own "
                         "settings, else voc; section.key=value words override single settings")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_port, default=7860, help="port (default 7860; 0 = any free port)")
+    p.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="CLIP forward precision (autocast): fp32 (default), bf16 (CUDA or CPU), fp16 (CUDA)")
@@ -72,10 +72,16 @@ def run(args: argparse.Namespace) -> int:
     base = ckpt.config if ckpt is not None else None
     config_from_args(args, overrides=args.overrides, base=base)  # bad settings fail before any model is loaded
     device = resolve_device(args.device)
+    spec = args.clip
+    if spec is None and ckpt is not None:  # the CLIP the heads were trained with
+        if ckpt.clip_identity.startswith("sha256:"):
+            raise CliError(f"{args.checkpoint} was made with the CLIP weight file {ckpt.clip_identity}; give that "
+                           "file with --clip")
+        spec = ckpt.clip_identity
     try:
-        clip = load_clip(args.clip, device=device)
+        clip = load_clip(spec, device=device)
     except WeightsNotFoundError as exc:
-        if args.clip is not None or ckpt is not None:
+        if spec is not None:
             raise
         print(f"note: {exc}\n\nNo real CLIP weights here: the page runs on the shipped synthetic CLIP, which only "
               "knows the synthetic shapes of its example scenes.\n")

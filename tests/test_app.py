@@ -169,6 +169,15 @@ def test_two_hundred_classes_and_named_vocabularies(model, tmp_path):
     cams, ids = read_cam_archive(r.cams_npz)
     assert cams.shape == (200, 96, 96) and ids.tolist() == list(range(1, 201))
     assert {e.name for e in r.legend} <= set(many)
+    # PAR's (classes + 1) maps stay within a budget: smaller working sides for many classes (images up to that
+    # side are unaffected)
+    assert [model.par_side(k) for k in (1, 15, 16, 63, 64, 200)] == [1024, 1024, 512, 512, 256, 256]
+    # and the page works on the image at twice the PAR side at most
+    assert [model.work_side(k) for k in (1, 15, 16, 64, 200)] == [2048, 2048, 1024, 512, 512]
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.kron(np.asarray(Image.open(path)), np.ones((10, 13, 1), np.uint8))).save(photo)
+    r = model.run(photo, ", ".join(many[:20]), switches=Switches(tse=False, par=False))
+    assert r.ok and r.image_size == (788, 1024) and "with this many classes" in r.status, r.status
     # a named vocabulary: typed names are looked up in it (label = its index + 1); none typed = all its classes
     r = model.run(path, "cat, dog", "voc")
     assert r.ok and read_label_png(r.label_png).max() <= 12 and {e.label for e in r.legend} <= {8, 12}
@@ -324,9 +333,8 @@ def test_upload_component_hands_over_the_file_untouched(tmp_path):
 def test_examples_and_notice_follow_the_weights(model, tmp_path):
     """Synthetic CLIP: generated scenes and a plain notice of what the weights know; real weights (here a tiny
     random CLIP): scikit-image's sample photos as examples and no notice."""
-    from tiny_clip import tiny_clip
-
     from excelseg.app import header_markdown
+    from tiny_clip import tiny_clip
 
     scenes = model.examples()
     assert len(scenes) == 4 and all(p.is_file() and Image.open(p).size == (EXAMPLE_SIDE,) * 2 for p, _ in scenes)

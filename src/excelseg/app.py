@@ -58,6 +58,12 @@ MAX_HEATMAPS = 24  # heat-maps shown per request (present classes first); the ar
 OVERLAY_SIDE = 768  # longer side of the overlay shown in the page
 HEATMAP_SIDE = 320  # longer side of each heat-map
 CAM_ARCHIVE_SIDE = 256  # longer side of the CAMs in the .npz download (read_cam_archive upsamples)
+# PAR works on (classes + 1) maps at up to refine.par_max_side (1024) px: with many classes on a large image that is
+# GBs and minutes (200 classes at 2048×1536: +4.2 GB, 150 s on this CPU). The page keeps (maps × side²) within this
+# budget by running PAR at a smaller side (1024 up to 15 classes, 512 up to 63, 256 up to 255; 40 MB per buffer)
+# and works on the image at twice that side at most (AppModel.work_side).
+PAR_MAP_BUDGET = 16 * 1024 * 1024
+PAR_SIDES = (1024, 512, 256)
 QUEUE_SIZE = 64  # requests waiting in Gradio's queue; more are refused with "queue full"
 EXAMPLE_SCENES = 4  # generated example scenes on the synthetic CLIP
 EXAMPLE_SIDE = 192  # their size in pixels
@@ -231,22 +237,30 @@ class AppModel:
         return out
 
     # ---- model parts, built on first use ----------------------------------------------------------------------
-    def _config_for(self, sw: Switches):
+    def par_side(self, num_classes: int) -> int:
+        """Longest side PAR runs at for ``num_classes`` classes (:data:`PAR_MAP_BUDGET`; never above the
+        configured ``refine.par_max_side``, which images up to that side are not affected by)."""
+        side = next((s for s in PAR_SIDES if (num_classes + 1) * s * s <= PAR_MAP_BUDGET), PAR_SIDES[-1])
+        return min(side, self.config.refine.par_max_side)
+
+    def _config_for(self, sw: Switches, par_side: int):
         cfg = self.config
         if not sw.svc:
             cfg = cfg.with_(cam=replace(cfg.cam, svc_last_blocks=0))
-        return cfg.with_(refine=replace(cfg.refine, refine=sw.refine, use_par=sw.par))
+        return cfg.with_(refine=replace(cfg.refine, refine=sw.refine, use_par=sw.par, par_max_side=par_side))
 
-    def predictor(self, sw: Switches):
-        """The :class:`~excelseg.predictor.CamPredictor` for these switches (kept for reuse)."""
+    def predictor(self, sw: Switches, num_classes: int = 1):
+        """The :class:`~excelseg.predictor.CamPredictor` for these switches and this many classes (PAR side, see
+        :meth:`par_side`); kept for reuse."""
         from .predictor import CamPredictor
 
         knowledge = (sw.knowledge or self.default_knowledge) if sw.tse else None
-        key = (sw.svc, sw.refine, sw.par, knowledge)
+        par_side = self.par_side(num_classes)
+        key = (sw.svc, sw.refine, sw.par, knowledge, par_side)
         if key in self._predictors:
             self._predictors.move_to_end(key)
             return self._predictors[key]
-        cfg = self._config_for(sw)
+        cfg = self._config_for(sw, par_side)
         kw: dict[str, Any] = {}
         if knowledge == SYNTHETIC:
             if self._synthetic_bank is None:
@@ -273,14 +287,22 @@ class AppModel:
         return self._segmenter
 
     # ---- one request --------------------------------------------------------------------------------------------
-    def read(self, path: str | os.PathLike | None) -> tuple[np.ndarray, str]:
-        """The upload as an (H, W, 3) uint8 array at most :attr:`max_side` on the longer side, and a note when it
-        was reduced. Raises ImageReadError / ValueError with the file's own name (not the server's temp path)."""
+    def work_side(self, num_classes: int) -> int:
+        """Longest side the page works at for ``num_classes`` classes: :attr:`max_side`, and at most twice the
+        PAR side (:meth:`par_side`), because turning the PAR scores into a full-size label also holds
+        (classes + 1) maps of the image's width (200 classes at 2048×1536: +1.8 GB)."""
+        return min(self.max_side, 2 * self.par_side(num_classes))
+
+    def read(self, path: str | os.PathLike | None, max_side: int | None = None) -> tuple[np.ndarray, str]:
+        """The upload as an (H, W, 3) uint8 array at most ``max_side`` (default :attr:`max_side`) on the longer
+        side, and a note when it was reduced. Raises ImageReadError / ValueError with the file's own name (not
+        the server's temp path)."""
         if path is None or str(path) == "":
             raise ValueError("upload an image (or paste one, or pick an example) first")
+        side = self.max_side if max_side is None else int(max_side)
         p = Path(path)
         try:
-            img = read_image(p, max_pixels=MAX_PIXELS, max_side=self.max_side)
+            img = read_image(p, max_pixels=MAX_PIXELS, max_side=side)
         except ImageReadError as exc:
             raise ImageReadError(str(exc).replace(str(p), p.name)) from None
         rgb = np.asarray(img)
@@ -293,8 +315,9 @@ class AppModel:
         if swapped:
             w, h = h, w
         if (h, w) != rgb.shape[:2]:
-            note = (f"image reduced from {w}×{h} to {rgb.shape[1]}×{rgb.shape[0]} pixels (the page works at most "
-                    f"{self.max_side} px; `excelseg cam` gives full-size masks)")
+            why = f"the page works at most {side} px" + (" with this many classes" if side < self.max_side else "")
+            note = (f"image reduced from {w}×{h} to {rgb.shape[1]}×{rgb.shape[0]} pixels ({why}; `excelseg cam` "
+                    "gives full-size masks)")
         return rgb, note
 
     def parse_classes(self, text: str | None, vocabulary: str | None) -> tuple[list[str] | None, Vocabulary]:
@@ -346,7 +369,8 @@ class AppModel:
         if sw.segmenter and self.checkpoint is None:
             raise ValueError("the trained segmenter needs a checkpoint: start the page with --checkpoint CKPT")
         names, vocab = (None, None) if sw.segmenter else self.parse_classes(classes, vocabulary)
-        rgb, note = self.read(image)
+        num_classes = 0 if sw.segmenter else len(names) if names is not None else vocab.num_classes
+        rgb, note = self.read(image, self.work_side(num_classes))
         t_read = time.perf_counter()
         digest = hashlib.sha256(rgb.tobytes()).hexdigest() + f":{rgb.shape[0]}x{rgb.shape[1]}"
         key = (digest, sw.image_key)
@@ -358,7 +382,7 @@ class AppModel:
                 t_img = time.perf_counter()
                 result = self._segmenter_result(self._states[key])
             else:
-                predictor = self.predictor(sw)
+                predictor = self.predictor(sw, num_classes)
                 if not cached:
                     self._remember(key, predictor.encode_batch([rgb])[0])
                 t_img = time.perf_counter()
@@ -381,6 +405,9 @@ class AppModel:
         if len(heatmaps) < asked:
             status.append(f"heat-maps of {len(heatmaps)} classes shown (present ones first); the .npz holds all "
                           f"{asked}")
+        side = self.par_side(asked)
+        if not sw.segmenter and sw.par and side < self.config.refine.par_max_side and max(rgb.shape[:2]) > side:
+            status.append(f"PAR ran at {side} px on the longer side ({asked} classes; memory bound)")
         if note:
             status.append(note)
         return AppResult(True, " · ".join(status), timing, overlay, legend, heatmaps, label_png, cams_npz,

@@ -1,30 +1,8 @@
-"""``excelseg app``: an interactive web page (Gradio) over the training-free pipeline, for any image and class names.
-
-Two layers, so that everything the page computes is testable without a browser:
-
-:class:`AppModel`   reads an upload, runs :class:`~excelseg.predictor.CamPredictor` (or, with a checkpoint, the
-                    trained :class:`~excelseg.segmenter.Segmenter`), renders the label overlay, a legend and one
-                    heat-map per class, and writes the downloads (palette PNG, CAM archive). ``run`` never raises
-                    for a user's mistake: it returns an :class:`AppResult` whose ``status`` says what was wrong.
-:func:`build_page`  the Gradio Blocks around it (imported lazily: ``import excelseg.app`` does not import gradio);
-:func:`launch`      serves them on loopback with Gradio's queue, one request at a time.
-
-**Caching.** ``CamPredictor`` splits the work into an image pass (``encode_batch``: the CLIP dense forward with
-SVC and the attention affinity) and a class pass (``predict_state``: text features, alignment, refinement, PAR).
-The page keeps the image-pass states of the last :data:`STATE_CACHE` images, keyed by the SHA-256 of the decoded
-pixels and the switches the image pass depends on (SVC, refinement); other class names, another vocabulary, TSE or
-PAR re-run only the class pass, and the time display says "image tower: cached".
-
-**Bad input.** Unreadable uploads (not an image, truncated, empty, more than :data:`MAX_PIXELS`), empty, duplicate
-or unknown class names, more than 200 classes and broken knowledge bases each give a one-line status; images are
-reduced to :data:`MAX_SIDE` pixels on the longer side while they are read (JPEGs are decoded at a reduced scale),
-so a 12000×9000 photo costs about what a 2048×1536 one does. One lock serialises the model: Gradio's queue runs
-one request at a time (``default_concurrency_limit=1``) and direct callers of :meth:`AppModel.run` are safe too.
-"""
+"""The page's model side: :class:`AppModel` (read, predict with cached image passes, render, write the downloads)
+and what a request returns (:class:`AppResult`). No Gradio here (see :mod:`excelseg.app` for the whole picture)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import html
 import logging
@@ -43,14 +21,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .images import ImageReadError, exif_swaps_sides, one_line, read_image
-from .vocab import MAX_CLASSES, Vocabulary, parse_class_list
+from ..images import ImageReadError, exif_swaps_sides, one_line, read_image
+from ..vocab import Vocabulary, parse_class_list
 
 _logger = logging.getLogger(__name__)
 
 MAX_SIDE = 2048  # uploads are reduced to this longer side as they are read (the page's working resolution)
 MAX_PIXELS = 120_000_000  # larger uploads are refused: non-JPEG files are decoded in full once (≈ 5 bytes/pixel)
-UPLOAD_LIMIT = "100mb"  # Gradio refuses larger files before they reach the model
 STATE_CACHE = 16  # image-pass states kept (≈ 2 MB each for ViT-B/16 at 320 px)
 PREDICTOR_CACHE = 8  # CamPredictors kept, one per (switches, knowledge base) combination
 RESULTS_KEPT = 64  # request folders of downloads kept on disk; older ones are deleted
@@ -64,7 +41,6 @@ CAM_ARCHIVE_SIDE = 256  # longer side of the CAMs in the .npz download (read_cam
 # and works on the image at twice that side at most (AppModel.work_side).
 PAR_MAP_BUDGET = 16 * 1024 * 1024
 PAR_SIDES = (1024, 512, 256)
-QUEUE_SIZE = 64  # requests waiting in Gradio's queue; more are refused with "queue full"
 EXAMPLE_SCENES = 4  # generated example scenes on the synthetic CLIP
 EXAMPLE_SIDE = 192  # their size in pixels
 EXAMPLE_SEED = 20260  # scene seed of the examples (not one the synthetic CLIP was trained on)
@@ -169,8 +145,8 @@ class AppModel:
 
     def __init__(self, clip: Any, *, config: Any = None, checkpoint: Any = None, device: Any = None,
                  precision: str = "fp32", max_side: int = MAX_SIDE, work_dir: str | os.PathLike | None = None):
-        from .config import load_config
-        from .devices import resolve_device
+        from ..config import load_config
+        from ..devices import resolve_device
 
         self.clip = clip
         self.device = resolve_device(device)
@@ -180,7 +156,7 @@ class AppModel:
         self.synthetic = clip.name == SYNTHETIC
         self.checkpoint = None
         if checkpoint is not None:
-            from .interop import HeadsCheckpoint, check_checkpoint, load_checkpoint
+            from ..interop import HeadsCheckpoint, check_checkpoint, load_checkpoint
 
             self.checkpoint = checkpoint if isinstance(checkpoint, HeadsCheckpoint) else load_checkpoint(checkpoint)
             check_checkpoint(self.checkpoint, clip.identity, None)
@@ -213,7 +189,7 @@ class AppModel:
         (:meth:`write_examples`), else scikit-image's sample photos when it is installed (else none)."""
         if self.synthetic:
             return self.write_examples()
-        from .samples import sample_photos
+        from ..samples import sample_photos
 
         try:
             return sample_photos()
@@ -223,7 +199,7 @@ class AppModel:
     def write_examples(self, n: int = EXAMPLE_SCENES) -> list[tuple[Path, str]]:
         """Generated scenes as PNGs in the work folder with their class names: the page's examples on the
         synthetic CLIP (nothing is shipped: they are drawn at start-up)."""
-        from .synthetic import SceneGenerator
+        from ..synthetic import SceneGenerator
 
         folder = self.work_dir / "examples"
         folder.mkdir(exist_ok=True)
@@ -252,7 +228,7 @@ class AppModel:
     def predictor(self, sw: Switches, num_classes: int = 1):
         """The :class:`~excelseg.predictor.CamPredictor` for these switches and this many classes (PAR side, see
         :meth:`par_side`); kept for reuse."""
-        from .predictor import CamPredictor
+        from ..predictor import CamPredictor
 
         knowledge = (sw.knowledge or self.default_knowledge) if sw.tse else None
         par_side = self.par_side(num_classes)
@@ -264,7 +240,7 @@ class AppModel:
         kw: dict[str, Any] = {}
         if knowledge == SYNTHETIC:
             if self._synthetic_bank is None:
-                from .synthetic import synthetic_bank
+                from ..synthetic import synthetic_bank
 
                 self._synthetic_bank = synthetic_bank(self.clip, self.config.text.template)
             kw["bank"] = self._synthetic_bank
@@ -281,7 +257,7 @@ class AppModel:
         if self.checkpoint is None:
             raise ValueError("the trained segmenter needs a checkpoint: start the page with --checkpoint CKPT")
         if self._segmenter is None:
-            from .segmenter import Segmenter
+            from ..segmenter import Segmenter
 
             self._segmenter = Segmenter.from_checkpoint(self.checkpoint, self.clip, device=self.device)
         return self._segmenter
@@ -330,7 +306,7 @@ class AppModel:
             names = parse_class_list(names)
             return names, Vocabulary.from_names(names)
         if choice == SYNTHETIC and self.synthetic:
-            from .synthetic import synthetic_vocabulary
+            from ..synthetic import synthetic_vocabulary
 
             vocab = synthetic_vocabulary()
         elif choice in ("voc", "coco"):
@@ -423,7 +399,7 @@ class AppModel:
         softmax probabilities as maps (so the downloads keep the one CAM archive format)."""
         import torch
 
-        from .predictor import CamResult
+        from ..predictor import CamResult
 
         values = [int(v) for v in np.unique(seg.label) if 0 < v <= len(seg.class_names)]
         probs = torch.softmax(seg.logits.float(), dim=0)[values] if values else seg.logits[:0]
@@ -433,8 +409,8 @@ class AppModel:
     def _render(self, rgb: np.ndarray, result) -> tuple[np.ndarray, list[LegendEntry], list]:
         import torch.nn.functional as F
 
-        from .outputs import VOC_PALETTE
-        from .viz import heatmap, overlay
+        from ..outputs import VOC_PALETTE
+        from ..viz import heatmap, overlay
 
         label = result.pseudo_label
         values, counts = np.unique(label, return_counts=True)
@@ -462,7 +438,7 @@ class AppModel:
         return shown_overlay, legend, maps
 
     def _write(self, image, result) -> tuple[Path, Path]:
-        from .outputs import cam_archive, save_label_png, save_npz
+        from ..outputs import cam_archive, save_label_png, save_npz
 
         self._requests += 1
         folder = self.work_dir / "results" / f"{self._requests:06d}"
@@ -480,191 +456,3 @@ class AppModel:
         """Remove the work folder when the model made it."""
         if self._own_dir:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-
-
-# ---- the page ---------------------------------------------------------------------------------------------------
-
-CSS = """
-.excelseg-legend {list-style: none; padding: 0; margin: 0}
-.excelseg-legend li {display: inline-block; margin: 0 1.2em 0.3em 0}
-.excelseg-swatch {display: inline-block; width: 1em; height: 1em; margin-right: 0.35em; vertical-align: middle;
-                  border: 1px solid #444}
-"""
-
-
-def _gradio():
-    """Gradio, imported on first use with its usage analytics off (the page never calls out)."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio as gr
-    except ImportError:
-        raise ImportError("the web page needs Gradio: pip install 'excelseg[app]'") from None
-    return gr
-
-
-def image_input(gr, **kwargs):
-    """A ``gr.Image`` (``kwargs`` as for it, ``type="filepath"``) that hands the handler the uploaded file's path
-    untouched.
-
-    The stock component opens the upload with Pillow before the handler runs, so a file that is no image would
-    fail inside Gradio with its own message (naming a server path); here excelseg's reader sees the file and says
-    what is wrong. The override is set on the instance: a subclass would make Gradio write a ``.pyi`` stub next
-    to this module, and the browser side stays the stock image component."""
-    component = gr.Image(type="filepath", **kwargs)
-    stock = component.preprocess
-
-    def preprocess(payload):
-        if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
-            return stock(payload)
-        return str(payload.path)
-
-    component.preprocess = preprocess
-    return component
-
-
-def header_markdown(model: AppModel) -> str:
-    """The page's introduction: which CLIP runs, and on the synthetic CLIP, what it can and cannot do."""
-    intro = ("# excelseg — masks from class names\n"
-             "ExCEL (CVPR 2025) training-free segmentation: drop or paste an image, type the classes that are in it, "
-             "press **Segment**. Changing only the class names re-uses the image pass.\n\n"
-             f"CLIP: **{html.escape(model.clip.name)}** ({html.escape(model.clip.identity)}) on {model.device}")
-    if model.checkpoint is not None:
-        intro += f" · checkpoint with {len(model.checkpoint.class_names)} classes (trained segmenter switch)"
-    if not model.synthetic:
-        return intro
-    from .synthetic import CLASS_NAMES
-
-    return intro + (
-        "\n\n> **These are excelseg's small synthetic CLIP weights, shipped for offline use.** They only know the "
-        f"{len(CLASS_NAMES)} synthetic shapes ({', '.join(CLASS_NAMES)}) on textured backgrounds — the example "
-        "scenes below. On photos or other class names the masks are meaningless. For real images start the page "
-        "with real CLIP weights: `excelseg app --clip ViT-B-16` (OpenAI weights, downloaded once into the cache), "
-        "`excelseg app --clip /path/to/ViT-B-16.pt`, or any open_clip tag such as "
-        "`--clip ViT-L-14:laion2b_s32b_b82k` (README, *CLIP weights*).")
-
-
-def build_page(model: AppModel, examples: list[tuple[Path, str]] | None = None):
-    """The Gradio Blocks of the page; the segment action is also the API endpoint ``/segment``
-    (inputs: image, classes, vocabulary, knowledge, knowledge file, SVC, TSE, refinement, PAR, segmenter)."""
-    gr = _gradio()
-
-    def segment(image, classes, vocabulary, knowledge, knowledge_file, svc, tse, refine, par, segmenter):
-        kb = knowledge_file if knowledge_file else knowledge
-        res = model.run(image, classes, vocabulary, Switches(bool(svc), bool(tse), bool(refine), bool(par),
-                                                             bool(segmenter), kb))
-        files = (str(res.label_png), str(res.cams_npz)) if res.ok else (None, None)
-        return (res.status, res.timing, res.overlay, res.legend_html, res.heatmaps, *files)
-
-    with gr.Blocks(title="excelseg", analytics_enabled=False) as page:
-        gr.Markdown(header_markdown(model), elem_id="excelseg-header")
-        with gr.Row():
-            with gr.Column(scale=2):
-                image = image_input(gr, label="image (upload or paste)", image_mode=None,
-                                    sources=["upload", "clipboard"], elem_id="image-input", height=320)
-                classes = gr.Textbox(label="class names (comma separated)", elem_id="classes",
-                                     placeholder="e.g. cat, dog, sofa", lines=2,
-                                     info=f"at most {MAX_CLASSES}; the background words are added for you")
-                vocab = gr.Radio(model.vocabulary_choices, value=TYPED, label="vocabulary", elem_id="vocabulary",
-                                 info="the texts patches are compared with: the typed names, or a dataset's "
-                                      "classes (then the typed names must be among them; none typed = all)")
-                with gr.Accordion("method", open=True):
-                    with gr.Row():
-                        svc = gr.Checkbox(True, label="SVC (static visual calibration)", elem_id="svc")
-                        tse = gr.Checkbox(True, label="TSE (text semantic enrichment)", elem_id="tse")
-                        refine = gr.Checkbox(True, label="refinement (affinity + box)", elem_id="refine")
-                        par = gr.Checkbox(True, label="PAR", elem_id="par")
-                        segmenter = gr.Checkbox(False, label="trained segmenter", elem_id="segmenter",
-                                                visible=model.checkpoint is not None)
-                    knowledge = gr.Dropdown(model.knowledge_choices, value=model.default_knowledge,
-                                            label="knowledge base for TSE", elem_id="knowledge")
-                    knowledge_file = gr.File(label="or your own knowledge base (.json)", file_types=[".json"],
-                                             type="filepath", elem_id="knowledge-file")
-                run = gr.Button("Segment", variant="primary", elem_id="run")
-                if examples:
-                    gr.Examples([[str(p), c] for p, c in examples], [image, classes], label="examples")
-            with gr.Column(scale=3):
-                status = gr.Markdown("", elem_id="status")
-                timing = gr.Markdown("", elem_id="timing")
-                overlay = gr.Image(label="labels", type="numpy", format="png", interactive=False,
-                                   elem_id="overlay")
-                legend = gr.HTML(AppResult(False, "").legend_html, elem_id="legend")
-                heatmaps = gr.Gallery(label="heat-map per class", columns=4, format="png", elem_id="heatmaps",
-                                      height="auto")
-                with gr.Row():
-                    label_png = gr.File(label="palette PNG", elem_id="download-png", interactive=False)
-                    cams_npz = gr.File(label="CAMs (.npz)", elem_id="download-npz", interactive=False)
-        run.click(segment, [image, classes, vocab, knowledge, knowledge_file, svc, tse, refine, par, segmenter],
-                  [status, timing, overlay, legend, heatmaps, label_png, cams_npz], api_name="segment")
-    return page
-
-
-def launch(model: AppModel, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True,
-           examples: list[tuple[Path, str]] | None = None, quiet: bool = False):
-    """Serve the page on ``host:port`` (loopback by default; never a share link) with Gradio's queue running
-    one request at a time. ``block=False`` returns the running Blocks (``.close()`` stops them)."""
-    gr = _gradio()
-    page = build_page(model, examples)
-    page.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
-    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    page.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, quiet=quiet,
-                max_file_size=UPLOAD_LIMIT, allowed_paths=[str(model.work_dir)], ssr_mode=False, theme=theme,
-                css=CSS, footer_links=[])
-    return page
-
-
-# ---- the page in a child process (tests, load checks) -----------------------------------------------------------
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free on ``host`` now (the OS picks it)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def app_process(args: list[str], home: str | os.PathLike, *, timeout: float = 180.0):
-    """``excelseg app ARGS`` in a child process on a free loopback port, offline (no downloads, analytics off,
-    one torch thread) with ``home`` as its HOME, cache and Gradio temp folder; yields ``(process, url)`` once the
-    page answers, and stops the process on exit. Raises RuntimeError with the process's log when it does not
-    come up within ``timeout`` seconds."""
-    import subprocess
-    import sys
-    import urllib.request
-
-    home = Path(home)
-    port = free_port()
-    env = {**os.environ, "HOME": str(home), "EXCELSEG_CACHE": str(home / "cache"), "EXCELSEG_OFFLINE": "1",
-           "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1",
-           "GRADIO_TEMP_DIR": str(home / "gradio")}
-    env.pop("EXCELSEG_CLIP", None)
-    package_root = str(Path(__file__).resolve().parents[1])  # this copy of excelseg, installed or not
-    env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    log_path = home / "app.log"
-    url = f"http://127.0.0.1:{port}/"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "excelseg.cli", "app", *args, "--port", str(port)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"excelseg app exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"excelseg app did not serve {url} within {timeout:.0f} s:\n"
-                                       f"{log_path.read_text()}") from None
-                time.sleep(0.5)
-        yield proc, url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -99,10 +99,12 @@ def build_page(model: AppModel, examples: list[tuple[Path, str]] | None = None):
                                  info="the texts patches are compared with: the typed names, or a dataset's "
                                       "classes (then the typed names must be among them; none typed = all)")
                 with gr.Accordion("method", open=True):
+                    gr.Markdown("SVC: static visual calibration · TSE: text semantic enrichment · refine: attention "
+                                "affinity + box mask · PAR: pixel-adaptive refinement")
                     with gr.Row():
-                        svc = gr.Checkbox(True, label="SVC (static visual calibration)", elem_id="svc")
-                        tse = gr.Checkbox(True, label="TSE (text semantic enrichment)", elem_id="tse")
-                        refine = gr.Checkbox(True, label="refinement (affinity + box)", elem_id="refine")
+                        svc = gr.Checkbox(True, label="SVC", elem_id="svc")
+                        tse = gr.Checkbox(True, label="TSE", elem_id="tse")
+                        refine = gr.Checkbox(True, label="refine", elem_id="refine")
                         par = gr.Checkbox(True, label="PAR", elem_id="par")
                         segmenter = gr.Checkbox(False, label="trained segmenter", elem_id="segmenter",
                                                 visible=model.checkpoint is not None)
@@ -120,7 +122,7 @@ def build_page(model: AppModel, examples: list[tuple[Path, str]] | None = None):
                                    elem_id="overlay")
                 legend = gr.HTML(AppResult(False, "").legend_html, elem_id="legend")
                 heatmaps = gr.Gallery(label="heat-map per class", columns=4, format="png", elem_id="heatmaps",
-                                      height="auto")
+                                      height="auto", object_fit="contain")
                 with gr.Row():
                     label_png = gr.File(label="palette PNG", elem_id="download-png", interactive=False)
                     cams_npz = gr.File(label="CAMs (.npz)", elem_id="download-npz", interactive=False)

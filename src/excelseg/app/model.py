@@ -362,8 +362,8 @@ class AppModel:
                 if not cached:
                     self._remember(key, predictor.encode_batch([rgb])[0])
                 t_img = time.perf_counter()
-                self._states.move_to_end(key)
                 result = predictor.predict_state(self._states[key], names, vocabulary=vocab)
+        self._states.move_to_end(key)  # least recently used images leave the cache first
         t_cls = time.perf_counter()
         shown = self._render(rgb, result)
         label_png, cams_npz = self._write(image, result)

@@ -14,7 +14,7 @@ from excelseg.cli import build_parser, command_modules, main
 from excelseg.config import PAPER_COCO, PAPER_VOC, ConfigError, apply_overrides, dump_config, load_config
 
 COMMANDS = ["cam", "pseudo-label", "segment", "prepare", "bank", "describe", "train", "eval", "eval-cams",
-            "import-checkpoint", "demo", "train-clip"]
+            "import-checkpoint", "demo", "app", "train-clip"]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -16,7 +16,7 @@ from ._version import __version__
 from .commands.common import OVERRIDE_RE, CliError
 
 COMMAND_ORDER = ("cam", "pseudo_label", "segment", "prepare", "bank", "describe", "train", "eval", "eval_cams",
-                 "import_checkpoint", "demo", "train_clip")
+                 "import_checkpoint", "demo", "app", "train_clip")
 HELPER_MODULES = ("common", "jobs")  # modules of excelseg.commands that are not subcommands
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import math
 import os
 import struct
 import threading
@@ -101,11 +102,15 @@ def one_line(exc: BaseException | str, limit: int | None = None) -> str:
     return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
-def read_image(path: PathLike, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def read_image(path: PathLike, *, max_pixels: int = MAX_PIXELS, max_side: int | None = None) -> Image.Image:
     """Read an image file as a fully decoded 8-bit RGB :class:`PIL.Image.Image`.
 
     The EXIF orientation is applied (a portrait phone photo comes back portrait) and every mode is converted to
     RGB by the rules of :func:`to_rgb_array` (alpha composited over white, 16-bit scaled by its bit depth, …).
+
+    ``max_side``: return the image reduced (aspect kept) so that its longer side is at most this many pixels.
+    JPEGs are then decoded at a reduced scale (1/2, 1/4 or 1/8, still ≥ ``max_side``; Pillow's ``draft``), so a
+    12000×9000 photo never exists at full size in memory; other formats are decoded in full, then reduced.
 
     Raises:
         ImageReadError: the path does not exist or is a directory, the file is empty, not an image, truncated or
@@ -136,8 +141,14 @@ def read_image(path: PathLike, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
                         f"cannot read image {p}: {w}x{h} = {w * h:,} pixels is more than the limit of "
                         f"{max_pixels:,} (read_image(max_pixels=...))"
                     )
+                if max_side is not None and max(w, h) > max_side:
+                    f = max_side / max(w, h)
+                    img.draft(None, (math.ceil(w * f), math.ceil(h * f)))  # JPEG: DCT scaling; others: no-op
                 img.load()  # full decode now: truncation / corruption surfaces here
-            return pil_to_rgb(img, source=p)
+            rgb = pil_to_rgb(img, source=p)
+            if max_side is not None and max(rgb.size) > max_side:
+                rgb.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
+            return rgb
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -92,6 +93,9 @@ class CamResult:
 
 # mixed precision of the CLIP forward (``precision=``): fp32 is the default and the parity setting
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# vocabularies whose (enriched) text features a predictor keeps, least recently used dropped first: a long-running
+# service (``excelseg app``) asked about ever new class lists stays bounded (≈ 0.5 MB per VOC-sized entry)
+TEXT_CACHE_SIZE = 32
 
 
 class CamPredictor:
@@ -169,7 +173,7 @@ class CamPredictor:
             raise ValueError("LVC pseudo-labels (a checkpoint) run at scale 1 with flip and refinement, as the "
                              "reference's infer_lam: use cam.scales=[1.0] and refine.refine=true")
         self._state: ImageState | None = None
-        self._text_cache: dict = {}
+        self._text_cache: OrderedDict = OrderedDict()
 
     # ---- image side -------------------------------------------------------------------------------------
     def _autocast(self):
@@ -276,9 +280,11 @@ class CamPredictor:
 
     # ---- text side --------------------------------------------------------------------------------------
     def text_features(self, vocab: Vocabulary) -> Tensor:
-        """(C + M, E) (enriched) text features of a vocabulary, cached."""
+        """(C + M, E) (enriched) text features of a vocabulary, cached (the last :data:`TEXT_CACHE_SIZE`)."""
         key = (vocab, self.config.text, id(self.bank))
-        if key not in self._text_cache:
+        if key in self._text_cache:
+            self._text_cache.move_to_end(key)
+        else:
             rows = None
             if self.knowledge_classes is not None:
                 rows = [normalize_name(n) in self.knowledge_classes or normalize_name(p) in self.knowledge_classes
@@ -289,6 +295,8 @@ class CamPredictor:
                                     ", ".join(plain))
             self._text_cache[key] = class_text_features(self.text_encoder, vocab, self.config.text, self.bank,
                                                         rows)
+            while len(self._text_cache) > TEXT_CACHE_SIZE:
+                self._text_cache.popitem(last=False)
         return self._text_cache[key]
 
     def _resolve(self, classes, vocabulary) -> tuple[Vocabulary, list[int], list[str]]:

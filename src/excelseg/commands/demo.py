@@ -22,15 +22,6 @@ from .common import (
     write_resolved_config,
 )
 
-# (scikit-image data file, classes present in it)
-SAMPLES = (
-    ("chelsea.png", "cat"),
-    ("astronaut.png", "person,flag"),
-    ("coffee.png", "cup,saucer,spoon"),
-    ("motorcycle_left.png", "motorbike"),
-    ("rocket.jpg", "rocket,tree"),
-)
-
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the training-free pipeline on bundled sample photos",
@@ -44,16 +35,17 @@ def register(sub) -> None:
 
 
 def sample_photos() -> list[tuple[Path, str]]:
-    """Paths of the scikit-image sample photos that exist in this installation, with their classes."""
+    """The scikit-image sample photos of this installation with their classes (:mod:`excelseg.samples`), or a
+    one-line CliError."""
+    from ..samples import sample_photos as found
+
     try:
-        import skimage
-    except ImportError:
-        raise CliError("the demo photos come from scikit-image: pip install 'excelseg[demo]'") from None
-    data_dir = Path(skimage.__file__).parent / "data"
-    found = [(data_dir / name, classes) for name, classes in SAMPLES if (data_dir / name).is_file()]
-    if not found:
-        raise CliError(f"no sample photos found in {data_dir}")
-    return found
+        photos = found()
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    if not photos:
+        raise CliError("no sample photos found in scikit-image's data folder")
+    return photos
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,12 +90,10 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     import time
     from dataclasses import replace
 
-    from ..bank import bank_for
     from ..config import load_config
-    from ..knowledge import parse_knowledge
     from ..outputs import write_result
     from ..predictor import CamPredictor
-    from ..synthetic import held_out_samples, knowledge_base, synthetic_vocabulary
+    from ..synthetic import held_out_samples, synthetic_bank, synthetic_vocabulary
     from ..synthetic.seeds import seed_miou
     from ..weights import load_clip
 
@@ -115,8 +105,7 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     vocab = synthetic_vocabulary()
     full = load_config(clip.default_config)  # the settings these weights were made for (configs/synthetic.yaml)
     write_resolved_config(out_dir, full, clip=clip.identity, command="demo --synthetic")
-    bank = bank_for(clip, parse_knowledge(knowledge_base(), "synthetic knowledge"), SYNTHETIC_CLUSTERS,
-                    prefix=full.text.template, progress=False)
+    bank = synthetic_bank(clip, full.text.template)
     plain = full.with_(cam=replace(full.cam, svc_last_blocks=0))
     print(f"synthetic CLIP ({clip.source}), {len(vocab.names)} classes, {args.scenes} held-out scenes "
           f"at {size[0]}x{size[1]}")
@@ -135,5 +124,4 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     return 0
 
 
-SYNTHETIC_CLUSTERS = 48  # TSE attributes for the 16 synthetic classes (3 per class; VOC's 112/20 ≈ 5.6)
 SYNTHETIC_OVERLAYS = 6

@@ -2,7 +2,7 @@
 seed metrics — the offline, end-to-end quality loop of excelseg (no real weights or datasets needed).
 
 ``scenes``      classes from shared attributes, :class:`SceneGenerator` (images, masks, labels, captions)
-``knowledge``   the classes' knowledge base, from the sentence tables in ``sentences.json``
+``knowledge``   the classes' knowledge base (from the tables in ``sentences.json``) and its TSE bank
 ``dataset``     scenes written to disk (``python -m excelseg.synthetic OUT N``) and held-out evaluation samples
 ``clip_train``  ``excelseg train-clip``: the small CLIP shipped as ``--clip synthetic`` (imported on demand)
 ``seeds``       CAM-seed mIoU of a predictor on scenes (imported on demand: it needs torch)
@@ -11,7 +11,7 @@ seed metrics — the offline, end-to-end quality loop of excelseg (no real weigh
 from __future__ import annotations
 
 from .dataset import HELD_OUT_SEED, held_out_samples, synthetic_vocabulary, write_dataset
-from .knowledge import knowledge_base, sentence_tables
+from .knowledge import SYNTHETIC_CLUSTERS, knowledge_base, sentence_tables, synthetic_bank
 from .scenes import (
                      BACKGROUNDS,
                      CLASS_NAMES,
@@ -33,7 +33,7 @@ from .scenes import (
 
 __all__ = [
     "BACKGROUNDS", "CLASSES", "CLASS_NAMES", "COLOURS", "HELD_OUT_SEED", "MIN_VISIBLE_FRACTION",
-    "MIN_VISIBLE_IMAGE_FRACTION", "PATTERNS", "SHAPES", "SHAPE_AREA", "SIZES", "ClassSpec", "PlacedObject", "Scene",
-    "SceneGenerator", "caption_phrase", "held_out_samples", "knowledge_base", "sentence_tables",
-    "shape_test", "synthetic_vocabulary", "write_dataset",
+    "MIN_VISIBLE_IMAGE_FRACTION", "PATTERNS", "SHAPES", "SHAPE_AREA", "SIZES", "SYNTHETIC_CLUSTERS", "ClassSpec",
+    "PlacedObject", "Scene", "SceneGenerator", "caption_phrase", "held_out_samples", "knowledge_base",
+    "sentence_tables", "shape_test", "synthetic_bank", "synthetic_vocabulary", "write_dataset",
 ]

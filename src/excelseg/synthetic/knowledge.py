@@ -46,3 +46,17 @@ def knowledge_base(classes: Sequence[ClassSpec] = CLASSES) -> dict[str, Any]:
         "format": KNOWLEDGE_FORMAT,
         "classes": {c.name: {"descriptions": _class_sentences(c), "synonyms": []} for c in classes},
     }
+
+
+SYNTHETIC_CLUSTERS = 48  # TSE attributes for the 16 synthetic classes (3 per class; VOC's 112/20 ≈ 5.6)
+
+
+def synthetic_bank(clip: Any, template: str) -> Any:
+    """The TSE attribute bank of the synthetic knowledge base for ``clip`` (:data:`SYNTHETIC_CLUSTERS`
+    attributes, sentences prefixed with the prompt ``template``), built once and cached by
+    :func:`excelseg.bank.bank_for`. Used by ``excelseg demo --synthetic`` and ``excelseg app``."""
+    from ..bank import bank_for
+    from ..knowledge import parse_knowledge
+
+    return bank_for(clip, parse_knowledge(knowledge_base(), "synthetic knowledge"), SYNTHETIC_CLUSTERS,
+                    prefix=template, progress=False)

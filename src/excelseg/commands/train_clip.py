@@ -8,6 +8,7 @@ so `--clip PATH` loads it. The weights shipped with excelseg (`--clip synthetic`
 from __future__ import annotations
 
 import argparse
+import copy
 import shlex
 import sys
 from pathlib import Path
@@ -42,12 +43,23 @@ def register(sub) -> None:
     p.add_argument("--log-every", type=int, default=10, help="log the loss every N steps (default 10)")
     p.add_argument("--eval-every", type=int, default=100,
                    help="held-out zero-shot accuracy every N steps (default 100; 0: only at the end)")
+    p.add_argument("--captions", choices=("full", "mixed"), default="full",
+                   help="caption wording: full (every attribute, the default) or mixed (also bare class names, "
+                        "counts, spatial relations, single attributes)")
+    p.add_argument("--hard-negatives", type=float, default=0.0, metavar="P",
+                   help="chance per pair of an extra negative caption with one object swapped for a class "
+                        "sharing its colour or shape (default 0)")
+    g = p.add_argument_group("image tower (default: the shipped architecture)")
+    g.add_argument("--image-size", type=int, default=None, help="input side in pixels")
+    g.add_argument("--patch-size", type=int, default=None, help="ViT patch side in pixels")
+    g.add_argument("--width", type=int, default=None, help="ViT width (a multiple of 64)")
+    g.add_argument("--layers", type=int, default=None, help="ViT blocks")
     p.add_argument("--fp32", action="store_true", help="store fp32 instead of fp16 (twice the size)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..synthetic.clip_train import train_clip
+    from ..synthetic.clip_train import SYNTHETIC_CLIP_CONFIG, train_clip
 
     if args.steps is not None and args.steps < 1:
         raise CliError(f"--steps must be >= 1, got {args.steps}")
@@ -60,10 +72,24 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise CliError(f"--out must end in .safetensors, got {out}")
+    if not 0.0 <= args.hard_negatives <= 1.0:
+        raise CliError(f"--hard-negatives must be in [0, 1], got {args.hard_negatives}")
+    config = copy.deepcopy(SYNTHETIC_CLIP_CONFIG)
+    vision = config["vision_cfg"]
+    for key in ("image_size", "patch_size", "width", "layers"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 1:
+                raise CliError(f"--{key.replace('_', '-')} must be positive, got {value}")
+            vision[key] = value
+    if vision["image_size"] % vision["patch_size"] or vision["width"] % vision["head_width"]:
+        raise CliError(f"--image-size must be a multiple of --patch-size and --width of {vision['head_width']}, "
+                       f"got {vision['image_size']}, {vision['patch_size']}, {vision['width']}")
     command = "excelseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     rec = train_clip(out, minutes=args.minutes, steps=args.steps, batch=args.batch_size, seed=args.seed,
                      threads=args.threads, log_every=args.log_every, eval_every=args.eval_every, lr=args.lr,
-                     log_file=out.with_suffix(".log"), command=command, fp16=not args.fp32)
+                     log_file=out.with_suffix(".log"), command=command, fp16=not args.fp32, config=config,
+                     captions=args.captions, hard_negatives=args.hard_negatives)
     print(f"wrote {out} and {out.with_suffix('.json')}: {rec['steps']} steps, {rec['seconds']:.0f}s, "
           f"loss {rec['final_loss']:.4f}, held-out zero-shot accuracy {rec['heldout_accuracy']}")
     return 0

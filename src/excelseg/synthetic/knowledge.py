@@ -9,7 +9,7 @@ from importlib import resources
 from typing import Any
 
 from ..knowledge import KNOWLEDGE_FORMAT
-from .scenes import _PATTERN_ADJECTIVE, CLASSES, ClassSpec, _check_classes, caption_phrase
+from .scenes import PATTERN_ADJECTIVE, CLASSES, ClassSpec, _check_classes, caption_phrase
 
 
 @lru_cache(maxsize=1)
@@ -28,7 +28,7 @@ def _class_sentences(spec: ClassSpec) -> list[str]:
         + s["size"][spec.size]
         + s["shared"]
         + [caption_phrase(spec),
-           f"a {_PATTERN_ADJECTIVE[spec.pattern]} {spec.colour} shape in the form of a {spec.shape}"]
+           f"a {PATTERN_ADJECTIVE[spec.pattern]} {spec.colour} shape in the form of a {spec.shape}"]
     )
     assert len(sentences) == 20 and len(set(sentences)) == 20
     return sentences
@@ -46,3 +46,17 @@ def knowledge_base(classes: Sequence[ClassSpec] = CLASSES) -> dict[str, Any]:
         "format": KNOWLEDGE_FORMAT,
         "classes": {c.name: {"descriptions": _class_sentences(c), "synonyms": []} for c in classes},
     }
+
+
+#: TSE attributes B for the 16 synthetic classes (3 per class; the paper's VOC B = 112 for 20 classes ≈ 5.6).
+SYNTHETIC_CLUSTERS = 48
+
+
+def synthetic_bank(clip: Any, cache_dir: str | None = None, *, template: str = "a photo of a {}."):
+    """The TSE attribute bank (paper §3.1, Eq. 3–4) of :func:`knowledge_base` for ``clip`` with
+    :data:`SYNTHETIC_CLUSTERS` attributes; cached like every bank (``excelseg.bank.bank_for``)."""
+    from ..bank import bank_for
+    from ..knowledge import parse_knowledge
+
+    return bank_for(clip, parse_knowledge(knowledge_base(), "synthetic knowledge"), SYNTHETIC_CLUSTERS,
+                    prefix=template, cache_dir=cache_dir, progress=False)

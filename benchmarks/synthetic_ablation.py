@@ -29,8 +29,8 @@ import torch
 
 from excelseg.bank import bank_for
 from excelseg.config import load_config
-from excelseg.knowledge import parse_knowledge
 from excelseg.data.synthetic import TEST_SCENES
+from excelseg.knowledge import parse_knowledge
 from excelseg.predictor import CamPredictor
 from excelseg.synthetic import held_out_samples, synthetic_vocabulary
 from excelseg.synthetic.knowledge import SYNTHETIC_CLUSTERS, knowledge_base

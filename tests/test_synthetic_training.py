@@ -49,7 +49,7 @@ def test_hard_negative_swaps_one_object_for_a_lookalike():
     rng = np.random.default_rng(1)
     for i in range(40):
         scene = gen.scene(i)
-        caption, style = sampler.caption(scene, rng)
+        _, style = sampler.caption(scene, rng)
         text, labels = sampler.hard_negative(scene, style, rng)
         named = _named(text)
         assert named == set(np.flatnonzero(labels)) and len(named) == len(scene.labels)

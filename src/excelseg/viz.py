@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .images import WHITE, check_layout, exif_swaps_sides, pil_to_rgb, to_rgb_array
 from .outputs import IGNORE_INDEX, VOC_PALETTE
 
-__all__ = ["comparison_sheet", "heatmap", "jet_colormap", "overlay", "overlay_sheet", "outlined_labels"]
+__all__ = ["comparison_sheet", "heatmap", "jet_colormap", "outlined_labels", "overlay", "overlay_sheet"]
 
 
 @lru_cache(maxsize=16)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .common import (
     CliError,
@@ -21,6 +22,9 @@ from .common import (
     out_dir_arg,
     write_resolved_config,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # (scikit-image data file, classes present in it)
 SAMPLES = (
@@ -162,7 +166,7 @@ LABEL_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (2
                  (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (0, 0, 128))
 
 
-def synthetic_palette(classes) -> "np.ndarray":
+def synthetic_palette(classes) -> np.ndarray:
     """(1 + C, 3) uint8 label colours: row 0 (background) black, row ``i + 1`` the unused
     :data:`LABEL_COLOURS` entry farthest (RGB distance) from class ``i``'s own object colour (greedy, in class
     order), so a label never looks like the object it names."""

@@ -49,7 +49,10 @@ def register(sub) -> None:
     p.add_argument("--hard-negatives", type=float, default=0.0, metavar="P",
                    help="chance per pair of an extra negative caption with one object swapped for a class "
                         "sharing its colour or shape (default 0)")
-    g = p.add_argument_group("image tower (default: the shipped architecture)")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="continue from these weights (a train-clip file, or 'synthetic'); its architecture, "
+                        "sha256 and training record are kept in the output json")
+    g = p.add_argument_group("image tower (default: the shipped architecture; not with --init)")
     g.add_argument("--image-size", type=int, default=None, help="input side in pixels")
     g.add_argument("--patch-size", type=int, default=None, help="ViT patch side in pixels")
     g.add_argument("--width", type=int, default=None, help="ViT width (a multiple of 64)")
@@ -59,7 +62,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..synthetic.clip_train import SYNTHETIC_CLIP_CONFIG, train_clip
+    from ..synthetic.clip_train import SYNTHETIC_CLIP_CONFIG, load_init, train_clip
 
     if args.steps is not None and args.steps < 1:
         raise CliError(f"--steps must be >= 1, got {args.steps}")
@@ -85,11 +88,19 @@ def run(args: argparse.Namespace) -> int:
     if vision["image_size"] % vision["patch_size"] or vision["width"] % vision["head_width"]:
         raise CliError(f"--image-size must be a multiple of --patch-size and --width of {vision['head_width']}, "
                        f"got {vision['image_size']}, {vision['patch_size']}, {vision['width']}")
+    model, init = None, None
+    if args.init is not None:
+        if any(getattr(args, k) is not None for k in ("image_size", "patch_size", "width", "layers")):
+            raise CliError("--init keeps the architecture of its weights: drop --image-size/--patch-size/--width/--layers")
+        try:
+            model, config, init = load_init(args.init)
+        except (FileNotFoundError, ValueError) as exc:
+            raise CliError(str(exc)) from None
     command = "excelseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     rec = train_clip(out, minutes=args.minutes, steps=args.steps, batch=args.batch_size, seed=args.seed,
                      threads=args.threads, log_every=args.log_every, eval_every=args.eval_every, lr=args.lr,
                      log_file=out.with_suffix(".log"), command=command, fp16=not args.fp32, config=config,
-                     captions=args.captions, hard_negatives=args.hard_negatives)
+                     captions=args.captions, hard_negatives=args.hard_negatives, model=model, init=init)
     print(f"wrote {out} and {out.with_suffix('.json')}: {rec['steps']} steps, {rec['seconds']:.0f}s, "
           f"loss {rec['final_loss']:.4f}, held-out zero-shot accuracy {rec['heldout_accuracy']}")
     return 0

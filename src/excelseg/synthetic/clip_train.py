@@ -218,6 +218,36 @@ def training_batch(gen: SceneGenerator, sampler: CaptionSampler, step: int, batc
     return images, labels, captions, negatives, neg
 
 
+def load_init(spec: str | Path) -> tuple[CLIP, dict[str, Any], dict[str, Any]]:
+    """Weights to continue training from (``train-clip --init``): a file written by :func:`save_weights` or the
+    shipped name ``"synthetic"``. Returns the trainable fp32 model, its open_clip config and a record of where
+    it came from (file name, sha256, and the steps and command of its own training when its json is next to it).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..weights import NAMED_WEIGHTS
+
+    path = Path(spec)
+    if not path.is_file() and str(spec).lower() in NAMED_WEIGHTS:
+        path = Path(__file__).resolve().parents[1] / NAMED_WEIGHTS[str(spec).lower()]
+    if not path.is_file():
+        raise FileNotFoundError(f"--init weights not found: {spec}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "open_clip_config" not in meta:
+        raise ValueError(f"{path} was not written by train-clip (no open_clip_config in its metadata)")
+    config = json.loads(meta["open_clip_config"])["model_cfg"]
+    model = build_model(config)
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    record: dict[str, Any] = {"file": path.name, "sha256": file_sha256(path)}
+    sibling = path.with_suffix(".json")
+    if sibling.is_file():
+        info = json.loads(sibling.read_text(encoding="utf-8"))
+        record.update({k: info[k] for k in ("steps", "seconds", "command", "seed", "init") if k in info})
+    return model, config, record
+
+
 def _log(stream: TextIO | None, text: str) -> None:
     print(text, flush=True)
     if stream is not None:
@@ -246,12 +276,15 @@ def train_clip(
     model: CLIP | None = None,
     captions: str = "full",
     hard_negatives: float = 0.0,
+    init: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the synthetic CLIP; save it to ``out`` (unless ``None``); return the training record.
 
     The record holds ``steps``, ``seconds``, ``final_loss`` (mean of the last ``log_every`` steps),
     ``heldout_accuracy`` (final zero-shot accuracy; ``None`` with ``eval_scenes=0``) and the ``history`` of
-    logged points; ``model`` is the trained model (not saved in the json).
+    logged points; ``model`` is the trained model (not saved in the json). ``model`` given: continue from it
+    (``init``: where it came from, :func:`load_init`, recorded in the json). ``captions`` / ``hard_negatives``:
+    :class:`~excelseg.synthetic.captions.CaptionSampler` wording and the chance of a hard negative per pair.
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes (or both)")
@@ -341,6 +374,7 @@ def train_clip(
             "warmup": warmup,
             "captions": captions,
             "hard_negatives": hard_negatives,
+            "init": init,
             "torch": torch.__version__,
             "open_clip": open_clip.__version__,
             "history": history,

@@ -9,7 +9,7 @@ from importlib import resources
 from typing import Any
 
 from ..knowledge import KNOWLEDGE_FORMAT
-from .scenes import PATTERN_ADJECTIVE, CLASSES, ClassSpec, _check_classes, caption_phrase
+from .scenes import CLASSES, PATTERN_ADJECTIVE, ClassSpec, _check_classes, caption_phrase
 
 
 @lru_cache(maxsize=1)

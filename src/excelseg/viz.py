@@ -372,11 +372,13 @@ def comparison_sheet(rows: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]], co
         grid.append(big)
     cell_h, cell_w = grid[0][0].shape[:2]
     width = panels_per_row * cell_w + (panels_per_row - 1) * gap
-    strips = [_title_strip(cell_w, str(t)) for t in column_titles]
-    th = max(t.shape[0] for t in strips)
-    titles = np.full((th, width, 3), 255, np.uint8)
-    for c, strip in enumerate(strips):
-        titles[:strip.shape[0], c * (cell_w + gap): c * (cell_w + gap) + cell_w] = strip[:, :cell_w]
+    font = _font(_font_size(width))  # one size for every title, readable at the sheet's width
+    pad = max(3, _text_size(font, "Ag")[1] // 3)
+    strip = Image.new("RGB", (width, _text_size(font, "Ag")[1] + 2 * pad), WHITE)
+    draw = ImageDraw.Draw(strip)
+    for c, title in enumerate(column_titles):
+        draw.text((c * (cell_w + gap) + pad, pad), str(title), fill=(0, 0, 0), font=font)
+    titles = np.array(strip)
     body = np.full((len(grid) * cell_h + (len(grid) - 1) * gap, width, 3), 255, np.uint8)
     for r, big in enumerate(grid):
         for c, panel in enumerate(big):

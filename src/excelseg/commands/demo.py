@@ -149,7 +149,7 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     for image, mask, labels in held_out_samples(SYNTHETIC_SHOWN, size[0]):
         seed = excel.set_image(image).predict([vocab.names[j] for j in labels], vocabulary=vocab).pseudo_label
         shown.append((image, [mask, seed, segmenter.predict(image).label]))
-    sheet = comparison_sheet(shown, ["scene", "ground truth", "training-free pseudo-label",
+    sheet = comparison_sheet(shown, ["scene", "ground truth", "training-free seed",
                                      "trained segmenter"], ["background", *vocab.names], synthetic_palette(CLASSES))
     path = out_dir / "synthetic_demo.png"
     save_png(path, sheet)

@@ -31,7 +31,11 @@ def register(sub) -> None:
     p.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)  # deprecated: always synthetic
     p.add_argument("--out", default="synthetic_clip.safetensors", help="output .safetensors file")
     p.add_argument("--minutes", type=float, default=25.0, help="wall-clock limit in minutes (default 25)")
-    p.add_argument("--steps", type=int, default=None, help="number of steps (default: until --minutes)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="number of steps (default: until --minutes; --minutes, default 25, still applies)")
+    p.add_argument("--schedule-steps", type=int, default=None, metavar="N",
+                   help="learning-rate schedule length in steps (default --steps); with --steps M < N the run "
+                        "stops after M steps of an N-step schedule (re-makes a run that --minutes stopped early)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64,
                    help="scene/caption pairs per step (default 64)")
     p.add_argument("--batch", dest="batch_size", type=int, action=DeprecatedAlias, new="--batch-size",
@@ -75,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise CliError(f"--out must end in .safetensors, got {out}")
+    if args.schedule_steps is not None and args.schedule_steps < (args.steps or 1):
+        raise CliError(f"--schedule-steps must be >= --steps, got {args.schedule_steps}")
     if not 0.0 <= args.hard_negatives <= 1.0:
         raise CliError(f"--hard-negatives must be in [0, 1], got {args.hard_negatives}")
     config = copy.deepcopy(SYNTHETIC_CLIP_CONFIG)
@@ -100,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     rec = train_clip(out, minutes=args.minutes, steps=args.steps, batch=args.batch_size, seed=args.seed,
                      threads=args.threads, log_every=args.log_every, eval_every=args.eval_every, lr=args.lr,
                      log_file=out.with_suffix(".log"), command=command, fp16=not args.fp32, config=config,
-                     captions=args.captions, hard_negatives=args.hard_negatives, model=model, init=init)
+                     captions=args.captions, hard_negatives=args.hard_negatives, model=model, init=init,
+                     schedule_steps=args.schedule_steps)
     print(f"wrote {out} and {out.with_suffix('.json')}: {rec['steps']} steps, {rec['seconds']:.0f}s, "
           f"loss {rec['final_loss']:.4f}, held-out zero-shot accuracy {rec['heldout_accuracy']}")
     return 0

@@ -277,6 +277,7 @@ def train_clip(
     captions: str = "full",
     hard_negatives: float = 0.0,
     init: dict[str, Any] | None = None,
+    schedule_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train the synthetic CLIP; save it to ``out`` (unless ``None``); return the training record.
 
@@ -285,6 +286,8 @@ def train_clip(
     logged points; ``model`` is the trained model (not saved in the json). ``model`` given: continue from it
     (``init``: where it came from, :func:`load_init`, recorded in the json). ``captions`` / ``hard_negatives``:
     :class:`~excelseg.synthetic.captions.CaptionSampler` wording and the chance of a hard negative per pair.
+    ``schedule_steps``: length of the learning-rate schedule in steps (default ``steps``); a run stopped early by
+    ``minutes`` is re-made exactly with ``steps`` = the steps it did and ``schedule_steps`` = its ``steps``.
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes (or both)")
@@ -318,12 +321,13 @@ def train_clip(
             elapsed = time.perf_counter() - start
             if (steps is not None and step >= steps) or (budget is not None and elapsed >= budget):
                 break
-            progress = step / steps if steps is not None else elapsed / budget
+            horizon = schedule_steps or steps
+            progress = step / horizon if horizon is not None else elapsed / budget
             for g in opt.param_groups:
                 g["lr"] = lr * lr_factor(progress, warmup)
-            images, labels, captions, negatives, negative_labels = training_batch(
+            images, labels, texts, negatives, negative_labels = training_batch(
                 gen, sampler, step, batch, seed, hard_negatives)
-            x, t, y = images_to_tensor(images), tokenizer(captions), torch.from_numpy(labels)
+            x, t, y = images_to_tensor(images), tokenizer(texts), torch.from_numpy(labels)
             img_f = F.normalize(model.encode_image(x), dim=-1)
             txt_f = F.normalize(model.encode_text(t), dim=-1)
             neg_f = F.normalize(model.encode_text(tokenizer(negatives)), dim=-1) if negatives else None
@@ -365,6 +369,7 @@ def train_clip(
             "batch": batch,
             "threads": torch.get_num_threads(),
             "steps": step,
+            "schedule_steps": schedule_steps or steps,
             "seconds": round(seconds, 1),
             "final_loss": final_loss,
             "heldout_accuracy": acc,

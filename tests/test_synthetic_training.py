@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from excelseg.batch import dataset_vocabulary
-from excelseg.cli import build_parser
 from excelseg.data import open_dataset
 from excelseg.synthetic import CLASSES, HELD_OUT_SEED, SceneGenerator, held_out_samples, synthetic_vocabulary
 from excelseg.synthetic.captions import CAPTION_STYLES, CaptionSampler
@@ -97,15 +96,3 @@ def test_synthetic_dataset_splits_match_the_held_out_scenes():
         open_dataset("synthetic", split="train_aug")
     vocab = dataset_vocabulary(val.class_names, val.kind)
     assert vocab == synthetic_vocabulary()
-
-
-def test_train_command_accepts_the_synthetic_dataset_and_defaults_from_the_config():
-    ns = build_parser().parse_args(["train", "--config", "synthetic", "--out-dir", "o"])
-    assert ns.dataset is None and ns.root is None  # train.dataset of the config decides
-    from excelseg.config import load_config
-
-    assert load_config("synthetic").train.dataset == "synthetic" and load_config("voc").train.dataset == "voc"
-    assert build_parser().parse_args(["train", "--dataset", "synthetic", "--out-dir", "o"]).dataset == "synthetic"
-    ns = build_parser().parse_args(["train-clip", "--captions", "mixed", "--hard-negatives", "0.5",
-                                    "--image-size", "128", "--patch-size", "8"])
-    assert (ns.captions, ns.hard_negatives, ns.image_size, ns.patch_size) == ("mixed", 0.5, 128, 8)

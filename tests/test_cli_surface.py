@@ -149,3 +149,16 @@ def test_gpu_suite_smoke_on_cpu(tmp_path):
     rows = json.loads(out.read_text())["cam"]
     assert {(r["batch"], r["precision"]) for r in rows} == {(1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16")}
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_train_command_accepts_the_synthetic_dataset_and_defaults_from_the_config():
+    ns = build_parser().parse_args(["train", "--config", "synthetic", "--out-dir", "o"])
+    assert ns.dataset is None and ns.root is None  # train.dataset of the config decides
+    assert load_config("synthetic").train.dataset == "synthetic" and load_config("voc").train.dataset == "voc"
+    assert build_parser().parse_args(["train", "--dataset", "synthetic", "--out-dir", "o"]).dataset == "synthetic"
+    ns = build_parser().parse_args(["train-clip", "--captions", "mixed", "--hard-negatives", "0.5",
+                                    "--image-size", "128", "--patch-size", "8"])
+    assert (ns.captions, ns.hard_negatives, ns.image_size, ns.patch_size) == ("mixed", 0.5, 128, 8)
+    ns = build_parser().parse_args(["train-clip", "--init", "synthetic", "--steps", "5", "--schedule-steps", "9"])
+    assert (ns.init, ns.steps, ns.schedule_steps) == ("synthetic", 5, 9)
+    assert main(["train-clip", "--steps", "5", "--schedule-steps", "4"]) == 2  # a schedule shorter than the run

@@ -18,6 +18,7 @@ from excelseg.synthetic.clip_train import (
     build_model,
     contrastive_loss,
     images_to_tensor,
+    load_init,
     tokenizer_for,
     train_clip,
 )
@@ -99,6 +100,23 @@ def test_train_clip_is_deterministic_and_changes_parameters():
     other = _params(train_clip(None, minutes=None, steps=2, batch=6, seed=4, threads=None, eval_scenes=0,
                                config=TINY)["model"])
     assert any(not torch.equal(a[k], other[k]) for k in a)
+
+
+def test_schedule_steps_stop_early_on_a_longer_schedule_and_init_continues(tmp_path):
+    """--steps M --schedule-steps N: the learning rates of the first M steps of an N-step run (what re-makes a
+    run that --minutes stopped); --init continues from saved weights and records where they came from."""
+    full = train_clip(None, minutes=None, steps=4, batch=4, seed=1, threads=None, eval_scenes=0, config=TINY,
+                      log_every=1, captions="mixed", hard_negatives=0.5)
+    part = train_clip(tmp_path / "part.safetensors", minutes=None, steps=2, schedule_steps=4, batch=4, seed=1,
+                      threads=None, eval_scenes=0, config=TINY, log_every=1, captions="mixed", hard_negatives=0.5)
+    assert [h["lr"] for h in part["history"]] == [h["lr"] for h in full["history"][:2]]
+    assert [h["loss"] for h in part["history"]] == [h["loss"] for h in full["history"][:2]]
+    assert part["schedule_steps"] == 4 and part["captions"] == "mixed"
+    model, config, record = load_init(tmp_path / "part.safetensors")
+    assert config == TINY and record["sha256"] == part["sha256"] and record["steps"] == 2
+    more = train_clip(None, minutes=None, steps=1, batch=4, seed=2, threads=None, eval_scenes=0, config=config,
+                      model=model, init=record)
+    assert more["init"]["sha256"] == part["sha256"]
 
 
 def test_saved_file_loads_through_load_clip(tmp_path):

@@ -111,6 +111,7 @@ class TrainConfig:
     Iteration counts are 0-based ``n_iter`` values as in the reference (``n_iter >= lvc_switch_iter`` uses LVC).
     """
 
+    dataset: str = "voc"  # dataset kind when `train` gets no --dataset (synthetic: generated scenes, no --root)
     train_split: str = "train_aug"  # VOC train_aug (10,582), COCO train
     val_split: str = "val"  # in-training validation split (COCO: val_part)
     iterations: int = 30000  # optimizer steps (COCO 100,000)

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .images import WHITE, check_layout, exif_swaps_sides, pil_to_rgb, to_rgb_array
 from .outputs import IGNORE_INDEX, VOC_PALETTE
 
-__all__ = ["heatmap", "jet_colormap", "overlay", "overlay_sheet"]
+__all__ = ["comparison_sheet", "heatmap", "jet_colormap", "outlined_labels", "overlay", "overlay_sheet"]
 
 
 @lru_cache(maxsize=16)
@@ -315,3 +315,74 @@ def overlay_sheet(
         y, x = r * (cell_h + gap), c * (cell_w + gap)
         sheet[y : y + cell_h, x : x + cell_w] = _pad_to(panel, (cell_h, cell_w))
     return sheet
+
+
+def outlined_labels(image_rgb: np.ndarray, label: np.ndarray, palette: np.ndarray, alpha: float = 0.45,
+                    background_index: int = 0) -> np.ndarray:
+    """Label regions over a **grey-scale** copy of the image: a translucent fill and a solid 1-pixel outline in
+    ``palette[id]``, so label colours can never be mistaken for the colours of the objects underneath.
+
+    Args:
+        image_rgb: ``(H, W, 3)`` uint8; label: ``(H, W)`` integer ids (``background_index`` and 255 untinted).
+        palette: ``(K, 3)`` uint8, row = label id.
+    Returns:
+        ``(H, W, 3)`` uint8.
+    """
+    img = to_rgb_array(image_rgb)
+    lab = _check_label(label, img.shape[:2]).astype(np.int64)
+    grey = np.rint(img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+    out = np.repeat(grey[:, :, None], 3, axis=2)
+    tinted = (lab != background_index) & (lab != IGNORE_INDEX) & (lab >= 0) & (lab < len(palette))
+    if tinted.any():
+        out[tinted] = _blend(out[tinted], palette[lab[tinted]], alpha)
+        padded = np.pad(lab, 1, mode="edge")
+        edge = np.zeros_like(tinted)
+        for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):  # a 4-neighbour holds another id
+            edge |= padded[dy:dy + lab.shape[0], dx:dx + lab.shape[1]] != lab
+        edge &= tinted
+        out[edge] = palette[lab[edge]]
+    return out
+
+
+def comparison_sheet(rows: Sequence[tuple[np.ndarray, Sequence[np.ndarray]]], column_titles: Sequence[str],
+                     names: Sequence[str], palette: np.ndarray, scale: int = 3, gap: int = 4) -> np.ndarray:
+    """Scenes side by side: per row the image, then each label map as :func:`outlined_labels`; one title strip
+    on top (``column_titles``: the image's, then one per label map) and one legend strip at the bottom listing
+    every id shown (swatch = its palette colour, text = ``names[id]``).
+
+    Args:
+        rows: ``(image (H, W, 3) uint8, [label (H, W) ints, ...])`` per scene, same sizes throughout.
+        palette: ``(K, 3)`` uint8 colours by id; scale: nearest-neighbour enlargement of every panel.
+    Returns:
+        ``(height, width, 3)`` uint8 on white.
+    """
+    if not rows:
+        raise ValueError("comparison_sheet needs at least one row")
+    panels_per_row = 1 + len(rows[0][1])
+    if len(column_titles) != panels_per_row:
+        raise ValueError(f"{panels_per_row} columns but {len(column_titles)} titles")
+    shown: set[int] = set()
+    grid = []
+    for image, labels in rows:
+        img = to_rgb_array(image)
+        panels = [img] + [outlined_labels(img, lab, palette) for lab in labels]
+        for lab in labels:
+            shown.update(int(v) for v in np.unique(lab) if 0 < v < len(palette))
+        big = [np.repeat(np.repeat(p, scale, axis=0), scale, axis=1) for p in panels]
+        grid.append(big)
+    cell_h, cell_w = grid[0][0].shape[:2]
+    width = panels_per_row * cell_w + (panels_per_row - 1) * gap
+    font = _font(_font_size(width))  # one size for every title, readable at the sheet's width
+    pad = max(3, _text_size(font, "Ag")[1] // 3)
+    strip = Image.new("RGB", (width, _text_size(font, "Ag")[1] + 2 * pad), WHITE)
+    draw = ImageDraw.Draw(strip)
+    for c, title in enumerate(column_titles):
+        draw.text((c * (cell_w + gap) + pad, pad), str(title), fill=(0, 0, 0), font=font)
+    titles = np.array(strip)
+    body = np.full((len(grid) * cell_h + (len(grid) - 1) * gap, width, 3), 255, np.uint8)
+    for r, big in enumerate(grid):
+        for c, panel in enumerate(big):
+            y, x = r * (cell_h + gap), c * (cell_w + gap)
+            body[y:y + cell_h, x:x + cell_w] = panel
+    legend = _legend_strip(width, [(tuple(int(v) for v in palette[i]), str(names[i])) for i in sorted(shown)])
+    return np.concatenate([titles, body, legend], axis=0)

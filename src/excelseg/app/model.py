@@ -242,7 +242,7 @@ class AppModel:
             if self._synthetic_bank is None:
                 from ..synthetic import synthetic_bank
 
-                self._synthetic_bank = synthetic_bank(self.clip, self.config.text.template)
+                self._synthetic_bank = synthetic_bank(self.clip, template=self.config.text.template)
             kw["bank"] = self._synthetic_bank
         elif knowledge is not None:
             kw["knowledge"] = knowledge

@@ -215,11 +215,12 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1, checkp
 
 
 def add_dataset_args(p: argparse.ArgumentParser, purpose: str, *, workers_help: str = "processes reading files",
-                     allow_missing: bool = False) -> argparse._ArgumentGroup:
+                     allow_missing: bool = False, extra_kinds: tuple[str, ...] = (), default_kind: str | None = "voc",
+                     kind_help: str = "dataset kind (default voc)") -> argparse._ArgumentGroup:
     """``--dataset --root --index --split --workers`` (default split: :func:`default_split`); with
-    ``allow_missing`` also ``--allow-missing`` (scoring commands)."""
+    ``allow_missing`` also ``--allow-missing`` (scoring commands); ``extra_kinds``: more ``--dataset`` choices."""
     g = p.add_argument_group("dataset")
-    g.add_argument("--dataset", choices=DATASET_KINDS, default="voc", help="dataset kind (default voc)")
+    g.add_argument("--dataset", choices=DATASET_KINDS + tuple(extra_kinds), default=default_kind, help=kind_help)
     g.add_argument("--root", default=None,
                    help="dataset root as given to 'excelseg prepare' (finds <ROOT>/excelseg_index.json)")
     g.add_argument("--index", default=None, help="index JSON written by 'excelseg prepare' (instead of --root)")

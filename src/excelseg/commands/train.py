@@ -18,11 +18,14 @@ from .common import (
     write_resolved_config,
 )
 
+SYNTHETIC = "synthetic"  # = excelseg.data.SYNTHETIC, not imported here: commands load at CLI start, data needs torch
+
 EXAMPLES = """examples:
   excelseg train --config voc --root ~/data/VOCdevkit --bank voc_bank.pth --out-dir runs/voc
   excelseg train --config coco --dataset coco --root ~/data/coco --bank coco_bank.pth --out-dir runs/coco
   excelseg train --config voc --root ~/data/VOCdevkit --out-dir runs/voc --resume       # continue a run
   excelseg train --config voc --root ~/data/VOCdevkit --out-dir runs/small train.accumulation=2 train.amp=fp16
+  excelseg train --config synthetic --out-dir runs/synthetic      # offline: generated scenes, shipped synthetic CLIP
   torchrun --nproc-per-node 2 -m excelseg.cli train --config voc --root ~/data/VOCdevkit --out-dir runs/ddp
 
 Settings are the 'train' section of the config (train.iterations, train.batch_size, train.lr, train.val_every,
@@ -36,14 +39,17 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train the LVC adapter and decoder from image-level labels",
                        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--clip", default=None, help="CLIP weights (as for 'excelseg cam'; default ViT-B-16 OpenAI)")
+    g.add_argument("--clip", default=None, help="CLIP weights (as for 'excelseg cam'; default ViT-B-16 OpenAI, "
+                                               "synthetic for --dataset synthetic)")
     g.add_argument("--bank", default=None, help="TSE attribute bank (.pth reference format, .safetensors, .npz)")
     g.add_argument("--knowledge", default=None, help="knowledge base instead of a bank (voc, coco or a JSON file)")
     g.add_argument("--clusters", type=clusters_arg, default=None, help="attribute clusters B for --knowledge (N or auto)")
     g.add_argument("--config", default=None, metavar="NAME|YAML",
                    help="settings: voc (default), coco, synthetic or a YAML file; section.key=value overrides")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default; torchrun: cuda:LOCAL_RANK)")
-    add_dataset_args(p, "train", workers_help="DataLoader worker processes")
+    add_dataset_args(p, "train", workers_help="DataLoader worker processes", extra_kinds=(SYNTHETIC,),
+                     default_kind=None, kind_help="dataset kind (default train.dataset: voc; synthetic in "
+                                                  "--config synthetic: generated scenes, no --root needed)")
     p.add_argument("--val-split", default=None,
                    help="in-training validation split (default train.val_split; 'none' = no validation)")
     add_out_dir(p, None, "run folder: checkpoints, latest.json, train.log, tb/")
@@ -80,31 +86,39 @@ def run(args: argparse.Namespace) -> int:
     dist = DistInfo.from_env()
     if dist.main:
         check_writable(out_dir)
-    if args.root is None and args.index is None:
+    kind = args.dataset or t.dataset
+    if kind != SYNTHETIC and args.root is None and args.index is None:
         raise CliError("give --root (the prepared dataset) or --index")
     try:
-        train_ds = open_dataset(args.dataset, root=args.root, split=args.split or t.train_split, index=args.index,
+        train_ds = open_dataset(kind, root=args.root, split=args.split or t.train_split, index=args.index,
                                 with_mask=False)
         val_split = args.val_split or t.val_split
         val_ds = None
         if val_split != "none" and t.val_every > 0:
-            val_ds = open_dataset(args.dataset, root=args.root, split=val_split, index=args.index)
+            val_ds = open_dataset(kind, root=args.root, split=val_split, index=args.index)
     except (ValueError, FileNotFoundError, ConfigError) as exc:
         raise CliError(str(exc)) from None
     device = resolve_device(device_for_rank(args.device))
     init_distributed(dist, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    clip = load_clip(args.clip, device=device)
+    # generated scenes go with the CLIP trained on them unless --clip says otherwise
+    clip = load_clip(args.clip if args.clip is not None or kind != SYNTHETIC else SYNTHETIC, device=device)
     cfg = config_from_args(args, clip, pairs)
     vocab = dataset_vocabulary(train_ds.class_names, train_ds.kind)
-    predictor = CamPredictor(clip, vocabulary=vocab, bank=args.bank, knowledge=args.knowledge,
+    bank = args.bank
+    if kind == SYNTHETIC and bank is None and args.knowledge is None:  # TSE from the scenes' own knowledge base
+        from ..synthetic.knowledge import synthetic_bank
+
+        bank = synthetic_bank(clip, template=cfg.text.template)
+    predictor = CamPredictor(clip, vocabulary=vocab, bank=bank, knowledge=args.knowledge,
                              clusters=args.clusters, config=cfg, device=device)
     from ..model import ExcelModel
 
     model = ExcelModel(clip.model.visual, predictor.text_features(vocab), len(vocab.names), cfg)
     meta = {"clip": clip.identity, "dataset": train_ds.kind, "class_names": list(train_ds.class_names),
-            "bank": str(args.bank) if args.bank else None, "knowledge": args.knowledge}
+            "bank": str(args.bank) if args.bank else ("synthetic knowledge" if bank is not None else None),
+            "knowledge": args.knowledge}
     try:
         trainer = Trainer(model, cfg, train_ds, out_dir, val_ds=val_ds, device=device, workers=args.workers,
                           dist=dist, metadata=meta, progress=False if args.no_progress else None)

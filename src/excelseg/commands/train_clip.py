@@ -8,6 +8,7 @@ so `--clip PATH` loads it. The weights shipped with excelseg (`--clip synthetic`
 from __future__ import annotations
 
 import argparse
+import copy
 import shlex
 import sys
 from pathlib import Path
@@ -30,7 +31,11 @@ def register(sub) -> None:
     p.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)  # deprecated: always synthetic
     p.add_argument("--out", default="synthetic_clip.safetensors", help="output .safetensors file")
     p.add_argument("--minutes", type=float, default=25.0, help="wall-clock limit in minutes (default 25)")
-    p.add_argument("--steps", type=int, default=None, help="number of steps (default: until --minutes)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="number of steps (default: until --minutes; --minutes, default 25, still applies)")
+    p.add_argument("--schedule-steps", type=int, default=None, metavar="N",
+                   help="learning-rate schedule length in steps (default --steps); with --steps M < N the run "
+                        "stops after M steps of an N-step schedule (re-makes a run that --minutes stopped early)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=64,
                    help="scene/caption pairs per step (default 64)")
     p.add_argument("--batch", dest="batch_size", type=int, action=DeprecatedAlias, new="--batch-size",
@@ -42,12 +47,26 @@ def register(sub) -> None:
     p.add_argument("--log-every", type=int, default=10, help="log the loss every N steps (default 10)")
     p.add_argument("--eval-every", type=int, default=100,
                    help="held-out zero-shot accuracy every N steps (default 100; 0: only at the end)")
+    p.add_argument("--captions", choices=("full", "mixed"), default="full",
+                   help="caption wording: full (every attribute, the default) or mixed (also bare class names, "
+                        "counts, spatial relations, single attributes)")
+    p.add_argument("--hard-negatives", type=float, default=0.0, metavar="P",
+                   help="chance per pair of an extra negative caption with one object swapped for a class "
+                        "sharing its colour or shape (default 0)")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="continue from these weights (a train-clip file, or 'synthetic'); its architecture, "
+                        "sha256 and training record are kept in the output json")
+    g = p.add_argument_group("image tower (default: the shipped architecture; not with --init)")
+    g.add_argument("--image-size", type=int, default=None, help="input side in pixels")
+    g.add_argument("--patch-size", type=int, default=None, help="ViT patch side in pixels")
+    g.add_argument("--width", type=int, default=None, help="ViT width (a multiple of 64)")
+    g.add_argument("--layers", type=int, default=None, help="ViT blocks")
     p.add_argument("--fp32", action="store_true", help="store fp32 instead of fp16 (twice the size)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..synthetic.clip_train import train_clip
+    from ..synthetic.clip_train import SYNTHETIC_CLIP_CONFIG, load_init, train_clip
 
     if args.steps is not None and args.steps < 1:
         raise CliError(f"--steps must be >= 1, got {args.steps}")
@@ -60,10 +79,35 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise CliError(f"--out must end in .safetensors, got {out}")
+    if args.schedule_steps is not None and args.schedule_steps < (args.steps or 1):
+        raise CliError(f"--schedule-steps must be >= --steps, got {args.schedule_steps}")
+    if not 0.0 <= args.hard_negatives <= 1.0:
+        raise CliError(f"--hard-negatives must be in [0, 1], got {args.hard_negatives}")
+    config = copy.deepcopy(SYNTHETIC_CLIP_CONFIG)
+    vision = config["vision_cfg"]
+    for key in ("image_size", "patch_size", "width", "layers"):
+        value = getattr(args, key)
+        if value is not None:
+            if value < 1:
+                raise CliError(f"--{key.replace('_', '-')} must be positive, got {value}")
+            vision[key] = value
+    if vision["image_size"] % vision["patch_size"] or vision["width"] % vision["head_width"]:
+        raise CliError(f"--image-size must be a multiple of --patch-size and --width of {vision['head_width']}, "
+                       f"got {vision['image_size']}, {vision['patch_size']}, {vision['width']}")
+    model, init = None, None
+    if args.init is not None:
+        if any(getattr(args, k) is not None for k in ("image_size", "patch_size", "width", "layers")):
+            raise CliError("--init keeps the architecture of its weights: drop --image-size/--patch-size/--width/--layers")
+        try:
+            model, config, init = load_init(args.init)
+        except (FileNotFoundError, ValueError) as exc:
+            raise CliError(str(exc)) from None
     command = "excelseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     rec = train_clip(out, minutes=args.minutes, steps=args.steps, batch=args.batch_size, seed=args.seed,
                      threads=args.threads, log_every=args.log_every, eval_every=args.eval_every, lr=args.lr,
-                     log_file=out.with_suffix(".log"), command=command, fp16=not args.fp32)
+                     log_file=out.with_suffix(".log"), command=command, fp16=not args.fp32, config=config,
+                     captions=args.captions, hard_negatives=args.hard_negatives, model=model, init=init,
+                     schedule_steps=args.schedule_steps)
     print(f"wrote {out} and {out.with_suffix('.json')}: {rec['steps']} steps, {rec['seconds']:.0f}s, "
           f"loss {rec['final_loss']:.4f}, held-out zero-shot accuracy {rec['heldout_accuracy']}")
     return 0

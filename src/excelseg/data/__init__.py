@@ -9,6 +9,8 @@
     train = open_dataset("voc", "~/data/VOCdevkit", split="train_aug",
                          transform=TrainAugmentation(rng=np.random.default_rng(0)))
 
+Generated scenes need no ``prepare``: ``open_dataset("synthetic", split="train")`` (:mod:`excelseg.data.synthetic`).
+
 Library equivalents of ``prepare``: :func:`build_voc_index`, :func:`build_coco_index`, :func:`build_folder_index`
 (each returns a :class:`PrepareResult`; :func:`save_index` writes it). Own images without ``prepare``: ``FolderDataset("photos/", "labels.csv", masks_dir=None, classes=None)``.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "DATASET_KINDS",
     "DEFAULT_INDEX_NAME",
     "DEFAULT_SPLITS",
+    "SYNTHETIC",
     "DatasetUnusableError",
     "FolderDataset",
     "PrepareResult",
@@ -52,6 +55,7 @@ __all__ = [
 
 DATASET_KINDS = ("voc", "coco", "folder")
 DEFAULT_SPLITS = {"voc": "val", "coco": "val", "folder": "all"}
+SYNTHETIC = "synthetic"  # generated scenes (excelseg.data.synthetic): no root, no index
 
 
 def default_index_path(kind: str, root: str | os.PathLike[str]) -> Path:
@@ -71,17 +75,22 @@ def open_dataset(
     transform: Callable[[Sample], Sample] | None = None,
     with_mask: bool = True,
 ) -> SegDataset:
-    """A :class:`SegDataset` of a prepared dataset.
+    """A :class:`SegDataset` of a prepared dataset (or, for ``"synthetic"``, a
+    :class:`~excelseg.data.synthetic.SyntheticDataset` of generated scenes; ``root`` and ``index`` unused).
 
     Args:
-        kind: ``"voc"``, ``"coco"`` or ``"folder"``.
+        kind: ``"voc"``, ``"coco"``, ``"folder"`` or ``"synthetic"``.
         root: dataset root (VOC: ``VOC2012``, ``VOCdevkit`` or its parent; folder: the images folder); it
             overrides the root recorded in the index (the data moved). Needed unless ``index`` is given.
         split: default ``val`` (VOC, COCO) or ``all`` (folder).
         index: index JSON (default: the one ``excelseg prepare`` writes under ``root``).
     """
+    if kind == SYNTHETIC:
+        from .synthetic import SyntheticDataset
+
+        return SyntheticDataset(split or "val", transform=transform, with_mask=with_mask)  # type: ignore[return-value]
     if kind not in DATASET_KINDS:
-        raise ValueError(f"unknown dataset kind {kind!r}: use {', '.join(DATASET_KINDS)}")
+        raise ValueError(f"unknown dataset kind {kind!r}: use {', '.join(DATASET_KINDS)} or {SYNTHETIC}")
     if index is None and root is None:
         raise ValueError("give the dataset root or its index file")
     data_root = None

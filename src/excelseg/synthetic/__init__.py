@@ -4,8 +4,10 @@ seed metrics — the offline, end-to-end quality loop of excelseg (no real weigh
 ``scenes``      classes from shared attributes, :class:`SceneGenerator` (images, masks, labels, captions)
 ``knowledge``   the classes' knowledge base (from the tables in ``sentences.json``) and its TSE bank
 ``dataset``     scenes written to disk (``python -m excelseg.synthetic OUT N``) and held-out evaluation samples
+``captions``    caption variety and hard negatives for ``train-clip``
 ``clip_train``  ``excelseg train-clip``: the small CLIP shipped as ``--clip synthetic`` (imported on demand)
-``seeds``       CAM-seed mIoU of a predictor on scenes (imported on demand: it needs torch)
+``seeds``       CAM-seed, pseudo-label and segmenter mIoU on scenes (imported on demand: it needs torch)
+``trained``     the heads trained on scenes by ``excelseg train --config synthetic`` and shipped (on demand)
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from ..config import IMAGENET_MEAN, IMAGENET_STD
 from ..preprocess import normalize_pixels
 from ..weights import file_sha256
 from ..weights.build import clip_tokenizer
+from .captions import CaptionSampler
 from .scenes import CLASS_NAMES, SceneGenerator
 
 __all__ = [
@@ -70,6 +71,7 @@ HELDOUT_SEED = 987_654_321  # generator seed of the held-out scenes; training se
 EVAL_SCENES = 200
 EVAL_PROMPT = "a photo of a {}"
 LOGIT_SCALE_MAX = math.log(100.0)
+_MASKED_LOGIT = -1.0e4  # a logit that takes no share of the softmax (−inf would make 0·log 0 = nan in the loss)
 
 
 def build_model(config: dict[str, Any] | None = None, seed: int = 0) -> CLIP:
@@ -91,8 +93,18 @@ def images_to_tensor(images: np.ndarray) -> Tensor:
 
 
 def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-                     labels: Tensor | None = None) -> Tensor:
-    """Symmetric InfoNCE on L2-normalised features; with multi-hot ``labels``, same-label-set pairs are positives."""
+                     labels: Tensor | None = None, negative_features: Tensor | None = None,
+                     negative_labels: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE on L2-normalised features; with multi-hot ``labels``, same-label-set pairs are positives.
+
+    Args:
+        image_features, text_features: (N, D) L2-normalised, row i of each from the same pair.
+        logit_scale: 0-d, the exp of the learnt log scale.
+        labels: (N, C) multi-hot classes of the pairs (``None``: only the diagonal is positive).
+        negative_features: (M, D) L2-normalised extra captions (hard negatives) that only the image-to-text
+            direction sees, as extra columns; ``negative_labels`` (M, C): their class sets — a column whose set
+            equals an image's own set is masked out for that image instead of counting as a negative.
+    """
     logits = logit_scale * image_features @ text_features.t()
     n = logits.shape[0]
     if labels is None:
@@ -100,7 +112,15 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     else:
         target = (labels[:, None, :] == labels[None, :, :]).all(-1).float()
     target = target / target.sum(1, keepdim=True)  # symmetric, so the column targets are its transpose
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    image_logits = logits
+    if negative_features is not None and len(negative_features):
+        extra = logit_scale * image_features @ negative_features.t()
+        if labels is not None and negative_labels is not None:
+            same = (labels[:, None, :] == negative_labels[None, :, :]).all(-1)
+            extra = extra.masked_fill(same, _MASKED_LOGIT)
+        image_logits = torch.cat([logits, extra], dim=1)
+        target = torch.cat([target, target.new_zeros(n, len(negative_features))], dim=1)
+    return 0.5 * (F.cross_entropy(image_logits, target) + F.cross_entropy(logits.t(), target[:, :n]))
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -172,6 +192,62 @@ def save_weights(model: nn.Module, out: str | Path, config: dict[str, Any], reco
     return info
 
 
+def training_batch(gen: SceneGenerator, sampler: CaptionSampler, step: int, batch: int, seed: int,
+                   hard_negatives: float) -> tuple[np.ndarray, np.ndarray, list[str], list[str], np.ndarray]:
+    """The pairs of one step: scenes ``step·batch …`` of ``gen``, captions worded by ``sampler``.
+
+    Returns images (N, H, W, 3) uint8, multi-hot labels (N, C) float32, N captions, the hard-negative captions
+    (each pair gets one with probability ``hard_negatives``) and their multi-hot labels (M, C). Wording and
+    negatives draw from ``default_rng([seed, step, 1])``, apart from the scenes' own random streams.
+    """
+    rng = np.random.default_rng([seed, step, 1])
+    images = np.empty((batch, gen.size, gen.size, 3), dtype=np.uint8)
+    labels = np.zeros((batch, gen.num_classes), dtype=np.float32)
+    captions, negatives, negative_labels = [], [], []
+    for i in range(batch):
+        scene = gen.scene(step * batch + i)
+        images[i] = scene.image
+        labels[i, list(scene.labels)] = 1.0
+        caption, style = sampler.caption(scene, rng)
+        captions.append(caption)
+        if hard_negatives > 0 and rng.random() < hard_negatives:
+            text, lab = sampler.hard_negative(scene, style, rng)
+            negatives.append(text)
+            negative_labels.append(lab)
+    neg = np.stack(negative_labels) if negative_labels else np.zeros((0, gen.num_classes), dtype=np.float32)
+    return images, labels, captions, negatives, neg
+
+
+def load_init(spec: str | Path) -> tuple[CLIP, dict[str, Any], dict[str, Any]]:
+    """Weights to continue training from (``train-clip --init``): a file written by :func:`save_weights` or the
+    shipped name ``"synthetic"``. Returns the trainable fp32 model, its open_clip config and a record of where
+    it came from (file name, sha256, and the steps and command of its own training when its json is next to it).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..weights import NAMED_WEIGHTS
+
+    path = Path(spec)
+    if not path.is_file() and str(spec).lower() in NAMED_WEIGHTS:
+        path = Path(__file__).resolve().parents[1] / NAMED_WEIGHTS[str(spec).lower()]
+    if not path.is_file():
+        raise FileNotFoundError(f"--init weights not found: {spec}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "open_clip_config" not in meta:
+        raise ValueError(f"{path} was not written by train-clip (no open_clip_config in its metadata)")
+    config = json.loads(meta["open_clip_config"])["model_cfg"]
+    model = build_model(config)
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=True)
+    record: dict[str, Any] = {"file": path.name, "sha256": file_sha256(path)}
+    sibling = path.with_suffix(".json")
+    if sibling.is_file():
+        info = json.loads(sibling.read_text(encoding="utf-8"))
+        record.update({k: info[k] for k in ("steps", "seconds", "command", "seed", "init") if k in info})
+    return model, config, record
+
+
 def _log(stream: TextIO | None, text: str) -> None:
     print(text, flush=True)
     if stream is not None:
@@ -198,12 +274,20 @@ def train_clip(
     command: str | None = None,
     fp16: bool = True,
     model: CLIP | None = None,
+    captions: str = "full",
+    hard_negatives: float = 0.0,
+    init: dict[str, Any] | None = None,
+    schedule_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train the synthetic CLIP; save it to ``out`` (unless ``None``); return the training record.
 
     The record holds ``steps``, ``seconds``, ``final_loss`` (mean of the last ``log_every`` steps),
     ``heldout_accuracy`` (final zero-shot accuracy; ``None`` with ``eval_scenes=0``) and the ``history`` of
-    logged points; ``model`` is the trained model (not saved in the json).
+    logged points; ``model`` is the trained model (not saved in the json). ``model`` given: continue from it
+    (``init``: where it came from, :func:`load_init`, recorded in the json). ``captions`` / ``hard_negatives``:
+    :class:`~excelseg.synthetic.captions.CaptionSampler` wording and the chance of a hard negative per pair.
+    ``schedule_steps``: length of the learning-rate schedule in steps (default ``steps``); a run stopped early by
+    ``minutes`` is re-made exactly with ``steps`` = the steps it did and ``schedule_steps`` = its ``steps``.
     """
     if steps is None and minutes is None:
         raise ValueError("give steps or minutes (or both)")
@@ -217,6 +301,7 @@ def train_clip(
     model.train()
     tokenizer = tokenizer_for(cfg)
     gen = SceneGenerator(size, seed=seed)
+    sampler = CaptionSampler(captions)
     held = HeldOut(size, eval_scenes) if eval_scenes else None
     opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     budget = minutes * 60.0 if minutes is not None else None
@@ -229,20 +314,25 @@ def train_clip(
     start = time.perf_counter()
     step = 0
     try:
-        _log(log, f"train-clip: seed {seed}, batch {batch}, steps {steps}, minutes {minutes}, "
+        _log(log, f"train-clip: seed {seed}, batch {batch}, steps {steps}, minutes {minutes}, captions {captions}, "
+                  f"hard negatives {hard_negatives}, "
                   f"threads {torch.get_num_threads()}, config {json.dumps(cfg)}")
         while True:
             elapsed = time.perf_counter() - start
             if (steps is not None and step >= steps) or (budget is not None and elapsed >= budget):
                 break
-            progress = step / steps if steps is not None else elapsed / budget
+            horizon = schedule_steps or steps
+            progress = step / horizon if horizon is not None else elapsed / budget
             for g in opt.param_groups:
                 g["lr"] = lr * lr_factor(progress, warmup)
-            images, _, labels, captions = gen.batch(step * batch, batch)
-            x, t, y = images_to_tensor(images), tokenizer(captions), torch.from_numpy(labels)
+            images, labels, texts, negatives, negative_labels = training_batch(
+                gen, sampler, step, batch, seed, hard_negatives)
+            x, t, y = images_to_tensor(images), tokenizer(texts), torch.from_numpy(labels)
             img_f = F.normalize(model.encode_image(x), dim=-1)
             txt_f = F.normalize(model.encode_text(t), dim=-1)
-            loss = contrastive_loss(img_f, txt_f, model.logit_scale.exp(), y)
+            neg_f = F.normalize(model.encode_text(tokenizer(negatives)), dim=-1) if negatives else None
+            loss = contrastive_loss(img_f, txt_f, model.logit_scale.exp(), y, neg_f,
+                                    torch.from_numpy(negative_labels) if negatives else None)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -279,6 +369,7 @@ def train_clip(
             "batch": batch,
             "threads": torch.get_num_threads(),
             "steps": step,
+            "schedule_steps": schedule_steps or steps,
             "seconds": round(seconds, 1),
             "final_loss": final_loss,
             "heldout_accuracy": acc,
@@ -286,6 +377,9 @@ def train_clip(
             "lr": lr,
             "weight_decay": weight_decay,
             "warmup": warmup,
+            "captions": captions,
+            "hard_negatives": hard_negatives,
+            "init": init,
             "torch": torch.__version__,
             "open_clip": open_clip.__version__,
             "history": history,

@@ -9,7 +9,7 @@ from importlib import resources
 from typing import Any
 
 from ..knowledge import KNOWLEDGE_FORMAT
-from .scenes import _PATTERN_ADJECTIVE, CLASSES, ClassSpec, _check_classes, caption_phrase
+from .scenes import CLASSES, PATTERN_ADJECTIVE, ClassSpec, _check_classes, caption_phrase
 
 
 @lru_cache(maxsize=1)
@@ -28,7 +28,7 @@ def _class_sentences(spec: ClassSpec) -> list[str]:
         + s["size"][spec.size]
         + s["shared"]
         + [caption_phrase(spec),
-           f"a {_PATTERN_ADJECTIVE[spec.pattern]} {spec.colour} shape in the form of a {spec.shape}"]
+           f"a {PATTERN_ADJECTIVE[spec.pattern]} {spec.colour} shape in the form of a {spec.shape}"]
     )
     assert len(sentences) == 20 and len(set(sentences)) == 20
     return sentences
@@ -48,15 +48,15 @@ def knowledge_base(classes: Sequence[ClassSpec] = CLASSES) -> dict[str, Any]:
     }
 
 
-SYNTHETIC_CLUSTERS = 48  # TSE attributes for the 16 synthetic classes (3 per class; VOC's 112/20 ≈ 5.6)
+#: TSE attributes B for the 16 synthetic classes (3 per class; the paper's VOC B = 112 for 20 classes ≈ 5.6).
+SYNTHETIC_CLUSTERS = 48
 
 
-def synthetic_bank(clip: Any, template: str) -> Any:
-    """The TSE attribute bank of the synthetic knowledge base for ``clip`` (:data:`SYNTHETIC_CLUSTERS`
-    attributes, sentences prefixed with the prompt ``template``), built once and cached by
-    :func:`excelseg.bank.bank_for`. Used by ``excelseg demo --synthetic`` and ``excelseg app``."""
+def synthetic_bank(clip: Any, cache_dir: str | None = None, *, template: str = "a photo of a {}."):
+    """The TSE attribute bank (paper §3.1, Eq. 3–4) of :func:`knowledge_base` for ``clip`` with
+    :data:`SYNTHETIC_CLUSTERS` attributes; cached like every bank (``excelseg.bank.bank_for``)."""
     from ..bank import bank_for
     from ..knowledge import parse_knowledge
 
     return bank_for(clip, parse_knowledge(knowledge_base(), "synthetic knowledge"), SYNTHETIC_CLUSTERS,
-                    prefix=template, progress=False)
+                    prefix=template, cache_dir=cache_dir, progress=False)

@@ -57,6 +57,7 @@ __all__ = [
     "MIN_VISIBLE_FRACTION",
     "MIN_VISIBLE_IMAGE_FRACTION",
     "PATTERNS",
+    "PATTERN_ADJECTIVE",
     "SHAPES",
     "SIZES",
     "ClassSpec",
@@ -64,6 +65,8 @@ __all__ = [
     "Scene",
     "SceneGenerator",
     "caption_phrase",
+    "join_phrases",
+    "scene_caption",
     "shape_test",
 ]
 
@@ -226,7 +229,7 @@ _PATTERN_PHRASE = {
     "dots": "with dots",
     "checker": "with a checker pattern",
 }
-_PATTERN_ADJECTIVE = {"solid": "plain", "stripes": "striped", "dots": "dotted", "checker": "checkered"}
+PATTERN_ADJECTIVE = {"solid": "plain", "stripes": "striped", "dots": "dotted", "checker": "checkered"}
 _BACKGROUND_PHRASE = {
     "mottled": "a mottled background",
     "gradient": "a smooth gradient background",
@@ -241,7 +244,12 @@ def caption_phrase(spec: ClassSpec) -> str:
     return f"a {spec.size} {spec.colour} {spec.shape} {_PATTERN_PHRASE[spec.pattern]}"
 
 
-def _join(parts: Sequence[str]) -> str:
+def scene_caption(prefix: str, specs: Sequence[ClassSpec], background: str) -> str:
+    """The generator's caption: ``"a photo of a large red disc with stripes and ... on a mottled background"``."""
+    return f"{prefix} {join_phrases([caption_phrase(s) for s in specs])} on {_BACKGROUND_PHRASE[background]}"
+
+
+def join_phrases(parts: Sequence[str]) -> str:
     if len(parts) == 1:
         return parts[0]
     return ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -485,7 +493,7 @@ class SceneGenerator:
                 visible_pixels=int(np.count_nonzero(mine)), box=box,
             ))
         prefix = _CAPTION_PREFIXES[int(rng.integers(len(_CAPTION_PREFIXES)))]
-        caption = f"{prefix} {_join([caption_phrase(o['spec']) for o in placed])} on {_BACKGROUND_PHRASE[style]}"
+        caption = scene_caption(prefix, [o["spec"] for o in placed], style)
         return Scene(image=image, mask=mask, labels=labels, caption=caption, boxes=tuple(boxes),
                      objects=tuple(objects), background=style, index=index, seed=self.seed,
                      names=tuple(self.classes[c].name for c in labels))

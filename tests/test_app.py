@@ -22,7 +22,7 @@ from excelseg.outputs import read_cam_archive, read_label_png
 from excelseg.synthetic import SceneGenerator
 from excelseg.weights import load_clip
 
-SCENE = 4  # example-seed scene whose two classes the synthetic CLIP finds (1.6 % and 7.3 % of the pixels)
+SCENE = 30  # example-seed scene whose three classes the shipped synthetic CLIP finds (5.5, 6.5, 3.5 % of the pixels)
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +73,12 @@ def test_result_matches_the_scene_and_the_downloads(model, tmp_path):
     for e in r.legend:
         assert e.share == pytest.approx((label == e.label).mean())
     cams, ids = read_cam_archive(r.cams_npz)
-    assert cams.shape == (len(names), EXAMPLE_SIDE, EXAMPLE_SIDE) and ids.tolist() == [1, 2]
+    assert cams.shape == (len(names), EXAMPLE_SIDE, EXAMPLE_SIDE) and ids.tolist() == list(range(1, len(names) + 1))
     with np.load(r.cams_npz) as z:
         assert z["class_names"].tolist() == names
     assert r.overlay.dtype == np.uint8 and r.overlay.shape[1] == 768  # shown enlarged to the overlay side
     assert [c for _, c in r.heatmaps] == sorted(names, key=lambda n: -next(e.share for e in r.legend if e.name == n))
-    assert "data-count=\"2\"" in r.legend_html and all(f'data-class="{n}"' in r.legend_html for n in names)
+    assert f'data-count="{len(names)}"' in r.legend_html and all(f'data-class="{n}"' in r.legend_html for n in names)
 
 
 def test_changing_only_the_class_names_does_not_rerun_the_image_tower(model, tmp_path):
@@ -218,7 +218,7 @@ def test_a_huge_photo_is_reduced_while_it_is_read(model, tmp_path):
 
 
 def test_concurrent_callers_get_their_own_results(model, tmp_path):
-    scenes = [scene_file(tmp_path, index=i) for i in (0, 2, 4, 7)]
+    scenes = [scene_file(tmp_path, index=i) for i in (0, 2, 8, 7)]  # scenes whose classes are all found
     results: dict[int, object] = {}
 
     def ask(k: int) -> None:

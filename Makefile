@@ -15,12 +15,13 @@ $(VENV)/.installed-%: pyproject.toml
 	touch $@
 
 # Tests run in a shuffled order (pytest-randomly) with a fixed seed, so a failure reproduces: `make test SEED=7`.
-# They run in JOBS worker processes (pytest-xdist, one test file per worker at a time, torch threads split
-# between the workers by tests/conftest.py); `make test JOBS=0` runs them in this process.
+# They run in JOBS worker processes (pytest-xdist: tests are handed out one by one, except the modules marked
+# xdist_group, which stay on one worker; torch threads are split between the workers by tests/conftest.py);
+# `make test JOBS=0` runs them in this process.
 SEED ?= 20251129
 JOBS ?= auto
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest tests -q -p randomly --randomly-seed=$(SEED) -n $(JOBS) --maxprocesses 4 --dist loadfile
+	$(PY) -m pytest tests -q -p randomly --randomly-seed=$(SEED) -n $(JOBS) --maxprocesses 4 --dist loadgroup
 
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/excelseg demo

@@ -22,6 +22,9 @@ from excelseg.outputs import read_cam_archive, read_label_png
 from excelseg.synthetic import SceneGenerator
 from excelseg.weights import load_clip
 
+# under pytest-xdist (`make test`), the module's AppModel (and its cache) is built once, on one worker
+pytestmark = pytest.mark.xdist_group("app")
+
 SCENE = 30  # example-seed scene whose three classes the shipped synthetic CLIP finds (5.5, 6.5, 3.5 % of the pixels)
 
 

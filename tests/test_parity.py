@@ -26,6 +26,8 @@ from parity_kit import (
 )
 
 NAMES = image_names()
+# under pytest-xdist (`make test`), test_pseudo_label_metrics reuses the per-image passes: keep them on one worker
+pytestmark = pytest.mark.xdist_group("parity_free")
 
 
 @pytest.fixture(scope="module")

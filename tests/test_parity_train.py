@@ -37,6 +37,9 @@ FINAL_RULES = ((1e-6, 0.999), (1e-7, 0.99))
 BOUND_FACTOR = 2.02  # × Σ lr_heads (Adam's |m̂|/√v̂ ≤ 1.011 per step, two runs)
 SAMPLED_PAIRS = 2 * 17 * 17  # pairs one moved sampled pixel can change (both directions)
 
+# under pytest-xdist (`make test`), this module's tests share the two trajectories: keep them on one worker
+pytestmark = pytest.mark.xdist_group("parity_train")
+
 MEASURED: dict[str, float] = {}
 
 

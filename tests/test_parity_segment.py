@@ -74,24 +74,27 @@ def frac_differ(a: np.ndarray, b: np.ndarray) -> float:
     return float((a != b).mean())
 
 
-_SCALE_LOGITS: dict[str, list] = {}  # per image: Segmenter.scale_logits (shared by the tests of one image)
-
-
-def scale_logits(segmenter, name: str) -> list:
-    if name not in _SCALE_LOGITS:
-        _SCALE_LOGITS[name] = segmenter.scale_logits([rgb(name)])[0]
-    return _SCALE_LOGITS[name]
+def check_msc_pred(res, g: dict) -> None:
+    """``msc_pred`` (4 scales, flip except at 1.0, logits averaged at the image size) and ``seg_val`` (the
+    scale-1.0 logits alone) of one image's :class:`~excelseg.segmenter.SegResult`."""
+    assert res.label.shape == g["msc_pred"].shape and res.label.dtype == np.uint8
+    _note("msc_pred (pixel fraction)", frac_differ(res.label, g["msc_pred"]))
+    assert frac_differ(res.label, g["msc_pred"]) <= TOL_LABEL_FRAC
+    _note("seg_val via Segmenter (pixel fraction)", frac_differ(res.label_single_scale, g["seg_val"]))
+    assert frac_differ(res.label_single_scale, g["seg_val"]) <= TOL_LABEL_FRAC
 
 
 @pytest.mark.parametrize("name", DETAIL_IMAGES)
 def test_msc_logits(segmenter, name):
     """Raw decoder logits of [x, flip x] at the four msc input sizes (README §4.2 ``msc_logits_*``), through
-    the msc path the predictions use (flip not computed at scale 1.0: VOC quirk; that one is run here)."""
+    the msc path the predictions use (flip not computed at scale 1.0: VOC quirk; that one is run here), and this
+    image's ``msc_pred`` from the same forwards."""
     from excelseg.preprocess import network_input
 
     g = golden(name)
-    per_scale = scale_logits(segmenter, name)
+    per_scale = segmenter.scale_logits([rgb(name)])[0]
     assert [f is None for _, f in per_scale] == [True, False, False, False]
+    check_msc_pred(segmenter._finish(rgb(name), per_scale, False, True), g)
     x = network_input(rgb(name), (320, 320), "imagenet").flip(-1)
     per_scale = [(per_scale[0][0], segmenter.head_logits(x[None])[0]), *per_scale[1:]]
     for (plain, flipped), side in zip(per_scale, MSC):
@@ -120,19 +123,10 @@ def test_aggregation_of_golden_logits(name):
     assert float((logits_q - logits_e).abs().max()) > 100 * TOL_LOGITS  # the quirk is visible in the logits
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in DETAIL_IMAGES])
 def test_msc_pred(segmenter, name):
-    """``msc_pred`` of all 19 images (and ``seg_val`` = the scale-1.0 logits alone at the label size)."""
-    g = golden(name)
-    if name in _SCALE_LOGITS:  # a detail image whose forwards test_msc_logits already ran
-        res = segmenter._finish(rgb(name), _SCALE_LOGITS[name], False, True)
-    else:
-        res = segmenter.predict(rgb(name), single_scale=True)
-    assert res.label.shape == g["msc_pred"].shape and res.label.dtype == np.uint8
-    _note("msc_pred (pixel fraction)", frac_differ(res.label, g["msc_pred"]))
-    assert frac_differ(res.label, g["msc_pred"]) <= TOL_LABEL_FRAC
-    _note("seg_val via Segmenter (pixel fraction)", frac_differ(res.label_single_scale, g["seg_val"]))
-    assert frac_differ(res.label_single_scale, g["seg_val"]) <= TOL_LABEL_FRAC
+    """``msc_pred`` and ``seg_val`` of the other 17 images (the 2 detail images: :func:`test_msc_logits`)."""
+    check_msc_pred(segmenter.predict(rgb(name), single_scale=True), golden(name))
 
 
 def _oracle_labels(clip, ckpt, image: np.ndarray, size: int) -> np.ndarray:

@@ -268,13 +268,18 @@ def test_cli_segment_outputs_resume_and_odd_images(ckpt, weights, tmp_path, caps
     assert (out / "rgb.png").stat().st_mtime_ns == stamp
 
 
-def test_cli_segment_voc_test_submission(ckpt, weights, tmp_path, capsys):
+def segment_one_photo(ckpt, weights, tmp_path, file_name: str, out, *flags: str) -> int:
+    """``excelseg segment`` on a folder holding one 80×60 photo named ``file_name``."""
     photos = tmp_path / "p"
     photos.mkdir()
-    Image.fromarray(photo()).save(photos / "2008_000001.jpg")
+    Image.fromarray(photo()).save(photos / file_name)
+    return main(["segment", str(photos), "--checkpoint", str(ckpt), "--clip", str(weights), "--out-dir", str(out),
+                 "--device", "cpu", *flags])
+
+
+def test_cli_segment_voc_test_submission(ckpt, weights, tmp_path, capsys):
     out = tmp_path / "submit"
-    assert main(["segment", str(photos), "--checkpoint", str(ckpt), "--clip", str(weights), "--out-dir", str(out),
-                 "--voc-test-submission", "--device", "cpu"]) == 0
+    assert segment_one_photo(ckpt, weights, tmp_path, "2008_000001.jpg", out, "--voc-test-submission") == 0
     label = Image.open(out / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls" / "2008_000001.png")
     assert label.mode == "P" and label.size == (80, 60)
     assert not (out / "2008_000001.png").exists()
@@ -282,12 +287,8 @@ def test_cli_segment_voc_test_submission(ckpt, weights, tmp_path, capsys):
 
 def test_cli_segment_crf(ckpt, weights, tmp_path, capsys):
     pytest.importorskip("pydensecrf")
-    photos = tmp_path / "p"
-    photos.mkdir()
-    Image.fromarray(photo()).save(photos / "a.jpg")
     out = tmp_path / "crf"
-    assert main(["segment", str(photos), "--checkpoint", str(ckpt), "--clip", str(weights), "--out-dir", str(out),
-                 "--crf", "--device", "cpu"]) == 0
+    assert segment_one_photo(ckpt, weights, tmp_path, "a.jpg", out, "--crf") == 0
     assert Image.open(out / "a_crf.png").size == (80, 60) and Image.open(out / "a.png").size == (80, 60)
 
 

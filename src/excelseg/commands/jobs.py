@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -90,16 +90,14 @@ class ImageJob:
         self._waiting: deque[tuple[Any, Future]] = deque()
         self._start = time.perf_counter()
 
-    def inputs(self, items: Iterable[Any]) -> Iterator[Any]:
-        """``items`` (batches from a decoder or a DataLoader), produced one ahead when overlapping."""
+    def batches(self, todo: list, batch_size: int) -> Iterator[list]:
+        """Decoded batches ``[(path, stem, rgb)]`` of ``todo`` ``[(path, stem)]``, decoded one batch ahead when
+        overlapping; unreadable images are failures."""
         from ..batch import prefetch
 
-        return prefetch(items) if self.overlap else iter(items)
-
-    def batches(self, todo: list, batch_size: int) -> Iterator[list]:
-        """Decoded batches ``[(path, stem, rgb)]`` of ``todo`` ``[(path, stem)]``; unreadable images are failures."""
         failures: list = []
-        for batch, unreadable in self.inputs(decoded_batches(todo, batch_size, failures)):
+        decoded = decoded_batches(todo, batch_size, failures)
+        for batch, unreadable in (prefetch(decoded) if self.overlap else decoded):
             self.failures.extend(failures)
             failures.clear()
             self.bar.update(unreadable)

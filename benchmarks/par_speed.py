@@ -1,15 +1,16 @@
-"""PAR speed: the previous implementation vs ``excelseg.refine.par``, interleaved, on the kit's label sizes.
+"""PAR speed: the implementation before issue 13, the torch backend and the native (C) kernels, interleaved.
 
-    python benchmarks/par_speed.py [--rounds 5] [--threads 1] [--images 19]
+    python benchmarks/par_speed.py [--rounds 5] [--threads 1] [--images 19] [--backend native|auto|torch]
 
 For every VOC sample image (``shared/data/voc_sample``; with the parity goldens the masks are the real
 ``[background, classes]`` score maps built from ``refined_static`` at the ground-truth size, otherwise random maps
-with 3 channels at the same sizes) it runs the previous PAR (kept below, verbatim, for this comparison only) and the
-library's ``par`` on the same inputs. One warm-up pass over all images, then ``--rounds`` rounds; inside a round the
-two implementations alternate image by image, so a drift in machine speed hits both alike. Prints per round the
-summed time of each side and their ratio, then the median and the spread (min–max) of the per-round ratios, and
-checks the outputs: max |old − new| and the number of pixels whose argmax differs. Last line:
-``par speed-up: <median>``.
+with 3 channels at the same sizes) it runs the previous PAR (kept below, verbatim, for this comparison only),
+``excelseg.refine.par(backend="torch")`` and ``par(backend="native")`` on the same inputs. One warm-up pass over
+all images (which also builds the native kernels), then ``--rounds`` rounds; inside a round the three alternate
+image by image, so a drift in machine speed hits all alike. Prints per round each side's time per image and the
+ratios old/native and torch/native, then their median and spread (min–max) over the rounds, and checks the
+outputs against the native side: max |Δ| and the number of pixels whose argmax differs. Last line:
+``par speed-up: <median old/native>``.
 """
 
 from __future__ import annotations
@@ -120,36 +121,40 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--images", type=int, default=19)
+    ap.add_argument("--backend", default="native", choices=("native", "auto", "torch"),
+                    help="backend of the 'native' side (default: the C kernels, failing if they cannot be built)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     inputs = kit_inputs(args.images)
     sizes = sorted({(tuple(m.shape[-2:]), m.shape[1]) for _, _, m in inputs})
     print(f"{len(inputs)} images, (H, W) × channels: {sizes}; torch threads {torch.get_num_threads()}")
 
-    worst, flips = 0.0, 0
-    for _, x, m in inputs:  # warm-up and output check
-        a, b = old_par(x, m), par(x, m)
-        worst = max(worst, float((a - b).abs().max()))
-        flips += int((a.argmax(1) != b.argmax(1)).sum())
-    ratios = []
+    sides = {"old": old_par, "torch": lambda x, m: par(x, m, backend="torch"),
+             "native": lambda x, m: par(x, m, backend=args.backend)}
+    worst, flips = {"old": 0.0, "torch": 0.0}, {"old": 0, "torch": 0}
+    for _, x, m in inputs:  # warm-up (builds the native kernels) and output check against the native side
+        b = sides["native"](x, m)
+        for name in ("old", "torch"):
+            a = sides[name](x, m)
+            worst[name] = max(worst[name], float((a - b).abs().max()))
+            flips[name] += int((a.argmax(1) != b.argmax(1)).sum())
+    ratios: dict[str, list[float]] = {"old": [], "torch": []}
     for r in range(args.rounds):
-        t_old = t_new = 0.0
+        t = dict.fromkeys(sides, 0.0)
         for _, x, m in inputs:
-            t0 = time.perf_counter()
-            old_par(x, m)
-            t1 = time.perf_counter()
-            par(x, m)
-            t2 = time.perf_counter()
-            t_old += t1 - t0
-            t_new += t2 - t1
-        ratios.append(t_old / t_new)
-        print(f"round {r}: old {t_old / len(inputs) * 1e3:7.1f} ms/image   new {t_new / len(inputs) * 1e3:7.1f} "
-              f"ms/image   old/new {ratios[-1]:.2f}", flush=True)
-    print(f"outputs: max |old - new| {worst:.2e}, argmax differs at {flips} pixels")
-    print(f"old/new over {args.rounds} rounds: median {statistics.median(ratios):.2f}, "
-          f"spread {min(ratios):.2f}-{max(ratios):.2f}")
-    print(f"par speed-up: {statistics.median(ratios):.2f}")
-
+            for name, fn in sides.items():
+                t0 = time.perf_counter()
+                fn(x, m)
+                t[name] += time.perf_counter() - t0
+        for name, values in ratios.items():
+            values.append(t[name] / t["native"])
+        print(f"round {r}: " + "   ".join(f"{k} {v / len(inputs) * 1e3:6.1f} ms/image" for k, v in t.items())
+              + f"   old/native {ratios['old'][-1]:.2f}   torch/native {ratios['torch'][-1]:.2f}", flush=True)
+    for name, values in ratios.items():
+        print(f"outputs: max |{name} - native| {worst[name]:.2e}, argmax differs at {flips[name]} pixels")
+        print(f"{name}/native over {args.rounds} rounds: median {statistics.median(values):.2f}, "
+              f"spread {min(values):.2f}-{max(values):.2f}")
+    print(f"par speed-up: {statistics.median(ratios['old']):.2f}")
 
 if __name__ == "__main__":
     main()

@@ -104,12 +104,17 @@ def test_text_features_and_tse(predictor):
     assert max_abs(predictor.text_features(vocab), g["text_attr"]) <= 1e-5
 
 
-def test_par_alone():
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_par_alone(backend):
     require_kit()
+    from excelseg import native
     from excelseg.refine import par
 
+    if backend == "native" and native.par_library() is None:
+        pytest.skip("the native PAR kernels could not be built here (no C compiler?)")
     g = np.load(GOLDEN / "par.npz")
-    out = par(torch.from_numpy(g["img"]), torch.from_numpy(g["masks"]), iters=20, dilations=(1, 2, 4, 8, 12, 24))
+    out = par(torch.from_numpy(g["img"]), torch.from_numpy(g["masks"]), iters=20, dilations=(1, 2, 4, 8, 12, 24),
+              backend=backend)
     assert max_abs(out, g["out"]) <= 1e-5
 
 

@@ -11,7 +11,8 @@ Pipeline for one image with ``K`` present classes on an ``h × w`` patch grid (`
 5. :func:`labels_from_cams` — min–max, bilinear resize, background ``1 − max``, PAR, argmax (EXCEL_SPEC §3.4;
    parity README §5 quirk 8).
 
-Everything is vectorised torch and runs on whatever device the inputs live on.
+Everything is vectorised torch and runs on whatever device the inputs live on; PAR on float32 CPU tensors runs
+the fused C kernels of :mod:`excelseg.native` instead (same operations, same order).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import native
 
 __all__ = ["box_mask", "class_scores", "labels_from_cams", "par", "refine_cams", "transition_matrix"]
 
@@ -172,6 +175,14 @@ def _neighbour_offsets(dilations: Sequence[int]) -> list[tuple[int, int, bool]]:
     return offs
 
 
+def _positional_affinity(offs: list[tuple[int, int, bool]], w_color: float, w_pos: float,
+                         dtype: torch.dtype) -> list[float]:
+    """``w_pos · softmax_n(−(p_n / std(p) / w_color)²)`` per neighbour, computed in ``dtype`` (exact as floats)."""
+    pos = torch.tensor([abs(dy) * math.sqrt(2.0) if diag else float(max(abs(dy), abs(dx))) for dy, dx, diag in offs],
+                       dtype=dtype)
+    return (w_pos * (-(pos / pos.std() / w_color).square()).softmax(dim=0)).tolist()
+
+
 def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float, w_pos: float) -> list[Tensor]:
     """Per-pixel PAR neighbour weights.
 
@@ -211,12 +222,7 @@ def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float
             out.addcmul_(tmp[:, c], tmp[:, c])
         weights.append(out.mul_(-1.0 / img.shape[1]).unsqueeze(1))
 
-    pos = torch.tensor(
-        [abs(dy) * math.sqrt(2.0) if diag else float(max(abs(dy), abs(dx))) for dy, dx, diag in offs],
-        dtype=img.dtype,
-        device=img.device,
-    )
-    pos_aff = (w_pos * (-(pos / pos.std() / w_color).square()).softmax(dim=0)).tolist()  # exact in img's dtype
+    pos_aff = _positional_affinity(offs, w_color, w_pos, img.dtype)
     # softmax over the neighbours plus the positional term, in bands of rows that fit in cache, written back over the
     # logits; one scalar add per neighbour (a broadcast (1, Nn, 1, 1) tensor add is several times slower on CPU)
     rows = max(1, (1 << 20) // max(1, bsz * nn_ * w))
@@ -234,6 +240,8 @@ def par(
     dilations: Sequence[int] = PAR_DILATIONS,
     w_color: float = 0.3,
     w_pos: float = 0.01,
+    *,
+    backend: str = "auto",
 ) -> Tensor:
     """Pixel-adaptive refinement (EXCEL_SPEC §3.4).
 
@@ -243,20 +251,32 @@ def par(
     + w_pos · softmax_n(−(p_n / std(p) / w_color)²)`` with p = d (axis) or d√2 (diagonal) and unbiased stds;
     then ``iters`` steps of ``masks ← Σ_n aff_n · masks_n``.
 
+    Two implementations compute this in the same order of operations and agree to float rounding: fused C kernels
+    (:mod:`excelseg.native`, ~3.5× faster; float32 on the CPU, when a C compiler is available) and torch ops (any
+    device and dtype). Neither records gradients (PAR makes pseudo-labels, EXCEL_SPEC §3.4, §5.2).
+
     Args:
         image: (B, 3, Hi, Wi) image (any per-channel affine normalisation; PAR is invariant to it).
         masks: (B, C, H, W) score maps.
+        backend: ``"auto"`` (the C kernels when they apply, else torch), ``"native"`` (the C kernels, or an error
+            saying why not) or ``"torch"``.
 
     Returns:
         (B, C, H, W) refined maps (same dtype as ``masks``).
     """
     if image.dim() != 4 or masks.dim() != 4 or image.shape[0] != masks.shape[0]:
         raise ValueError(f"image (B,3,Hi,Wi) / masks (B,C,H,W) expected, got {image.shape} / {masks.shape}")
+    if backend not in ("auto", "native", "torch"):
+        raise ValueError(f"backend must be 'auto', 'native' or 'torch', got {backend!r}")
     h, w = masks.shape[-2:]
     if iters <= 0:
         return masks
     img = F.interpolate(image.to(masks), size=(h, w), mode="bilinear", align_corners=True)
     offs = _neighbour_offsets(dilations)
+    lib = _native_library(masks, backend)
+    if lib is not None:
+        pos_aff = _positional_affinity(offs, w_color, w_pos, img.dtype)
+        return native.par_cpu(img, masks, [(dy, dx) for dy, dx, _ in offs], pos_aff, w_color, iters, lib)
     weights = _par_affinity(img, offs, w_color, w_pos)  # Nn × (B, 1, H, W)
     # ``iters`` applications of one fixed linear operator. Two padded buffers are reused across iterations: each
     # step writes its weighted neighbour sum straight into the interior of the other buffer and then fills that
@@ -277,6 +297,23 @@ def par(
         if it + 1 < iters:
             _fill_replicate_border(bufs[dst], pad)
     return inner[iters % 2].clone()
+
+
+def _native_library(masks: Tensor, backend: str):
+    """The C kernels for this call, or None for the torch implementation (``backend="native"``: or an error)."""
+    if backend == "torch":
+        return None
+    why = None
+    if masks.device.type != "cpu" or masks.dtype != torch.float32:
+        why = f"they take float32 CPU tensors, got {masks.dtype} on {masks.device}"
+    else:
+        lib = native.par_library()
+        if lib is not None:
+            return lib
+        why = "they are not built (see the warning above, or EXCELSEG_NATIVE=0 is set)"
+    if backend == "native":
+        raise RuntimeError(f"PAR backend 'native' is not available for this call: {why}")
+    return None
 
 
 def _fill_replicate_border(buf: Tensor, pad: int) -> None:

@@ -49,9 +49,9 @@ Only ViT image towers are supported (:func:`check_supported`): an open_clip ``Vi
 or image size.
 """
 
+from ..native import ENV_CACHE, default_cache_dir
 from .base import (
                    DEFAULT_SPEC,
-                   ENV_CACHE,
                    ENV_CLIP,
                    KNOWN_FILES,
                    NAMED_CONFIGS,
@@ -66,7 +66,7 @@ from .base import (
                    check_supported,
                    file_sha256,
 )
-from .resolve import default_cache_dir, load_clip
+from .resolve import load_clip
 
 __all__ = [
     "DEFAULT_SPEC",

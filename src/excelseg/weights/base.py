@@ -21,7 +21,6 @@ _logger = logging.getLogger(__name__)
 
 DEFAULT_SPEC = "ViT-B-16"  # the paper's backbone: CLIP ViT-B/16, OpenAI weights
 ENV_CLIP = "EXCELSEG_CLIP"
-ENV_CACHE = "EXCELSEG_CACHE"
 ENV_OFFLINE = "EXCELSEG_OFFLINE"
 ENV_HF_OFFLINE = "HF_HUB_OFFLINE"
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..images import one_line
+from ..native import default_cache_dir
 from . import base
 from .base import ENV_CLIP, ENV_HF_OFFLINE, ENV_OFFLINE, LoadedClip, WeightsNotFoundError
 from .build import _arch_config, _finish, _load_file, _unknown_arch
@@ -26,12 +27,6 @@ _logger = logging.getLogger(__name__)
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def default_cache_dir() -> Path:
-    """``EXCELSEG_CACHE`` if set, else ``~/.cache/excelseg`` (not created)."""
-    env = os.environ.get(base.ENV_CACHE, "").strip()
-    return Path(env).expanduser() if env else Path("~/.cache/excelseg").expanduser()
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:

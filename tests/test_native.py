@@ -1,0 +1,154 @@
+"""Tests for ``excelseg.native``: the C PAR kernels against the float64 oracle and the torch implementation, their
+build (cache, failure, switch-off) and the backend choice of ``excelseg.refine.par`` (EXCEL_SPEC §3.4)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import subprocess
+
+import pytest
+import torch
+
+from excelseg import native
+from excelseg.refine import PAR_DILATIONS, _neighbour_offsets, _positional_affinity, par
+from numerics import F32_REL, assert_rel_close
+from test_refine import _par_naive
+
+
+@pytest.fixture(scope="module")
+def lib():
+    built = native.par_library()
+    if built is None:
+        why = "the native PAR kernels could not be built here (no C compiler? see the warning); torch PAR is tested"
+        if os.environ.get("CI"):  # the CI machine has a compiler: not building there is a failure, not a skip
+            pytest.fail(why)
+        pytest.skip(why)
+    return built
+
+
+def _inputs(b, c, h, w, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(b, 3, h + 5, w + 3, generator=g, dtype=dtype)
+    masks = torch.rand(b, c, h, w, generator=g, dtype=dtype).softmax(1)
+    return image, masks
+
+
+@pytest.mark.parametrize(
+    "b,c,h,w,iters,dilations",
+    [
+        (1, 3, 37, 53, 20, PAR_DILATIONS),  # rows not a whole number of 16-pixel tiles; 20 iterations = 3 wavefronts
+        (2, 6, 20, 16, 3, PAR_DILATIONS),  # a batch; 6 channels = a block of 4 and one of 2; maps smaller than 24
+        (1, 1, 1, 1, 2, PAR_DILATIONS),  # a single pixel: every neighbour is the pixel itself
+        (1, 5, 9, 40, 1, (1, 3)),  # one iteration, other dilations; 5 channels = 4 + 1
+        (1, 2, 60, 7, 9, (2, 5, 30)),  # dilation past the map; odd iteration count
+    ],
+)
+def test_native_par_matches_float64_oracle(lib, b, c, h, w, iters, dilations):
+    image, masks = _inputs(b, c, h, w, seed=h * w + c)
+    expected = _par_naive(image, masks, iters=iters, dilations=dilations)
+    out = par(image.float(), masks.float(), iters=iters, dilations=dilations, backend="native")
+    assert out.dtype == torch.float32 and out.shape == masks.shape
+    # float32 throughout (as the torch path on float32): a few ulps of the mask magnitude per iteration
+    assert_rel_close(out, expected, F32_REL, "native PAR")
+    assert_rel_close(par(image.float(), masks.float(), iters=iters, dilations=dilations, backend="torch"), expected,
+                     F32_REL, "torch PAR")
+    if iters > 1:  # one iteration fewer is told apart
+        fewer = par(image.float(), masks.float(), iters=iters - 1, dilations=dilations, backend="native")
+        assert (fewer.double() - expected).abs().max() > 1e-4 * expected.abs().max()
+
+
+def test_native_and_torch_backends_agree_on_a_label_sized_map(lib):
+    # a VOC-sized [background, classes] map: the two implementations run the same operations in the same order, so
+    # they differ by float rounding only (exp: a polynomial vs Sleef; summation order identical)
+    image, masks = _inputs(1, 3, 120, 170, seed=3, dtype=torch.float32)
+    a, b = par(image, masks, backend="native"), par(image, masks, backend="torch")
+    assert (a - b).abs().max() <= 2e-5 * b.abs().max()
+    assert torch.equal(a.argmax(1), b.argmax(1))
+
+
+def test_native_par_is_bit_identical_for_any_thread_count_and_wavefront_depth(lib, monkeypatch):
+    # channels are split between threads for the iterations and rows for the affinity, and the iterations run as
+    # wavefronts of GROUP: every output value is computed by the same operations whatever the split or schedule
+    image, masks = _inputs(2, 5, 33, 45, seed=7, dtype=torch.float32)
+    img = torch.nn.functional.interpolate(image, size=(33, 45), mode="bilinear", align_corners=True)
+    offs = _neighbour_offsets(PAR_DILATIONS)
+    pos = _positional_affinity(offs, 0.3, 0.01, torch.float32)
+    outs = [native.par_cpu(img, masks, [(dy, dx) for dy, dx, _ in offs], pos, 0.3, 5, lib, threads=t)
+            for t in (1, 2, 3)]
+    for group in (1, 2, 5):
+        monkeypatch.setattr(native, "GROUP", group)
+        outs.append(native.par_cpu(img, masks, [(dy, dx) for dy, dx, _ in offs], pos, 0.3, 5, lib, threads=1))
+    assert all(torch.equal(outs[0], other) for other in outs[1:])
+    monkeypatch.undo()
+    torch.testing.assert_close(outs[0], par(image, masks, iters=5, backend="native"), rtol=0, atol=0)
+
+
+def test_native_par_leaves_inputs_alone_and_reuses_its_buffers(lib):
+    image, masks = _inputs(1, 3, 30, 41, seed=11, dtype=torch.float32)
+    before = masks.clone()
+    first = par(image, masks, iters=4, backend="native")
+    second = par(image, masks, iters=4, backend="native")  # a kept weight buffer is reused: same result
+    assert torch.equal(masks, before)
+    assert torch.equal(first, second) and first.data_ptr() != second.data_ptr() != masks.data_ptr()
+    noncontig = par(image, masks.transpose(2, 3).contiguous().transpose(2, 3), iters=4, backend="native")
+    assert torch.equal(noncontig, first)
+
+
+def test_backend_choice(lib, monkeypatch):
+    image, masks = _inputs(1, 2, 12, 13, seed=1)
+    # float64: 'auto' takes torch (same result as asking for it), 'native' says why not
+    torch.testing.assert_close(par(image, masks), par(image, masks, backend="torch"), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="float32 CPU tensors"):
+        par(image, masks, backend="native")
+    with pytest.raises(ValueError, match="backend"):
+        par(image, masks, backend="cuda")
+    # EXCELSEG_NATIVE=0 switches the kernels off: 'auto' runs torch, 'native' fails clearly
+    monkeypatch.setenv("EXCELSEG_NATIVE", "0")
+    assert native.par_library() is None
+    with pytest.raises(RuntimeError, match="not built"):
+        par(image.float(), masks.float(), backend="native")
+    torch.testing.assert_close(par(image.float(), masks.float()), par(image.float(), masks.float(), backend="torch"),
+                               rtol=0, atol=0)
+
+
+def test_build_goes_to_the_cache_and_a_failing_compiler_falls_back(lib, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setenv("EXCELSEG_CACHE", str(tmp_path / "cache"))
+    built = native.par_library()
+    assert built is not None
+    sos = list((tmp_path / "cache" / "native").glob("par-*.so"))
+    assert len(sos) == 1 and not list((tmp_path / "cache" / "native").glob("*.so.tmp*"))
+    assert native._build(native._compiler()) == sos[0]  # built once per key: found again, not rebuilt
+    # a compiler that fails: one warning, and PAR on torch
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setenv("EXCELSEG_CACHE", str(tmp_path / "other"))
+    monkeypatch.setenv("CC", "false")
+    with caplog.at_level(logging.WARNING, logger="excelseg.native"):
+        assert native.par_library() is None
+    assert "could not build the native PAR kernels" in caplog.text
+    image, masks = _inputs(1, 2, 10, 11, seed=2, dtype=torch.float32)
+    torch.testing.assert_close(par(image, masks), par(image, masks, backend="torch"), rtol=0, atol=0)
+
+
+def test_native_par_gives_the_same_bits_for_any_vector_isa(lib, tmp_path):
+    # no FMA contraction and only correctly rounded operations: a build for the x86-64 baseline (SSE2) gives the
+    # bits of the -march=native build (AVX2 or AVX-512 here), so results do not depend on the machine's CPU
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only")
+    flags = [f if f != "-march=native" else "-march=x86-64" for f in native.FLAGS]
+    so = tmp_path / "par-sse2.so"
+    subprocess.run([*native._compiler().split(), *flags, str(native.SOURCE), "-o", str(so), "-lm"], check=True,
+                   capture_output=True)
+    sse2 = native._bind(ctypes.CDLL(str(so)))
+    image, masks = _inputs(2, 5, 29, 37, seed=13, dtype=torch.float32)
+    img = torch.nn.functional.interpolate(image, size=(29, 37), mode="bilinear", align_corners=True)
+    offs = [(dy, dx) for dy, dx, _ in _neighbour_offsets(PAR_DILATIONS)]
+    pos = _positional_affinity(_neighbour_offsets(PAR_DILATIONS), 0.3, 0.01, torch.float32)
+    a = native.par_cpu(img, masks, offs, pos, 0.3, 20, lib, threads=1)
+    b = native.par_cpu(img, masks, offs, pos, 0.3, 20, sse2, threads=1)
+    assert torch.equal(a, b)

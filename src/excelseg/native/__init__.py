@@ -181,8 +181,8 @@ def par_cpu(img: Tensor, masks: Tensor, offsets: list[tuple[int, int]], pos_aff:
         offsets: the Nn neighbour offsets (dy, dx).
         pos_aff: the Nn positional terms ``w_pos · softmax(…)`` added to the colour softmax.
         iters: iterations (≥ 1).
-        threads: worker threads (default ``torch.get_num_threads()``); channels are split between them for the
-            iterations and rows for the affinity, which leaves every output bit-identical for any count.
+        threads: worker threads (default ``torch.get_num_threads()``); images or channels are split between them
+            for the iterations and rows for the affinity, which leaves every output bit-identical for any count.
 
     Returns:
         (B, C, H, W) float32 refined maps.
@@ -216,6 +216,9 @@ def par_cpu(img: Tensor, masks: Tensor, offsets: list[tuple[int, int]], pos_aff:
                                  wv, pad, chans[0], chans[1], iters, GROUP, ptr(scratch))
 
     _run([(affinity, i, r) for i in range(b) for r in _split(h, threads)], threads)
-    _run([(iterate, i, r) for i in range(b) for r in _split(c, threads)], threads)
+    # iterations: whole images per thread when there are enough (each thread streams only its image's weights),
+    # else the channels of each image split between threads (each thread streams all the weights)
+    chans = [(0, c)] if b >= threads else _split(c, threads)
+    _run([(iterate, i, r) for i in range(b) for r in chans], threads)
     _give(buffer)
     return maps[iters % 2][..., pad : pad + w].clone()

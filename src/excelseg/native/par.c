@@ -136,6 +136,7 @@ static inline __attribute__((always_inline)) void step_row(const float *w, const
         if (nc > 1) a1 = wt * ld(s + cs);
         if (nc > 2) a2 = wt * ld(s + 2 * cs);
         if (nc > 3) a3 = wt * ld(s + 3 * cs);
+#pragma GCC unroll 4
         for (int n = 1; n < nn; n++) {
             wt = ld(w + n * VL);
             s = src + off[n] + x;
@@ -185,14 +186,16 @@ void excelseg_par_iterate(const float *w, float *maps0, float *maps1, const int6
                 }
                 const size_t drow = (size_t)y * wp + pad;
                 const float *wy = w + y * wrow;
-                for (int c = c0; c < c1; c += 4, src += 4 * cs, dst += 4 * cs) {
-                    switch (c1 - c) {
+                /* channels in blocks of at most 4, as even as possible (5 = 3 + 2, not 4 + 1) */
+                const int blocks = (c1 - c0 + 3) / 4;
+                for (int bi = 0, c = c0, nc; bi < blocks; bi++, c += nc, src += nc * cs, dst += nc * cs) {
+                    nc = (c1 - c + blocks - bi - 1) / (blocks - bi);
+                    switch (nc) {
                     case 1: step_row(wy, src, dst, off, nn, cs, drow, wv, 1); break;
                     case 2: step_row(wy, src, dst, off, nn, cs, drow, wv, 2); break;
                     case 3: step_row(wy, src, dst, off, nn, cs, drow, wv, 3); break;
                     default: step_row(wy, src, dst, off, nn, cs, drow, wv, 4); break;
                     }
-                    const int nc = c1 - c < 4 ? c1 - c : 4;
                     for (int i = 0; i < nc; i++) {  /* the replicate columns of the new row */
                         float *row = dst + i * cs + (size_t)y * wp;
                         const float left = row[pad], right = row[pad + width - 1];

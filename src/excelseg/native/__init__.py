@@ -49,8 +49,9 @@ _library: ctypes.CDLL | None = None
 _tried = False
 _pool: ThreadPoolExecutor | None = None
 # Weight buffers kept between calls: a fresh one (B·48·H·W floats, ~37 MB for a VOC image) costs ~15 ms of page
-# faults per call, a third of the kernels' time. At most KEEP_BUFFERS of up to KEEP_BYTES each are kept.
-KEEP_BUFFERS, KEEP_BYTES = 2, 256 << 20
+# faults per call, a quarter of the kernels' time. At most KEEP_BUFFERS of up to KEEP_BYTES each are kept (images up
+# to ~580×580 px; larger ones, e.g. 1024² = 200 MB, are allocated per call rather than held by a long-lived process).
+KEEP_BUFFERS, KEEP_BYTES = 2, 64 << 20
 _spare: list[Tensor] = []
 
 
@@ -127,8 +128,10 @@ def par_library() -> ctypes.CDLL | None:
                 _logger.warning("no C compiler found ($CC, cc, gcc, clang): PAR runs on torch ops (slower)")
             else:
                 try:
-                    _library = _bind(ctypes.CDLL(str(_build(cc))))
-                except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                    path = _build(cc)
+                    _library = _bind(ctypes.CDLL(str(path)))
+                    _logger.info("PAR runs on the native kernels in %s", path)
+                except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as exc:
                     _logger.warning("could not build the native PAR kernels, PAR runs on torch ops: %s", exc)
     return _library
 

@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -152,3 +153,31 @@ def test_native_par_gives_the_same_bits_for_any_vector_isa(lib, tmp_path):
     a = native.par_cpu(img, masks, offs, pos, 0.3, 20, lib, threads=1)
     b = native.par_cpu(img, masks, offs, pos, 0.3, 20, sse2, threads=1)
     assert torch.equal(a, b)
+
+
+FORK_SCRIPT = """
+import os, torch
+from excelseg import native, refine
+torch.set_num_threads(1)  # torch's own OpenMP pool is not fork-safe; the kernels' thread pool must be
+lib = native.par_library()
+img, m = torch.randn(2, 3, 30, 30), torch.rand(2, 4, 30, 30)
+offs = refine._neighbour_offsets(refine.PAR_DILATIONS)
+pos = refine._positional_affinity(offs, 0.3, 0.01, torch.float32)
+run = lambda: native.par_cpu(img, m, [(dy, dx) for dy, dx, _ in offs], pos, 0.3, 5, lib, threads=2)
+a = run()  # the parent's pool now has threads
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if torch.equal(run(), a) else 3)
+print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_native_par_works_in_a_forked_child(lib):
+    # a ThreadPoolExecutor inherited through fork() has no threads in the child: without a fresh pool there, the
+    # child's first multi-threaded PAR call waits forever
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork() on this platform")
+    proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("child 0")

@@ -48,6 +48,7 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 # Weight buffers kept between calls: a fresh one (B·48·H·W floats, ~37 MB for a VOC image) costs ~15 ms of page
 # faults per call, a quarter of the kernels' time. At most KEEP_BUFFERS of up to KEEP_BYTES each are kept (images up
 # to ~580×580 px; larger ones, e.g. 1024² = 200 MB, are allocated per call rather than held by a long-lived process).
@@ -138,14 +139,15 @@ def par_library() -> ctypes.CDLL | None:
 
 def _run(calls: list, threads: int) -> None:
     """Run ``(function, *args)`` calls (ctypes calls release the GIL) on up to ``threads`` threads."""
-    global _pool
+    global _pool, _pool_pid
     if threads <= 1 or len(calls) <= 1:
         for fn, *args in calls:
             fn(*args)
         return
     with _lock:
-        if _pool is None or _pool._max_workers < threads:
-            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="excelseg-par")
+        # a pool inherited through fork() has no threads in the child: make a new one there
+        if _pool is None or _pool._max_workers < threads or _pool_pid != os.getpid():
+            _pool, _pool_pid = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="excelseg-par"), os.getpid()
         pool = _pool
     for fut in [pool.submit(*call) for call in calls]:
         fut.result()

@@ -37,6 +37,14 @@ def _inputs(b, c, h, w, seed, dtype=torch.float64):
     return image, masks
 
 
+def _par_cpu(lib, image, masks, iters, threads):
+    """``native.par_cpu`` called as ``par`` calls it (paper weights), with an explicit library and thread count."""
+    img = torch.nn.functional.interpolate(image, size=masks.shape[-2:], mode="bilinear", align_corners=True)
+    offs = _neighbour_offsets(PAR_DILATIONS)
+    pos = _positional_affinity(offs, 0.3, 0.01, torch.float32)
+    return native.par_cpu(img, masks, [(dy, dx) for dy, dx, _ in offs], pos, 0.3, iters, lib, threads=threads)
+
+
 @pytest.mark.parametrize(
     "b,c,h,w,iters,dilations",
     [
@@ -74,14 +82,10 @@ def test_native_par_is_bit_identical_for_any_thread_count_and_wavefront_depth(li
     # channels are split between threads for the iterations and rows for the affinity, and the iterations run as
     # wavefronts of GROUP: every output value is computed by the same operations whatever the split or schedule
     image, masks = _inputs(2, 5, 33, 45, seed=7, dtype=torch.float32)
-    img = torch.nn.functional.interpolate(image, size=(33, 45), mode="bilinear", align_corners=True)
-    offs = _neighbour_offsets(PAR_DILATIONS)
-    pos = _positional_affinity(offs, 0.3, 0.01, torch.float32)
-    outs = [native.par_cpu(img, masks, [(dy, dx) for dy, dx, _ in offs], pos, 0.3, 5, lib, threads=t)
-            for t in (1, 2, 3)]
+    outs = [_par_cpu(lib, image, masks, 5, threads=t) for t in (1, 2, 3)]
     for group in (1, 2, 5):
         monkeypatch.setattr(native, "GROUP", group)
-        outs.append(native.par_cpu(img, masks, [(dy, dx) for dy, dx, _ in offs], pos, 0.3, 5, lib, threads=1))
+        outs.append(_par_cpu(lib, image, masks, 5, threads=1))
     assert all(torch.equal(outs[0], other) for other in outs[1:])
     monkeypatch.undo()
     torch.testing.assert_close(outs[0], par(image, masks, iters=5, backend="native"), rtol=0, atol=0)
@@ -147,11 +151,8 @@ def test_native_par_gives_the_same_bits_for_any_vector_isa(lib, tmp_path):
                    capture_output=True)
     sse2 = native._bind(ctypes.CDLL(str(so)))
     image, masks = _inputs(2, 5, 29, 37, seed=13, dtype=torch.float32)
-    img = torch.nn.functional.interpolate(image, size=(29, 37), mode="bilinear", align_corners=True)
-    offs = [(dy, dx) for dy, dx, _ in _neighbour_offsets(PAR_DILATIONS)]
-    pos = _positional_affinity(_neighbour_offsets(PAR_DILATIONS), 0.3, 0.01, torch.float32)
-    a = native.par_cpu(img, masks, offs, pos, 0.3, 20, lib, threads=1)
-    b = native.par_cpu(img, masks, offs, pos, 0.3, 20, sse2, threads=1)
+    a = _par_cpu(lib, image, masks, 20, threads=1)
+    b = _par_cpu(sse2, image, masks, 20, threads=1)
     assert torch.equal(a, b)
 
 

@@ -5,7 +5,7 @@
 For every VOC sample image (``shared/data/voc_sample``; with the parity goldens the masks are the real
 ``[background, classes]`` score maps built from ``refined_static`` at the ground-truth size, otherwise random maps
 with 3 channels at the same sizes) it runs the previous PAR (kept below, verbatim, for this comparison only),
-``excelseg.refine.par(backend="torch")`` and ``par(backend="native")`` on the same inputs. One warm-up pass over
+``excelseg.par.par(backend="torch")`` and ``par(backend="native")`` on the same inputs. One warm-up pass over
 all images (which also builds the native kernels), then ``--rounds`` rounds; inside a round the three alternate
 image by image, so a drift in machine speed hits all alike. Prints per round each side's time per image and the
 ratios old/native and torch/native, then their median and spread (min–max) over the rounds, and checks the
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from excelseg.refine import PAR_DILATIONS, labels_from_cams, par
+from excelseg.par import PAR_DILATIONS, par
+from excelseg.pseudo import labels_from_cams
 
 HERE = Path(__file__).resolve().parents[1]
 SHARED = HERE.parent / "shared" if (HERE.parent / "shared").is_dir() else Path("/work/shared")

@@ -1,5 +1,5 @@
-"""Tests for ``excelseg.native``: the C PAR kernels against the float64 oracle and the torch implementation, their
-build (cache, failure, switch-off) and the backend choice of ``excelseg.refine.par`` (EXCEL_SPEC §3.4)."""
+"""Tests for ``excelseg._native``: the C PAR kernels against the float64 oracle and the torch implementation, their
+build (cache, failure, switch-off) and the backend choice of ``excelseg.par.par`` (EXCEL_SPEC §3.4)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from excelseg import native
-from excelseg.refine import PAR_DILATIONS, _neighbour_offsets, _positional_affinity, par
+from excelseg import _native as native
+from excelseg.par import PAR_DILATIONS, _neighbour_offsets, _positional_affinity, par
 from numerics import F32_REL, assert_rel_close
 from test_refine import _par_naive
 
@@ -133,7 +133,7 @@ def test_build_goes_to_the_cache_and_a_failing_compiler_falls_back(lib, tmp_path
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setenv("EXCELSEG_CACHE", str(tmp_path / "other"))
     monkeypatch.setenv("CC", "false")
-    with caplog.at_level(logging.WARNING, logger="excelseg.native"):
+    with caplog.at_level(logging.WARNING, logger="excelseg._native"):
         assert native.par_library() is None
     assert "could not build the native PAR kernels" in caplog.text
     image, masks = _inputs(1, 2, 10, 11, seed=2, dtype=torch.float32)
@@ -158,7 +158,7 @@ def test_native_par_gives_the_same_bits_for_any_vector_isa(lib, tmp_path):
 
 FORK_SCRIPT = """
 import os, torch
-from excelseg import native, refine
+from excelseg import _native as native, par as refine
 torch.set_num_threads(1)  # torch's own OpenMP pool is not fork-safe; the kernels' thread pool must be
 lib = native.par_library()
 img, m = torch.randn(2, 3, 30, 30), torch.rand(2, 4, 30, 30)

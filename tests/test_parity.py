@@ -107,8 +107,8 @@ def test_text_features_and_tse(predictor):
 @pytest.mark.parametrize("backend", ["torch", "native"])
 def test_par_alone(backend):
     require_kit()
-    from excelseg import native
-    from excelseg.refine import par
+    from excelseg import _native as native
+    from excelseg.par import par
 
     if backend == "native" and native.par_library() is None:
         pytest.skip("the native PAR kernels could not be built here (no C compiler?)")

@@ -129,7 +129,8 @@ def check_labels(label: np.ndarray, ref: np.ndarray, what: str) -> None:
 def test_lvc_image(kit, name):
     from excelseg.lvc import learned_affinity, p_guided_affinity, relation_logits, shift_from_logits
     from excelseg.model import flip_max_cams
-    from excelseg.refine import box_mask, labels_from_cams, refine_cams, transition_matrix
+    from excelseg.refine import box_mask, refine_cams, transition_matrix
+    from excelseg.pseudo import labels_from_cams
 
     model = kit
     g = golden(name)

@@ -203,7 +203,8 @@ def _lvc_oracle(clip, ckpt, image: np.ndarray, size: int, cls_idx: np.ndarray) -
     from excelseg.model import ExcelModel, flip_max_cams
     from excelseg.predictor import CamPredictor
     from excelseg.preprocess import network_input
-    from excelseg.refine import box_mask, labels_from_cams, refine_cams, transition_matrix
+    from excelseg.refine import box_mask, refine_cams, transition_matrix
+    from excelseg.pseudo import labels_from_cams
     from excelseg.vocab import Vocabulary
     from parity_kit import REF_BANK
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import excelseg.refine as refine_mod
-from excelseg.refine import box_mask, labels_from_cams, par, refine_cams, transition_matrix
+import excelseg.pseudo as pseudo_mod
+from excelseg.refine import box_mask, refine_cams, transition_matrix
+from excelseg.pseudo import labels_from_cams
+from excelseg.par import par
 from numerics import F32_REL, assert_rel_close, rel_err
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -320,13 +322,13 @@ def test_labels_from_cams_normalisation_and_background_without_par():
 
 def test_labels_from_cams_bounds_the_par_size(monkeypatch):
     seen = []
-    real_par = refine_mod.par
+    real_par = pseudo_mod.par
 
     def spy(image, masks, **kw):
         seen.append(tuple(masks.shape))
         return real_par(image, masks, **kw)
 
-    monkeypatch.setattr(refine_mod, "par", spy)
+    monkeypatch.setattr(pseudo_mod, "par", spy)
     torch.manual_seed(4)
     refined = torch.rand(2, 20, 20)
     scores, index = labels_from_cams(

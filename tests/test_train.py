@@ -22,7 +22,8 @@ from excelseg.cli import main
 from excelseg.config import PAPER_VOC, CamConfig, HeadsConfig, RefineConfig, TrainConfig, dump_config
 from excelseg.data import open_dataset
 from excelseg.model import ExcelModel, denormalize_uint8
-from excelseg.refine import box_mask, labels_from_cams, refine_cams
+from excelseg.refine import box_mask, refine_cams
+from excelseg.pseudo import labels_from_cams
 from excelseg.train import Trainer, TrainingError
 from excelseg.training import training_losses
 from test_pseudo_label import make_voc

@@ -18,7 +18,6 @@ of their bilinear upsampling, computed in blocks of rows (:func:`upsampled_argma
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backbone import DenseEncoder
 from .config import PipelineConfig, load_config
 from .devices import resolve_device
 from .heads import ExcelHeads
 from .images import to_rgb_array
-from .interop import HeadsCheckpoint, check_checkpoint, load_checkpoint
-from .predictor import multiscale_views
-from .preprocess import network_input
+from .model import ExcelModel, multiscale_views
+from .vocab import Vocabulary
 from .weights import LoadedClip, load_clip
 
 __all__ = ["MAX_WORK_SIDE", "SegResult", "Segmenter", "aggregate_logits", "logits_size", "upsampled_argmax"]
@@ -110,10 +107,16 @@ def upsampled_argmax(logits: Tensor, size: tuple[int, int], chunk_elements: int 
 
 
 class Segmenter:
-    """Trained ExCEL segmenter (frozen CLIP + adapter + decoder).
+    """Trained ExCEL segmenter: a façade over an :class:`~excelseg.model.ExcelModel` with trained heads
+    (multi-scale + flip decoder logits, optional CRF; EXCEL_SPEC §6).
+
+    ``Segmenter(model)`` takes a built model (:func:`excelseg.build_model` with a checkpoint);
+    ``Segmenter(clip, heads, class_names, config=..., device=...)`` assembles one from loaded parts, and
+    :meth:`from_checkpoint` loads one.
 
     Args:
-        clip: a :class:`~excelseg.weights.LoadedClip` or a spec for :func:`~excelseg.weights.load_clip`.
+        clip: a built :class:`~excelseg.model.ExcelModel`, or a :class:`~excelseg.weights.LoadedClip` / a spec for
+            :func:`~excelseg.weights.load_clip`.
         heads: the trained :class:`~excelseg.heads.ExcelHeads` (put in eval mode).
         class_names: the C foreground classes, label ``i + 1`` = ``class_names[i]``.
         config: settings (``cam.size`` = base size, ``cam.normalization``, ``cam.pos_two_step``, ``heads``,
@@ -121,84 +124,77 @@ class Segmenter:
         device: ``"cpu"``, ``"cuda"``, ``"auto"``/``None``.
     """
 
-    def __init__(self, clip: LoadedClip | str | Path | None, heads: ExcelHeads, class_names: Sequence[str], *,
+    def __init__(self, clip, heads: ExcelHeads | None = None, class_names: Sequence[str] | None = None, *,
                  config: PipelineConfig | str | None = None, device: str | torch.device | None = None):
-        self.device = resolve_device(device)
-        self.clip = clip if isinstance(clip, LoadedClip) else load_clip(clip, device=self.device)
-        self.clip.model.to(self.device)
-        self.encoder = DenseEncoder(self.clip.model.visual)
-        self.config = load_config(config)
-        self.class_names = [str(n) for n in class_names]
-        width = self.clip.model.visual.transformer.resblocks[0].attn.in_proj_weight.shape[1]
-        if heads.adapter.num_layers != self.encoder.num_blocks or heads.adapter.in_dim != width:
-            raise ValueError(f"the heads read {heads.adapter.num_layers} layers of width {heads.adapter.in_dim}, "
-                             f"but the CLIP in use has {self.encoder.num_blocks} of width {width}")
-        if heads.decoder.num_outputs != len(self.class_names) + 1:
-            raise ValueError(f"the heads predict {heads.decoder.num_outputs} outputs for "
+        if isinstance(clip, ExcelModel):
+            model = clip
+            if model.heads is None:
+                raise ValueError("a Segmenter needs a model with trained heads (build_model(checkpoint=...))")
+            names = class_names if class_names is not None else model.vocabulary.names
+        else:
+            if heads is None or class_names is None:
+                raise TypeError("Segmenter(clip, heads, class_names) needs the heads and their class names")
+            device = resolve_device(device)
+            clip = clip if isinstance(clip, LoadedClip) else load_clip(clip, device=device)
+            clip.model.to(device)
+            cfg = load_config(config)
+            if heads.decoder.num_outputs != len(class_names) + 1:
+                raise ValueError(f"the heads predict {heads.decoder.num_outputs} outputs for "
+                                 f"{len(class_names)} classes (expected classes + background)")
+            model = ExcelModel(clip.model.visual, config=cfg, heads=heads.to(device).eval(), clip=clip,
+                               vocabulary=Vocabulary.from_names(class_names)).to(device)
+            names = class_names
+        self.model = model
+        self.class_names = [str(n) for n in names]
+        if model.heads.decoder.num_outputs != len(self.class_names) + 1:
+            raise ValueError(f"the heads predict {model.heads.decoder.num_outputs} outputs for "
                              f"{len(self.class_names)} classes (expected classes + background)")
-        self.heads = heads.to(self.device).eval()
-        self.svc_blocks = self.encoder.last_blocks(self.config.cam.svc_last_blocks)
+        model.heads.eval()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | os.PathLike | HeadsCheckpoint, clip: LoadedClip | str | Path | None
-                        = None, *, config: PipelineConfig | str | None = None, class_names: Sequence[str] | None
-                        = None, device: str | torch.device | None = None) -> Segmenter:
+    def from_checkpoint(cls, checkpoint, clip: LoadedClip | str | Path | None = None, *,
+                        config: PipelineConfig | str | None = None, class_names: Sequence[str] | None = None,
+                        device: str | torch.device | None = None) -> Segmenter:
         """A segmenter from an excelseg checkpoint (:func:`~excelseg.interop.save_checkpoint`).
 
         ``clip``: default the weights the checkpoint records when they are an open_clip tag; a checkpoint made
         with other CLIP weights, or for other ``class_names`` (when given), is refused saying which.
         ``config``: default the settings stored in the checkpoint.
         """
-        ckpt = checkpoint if isinstance(checkpoint, HeadsCheckpoint) else load_checkpoint(checkpoint)
-        device = resolve_device(device)
-        if clip is None:
-            if ckpt.clip_identity.startswith("sha256:"):
-                raise ValueError(f"{ckpt.path} was made with the CLIP weight file {ckpt.clip_identity}; give that "
-                                 "file (clip=... / --clip)")
-            clip = ckpt.clip_identity
-        if not isinstance(clip, LoadedClip):
-            clip = load_clip(clip, device=device)
-        check_checkpoint(ckpt, clip.identity, class_names)
-        return cls(clip, ckpt.heads(), ckpt.class_names, config=ckpt.config if config is None else config,
-                   device=device)
+        from .build import build_model
+
+        return cls(build_model(clip, checkpoint=checkpoint, config=config, device=device,
+                               vocabulary=None if class_names is None else list(class_names)))
+
+    @property
+    def config(self) -> PipelineConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def clip(self):
+        return self.model.clip
+
+    @property
+    def heads(self) -> ExcelHeads:
+        return self.model.heads
 
     # ---- logits -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def head_logits(self, x: Tensor) -> Tensor:
         """(B, 3, h, w) normalised inputs → (B, C + 1, h/16, w/16) decoder logits (one frozen CLIP pass)."""
-        cfg = self.config
-        via = self.encoder.grid_for(tuple(cfg.cam.size)) if cfg.cam.pos_two_step else None
-        alias = cfg.heads.alias_features
-        out = self.encoder(x.to(self.device), self.svc_blocks if alias else (), (), head_sum=cfg.cam.svc_head_sum,
-                           pos_via_grid=via, return_tokens=True, alias_tokens=alias)
-        _, logits = self.heads(out.layer_tokens())
-        return logits
+        return self.model.decoder_logits(x)
 
     def _views(self) -> list[tuple[float, bool]]:
         seg = self.config.segment
         return multiscale_views(seg.scales, seg.flip, seg.skip_flip_at_base)
 
-    @torch.no_grad()
     def scale_logits(self, rgbs: Sequence[np.ndarray]) -> list[list[tuple[Tensor, Tensor | None]]]:
         """Per image, per scale ``(logits, flipped logits or None)`` on the patch grid (one forward per scale for
         the whole batch, mirrored inputs included)."""
-        base = tuple(self.config.cam.size)
-        norm = self.config.cam.normalization
-        views = self._views()
-        out: list[list] = [[] for _ in rgbs]
-        for scale, flipped in views:
-            size = (int(base[0] * scale), int(base[1] * scale))
-            if min(self.encoder.grid_for(size)) < 1:
-                raise ValueError(f"input size {size[0]}x{size[1]} (scale {scale}) is smaller than the CLIP patch "
-                                 f"size {self.encoder.patch_size[0]}; use a larger --size")
-            xs = [network_input(rgb, size, norm) for rgb in rgbs]
-            if flipped:
-                xs += [x.flip(-1) for x in xs]
-            logits = self.head_logits(torch.stack(xs)).float()
-            n = len(rgbs)
-            for i in range(n):
-                out[i].append((logits[i], logits[n + i] if flipped else None))
-        return out
+        return self.model.multiscale_logits(rgbs, self._views())
 
     # ---- prediction -------------------------------------------------------------------------------------------
     def predict(self, image, *, crf: bool | None = None, single_scale: bool = False) -> SegResult:

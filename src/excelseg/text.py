@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -19,12 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import TextConfig
-from .vocab import Vocabulary
+from .vocab import Vocabulary, normalize_name
 
 if TYPE_CHECKING:
     from .bank import AttributeBank
 
 _logger = logging.getLogger(__name__)
+
+TEXT_CACHE_SIZE = 32  # vocabularies whose class features a ClassText keeps (least recently used dropped first)
 
 
 def build_prompts(vocab: Vocabulary, template: str) -> list[str]:
@@ -108,3 +111,42 @@ def class_text_features(encoder: TextEncoder, vocab: Vocabulary, cfg: TextConfig
         feats = feats.clone()
         feats[rows] = enriched
     return feats
+
+
+class ClassText:
+    """The text side of a model: CLIP text tower + optional TSE bank → class features of any vocabulary, cached.
+
+    Args:
+        encoder: the CLIP text tower (:class:`TextEncoder`).
+        cfg: prompt template and TSE settings.
+        bank: attribute bank enriching the classes (``None``: plain prompts).
+        knowledge_classes: normalised names a knowledge base describes: only they are enriched (the others keep
+            their plain prompts, logged once per vocabulary); ``None``: every class.
+        cache_size: vocabularies kept, least recently used dropped first, so a long-running service asked about
+            ever new class lists stays bounded (≈ 0.5 MB per VOC-sized entry).
+    """
+
+    def __init__(self, encoder: TextEncoder, cfg: TextConfig, bank: AttributeBank | None = None,
+                 knowledge_classes: set[str] | None = None, cache_size: int = TEXT_CACHE_SIZE):
+        self.encoder, self.cfg, self.bank = encoder, cfg, bank
+        self.knowledge_classes = knowledge_classes
+        self.cache_size = cache_size
+        self._cache: OrderedDict[Vocabulary, Tensor] = OrderedDict()
+
+    def features(self, vocab: Vocabulary) -> Tensor:
+        """(C + M, E) (enriched) unit text features of ``vocab``: foreground rows, then background rows."""
+        if vocab in self._cache:
+            self._cache.move_to_end(vocab)
+            return self._cache[vocab]
+        rows = None
+        if self.knowledge_classes is not None:
+            rows = [normalize_name(n) in self.knowledge_classes or normalize_name(p) in self.knowledge_classes
+                    for n, p in zip(vocab.names, vocab.prompt_names)]
+            plain = [n for n, r in zip(vocab.names, rows) if not r]
+            if plain:
+                _logger.warning("no descriptions in the knowledge base for %s: plain prompts used", ", ".join(plain))
+        feats = class_text_features(self.encoder, vocab, self.cfg, self.bank, rows)
+        self._cache[vocab] = feats
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return feats

@@ -49,9 +49,10 @@ def pseudo_label_miou(model, samples: Iterable[tuple[np.ndarray, np.ndarray, Ite
 
     ``lvc=False``: static SVC CAMs refined with the attention affinity (the training-free seeds as the trainer
     computes them before ``lvc_switch_iter``); ``lvc=True``: LVC CAMs (the adapter's shift, paper §3.3 / Eq. 9)
-    refined with the P-guided affinity — the labels the heads learn from after the switch. Same steps as the
-    trainer's validation (image resized to ``cam.size``, one forward, PAR on that input, labels upsampled to the
-    mask size); ``box_threshold`` default ``heads.val_box_threshold``.
+    refined with the P-guided affinity — the labels the heads learn from after the switch. The one pseudo-label
+    path (:meth:`~excelseg.model.ExcelModel.labels_from_output`) with the validation's steps (image resized to
+    ``cam.size``, one forward, PAR on that input, labels at the mask size); ``box_threshold`` default
+    ``heads.val_box_threshold``.
 
     Args:
         model: the model (heads loaded; evaluated in eval mode).
@@ -61,25 +62,20 @@ def pseudo_label_miou(model, samples: Iterable[tuple[np.ndarray, np.ndarray, Ite
     """
     import torch
 
-    from ..model import denormalize_uint8
     from ..preprocess import network_input
 
     cfg = model.config
     tau = cfg.heads.val_box_threshold if box_threshold is None else box_threshold
-    device = next(model.heads.parameters()).device
     metric = _metric(vocabulary)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for image, mask, present in samples:
-            x = network_input(image, tuple(cfg.cam.size), cfg.cam.normalization)[None].to(device)
-            out = model(x)
-            cams = (model.lvc_cams(out) if lvc else model.static_cams(out)).float()
-            trans, _, _ = model.transition(out, guided=lvc)
-            label = torch.zeros(1, vocabulary.num_classes, device=device)
+            x = network_input(image, tuple(cfg.cam.size), cfg.cam.normalization)[None].to(model.device)
+            label = torch.zeros(1, vocabulary.num_classes, device=model.device)
             label[0, list(present)] = 1.0
-            pseudo = model.pseudo_labels(cams, label, trans.float(), denormalize_uint8(x, cfg.cam.normalization),
-                                         tuple(mask.shape), tau)[0]
+            pseudo = model.labels_from_output(model(x), x, label, tuple(mask.shape), lvc=lvc, guided=lvc,
+                                              box_threshold=tau)[0]
             metric.update(pseudo.cpu().numpy(), mask)
     model.train(was_training)
     return metric.compute()

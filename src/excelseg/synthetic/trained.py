@@ -30,9 +30,8 @@ def load_trained(clip: Any, checkpoint: str | Path | None = None, device: str = 
     :func:`~excelseg.synthetic.seeds.pseudo_label_miou`), "segmenter": Segmenter, "bank": the TSE bank the heads
     were trained with}``. Heads made for other CLIP weights are refused (:func:`excelseg.interop.check_checkpoint`).
     """
+    from ..build import build_model
     from ..interop import load_checkpoint
-    from ..model import ExcelModel
-    from ..predictor import CamPredictor
     from ..segmenter import Segmenter
     from .dataset import synthetic_vocabulary
     from .knowledge import synthetic_bank
@@ -41,9 +40,7 @@ def load_trained(clip: Any, checkpoint: str | Path | None = None, device: str = 
     if not path.is_file():
         raise FileNotFoundError(f"synthetic heads not found: {path}")
     ckpt = load_checkpoint(path)
-    segmenter = Segmenter.from_checkpoint(ckpt, clip, device=device)
-    vocab = synthetic_vocabulary()
     bank = synthetic_bank(clip, template=ckpt.config.text.template)
-    text = CamPredictor(clip, vocabulary=vocab, bank=bank, config=ckpt.config, device=device).text_features(vocab)
-    model = ExcelModel(clip.model.visual, text, len(vocab.names), ckpt.config, heads=ckpt.heads()).to(device).eval()
+    model = build_model(clip, vocabulary=synthetic_vocabulary(), bank=bank, checkpoint=ckpt, device=device).eval()
+    segmenter = Segmenter(model)
     return {"checkpoint": ckpt, "model": model, "segmenter": segmenter, "bank": bank}

@@ -49,7 +49,7 @@ Only ViT image towers are supported (:func:`check_supported`): an open_clip ``Vi
 or image size.
 """
 
-from ..native import ENV_CACHE, default_cache_dir
+from .._native import ENV_CACHE, default_cache_dir
 from .base import (
                    DEFAULT_SPEC,
                    ENV_CLIP,

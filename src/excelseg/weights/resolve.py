@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..images import one_line
-from ..native import default_cache_dir
+from .._native import default_cache_dir
 from . import base
 from .base import ENV_CLIP, ENV_HF_OFFLINE, ENV_OFFLINE, LoadedClip, WeightsNotFoundError
 from .build import _arch_config, _finish, _load_file, _unknown_arch

@@ -1,7 +1,7 @@
 /* Pixel-adaptive refinement (PAR, EXCEL_SPEC §3.4) on the CPU: the affinity and the iterations as fused loops.
  *
  * Built on first use by excelseg/native/__init__.py with the system C compiler and called through ctypes;
- * excelseg.refine.par falls back to its torch implementation when no compiler is available. It computes what that
+ * excelseg.par.par falls back to its torch implementation when no compiler is available. It computes what that
  * implementation computes in the same order of operations (no FMA contraction: -ffp-contract=off), so the two agree
  * to float rounding; the one approximation is exp (exp_nonpos: relative error ≤ 1.1e-7; torch: Sleef, ≤ 1 ulp).
  *

@@ -7,7 +7,7 @@ the CPU's feature flags (a cache shared between machines never hands one CPU a b
 build goes to a temporary file renamed into place, so concurrent processes do not see half-written libraries.
 
 Without a working compiler, or with ``EXCELSEG_NATIVE=0``, :func:`par_library` returns ``None`` (logging why, once)
-and :func:`excelseg.refine.par` uses its torch implementation; both compute the same thing in the same order of
+and :func:`excelseg.par.par` uses its torch implementation; both compute the same thing in the same order of
 operations (tests/test_refine.py holds them to a float64 oracle and to each other).
 """
 
@@ -178,7 +178,7 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 
 def par_cpu(img: Tensor, masks: Tensor, offsets: list[tuple[int, int]], pos_aff: list[float], w_color: float,
             iters: int, lib: ctypes.CDLL, threads: int | None = None) -> Tensor:
-    """PAR with the native kernels (EXCEL_SPEC §3.4); the arguments are those of :func:`excelseg.refine.par`.
+    """PAR with the native kernels (EXCEL_SPEC §3.4); the arguments are those of :func:`excelseg.par.par`.
 
     Args:
         img: (B, 3, H, W) float32 CPU guidance image, already at the mask size.

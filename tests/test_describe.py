@@ -1,10 +1,15 @@
-"""excelseg describe: LLM class descriptions over a scripted OpenAI-compatible server on 127.0.0.1."""
+"""excelseg describe: LLM class descriptions over a scripted OpenAI-compatible server on 127.0.0.1.
+
+The requests go through the real openai client (the ``describe`` extra), pointed at the local server."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,7 +18,9 @@ import pytest
 
 from excelseg.cli import main
 from excelseg.describe import (
+    INSTALL_HINT,
     KNOWLEDGE_FORMAT,
+    DescribeError,
     EndpointError,
     EndpointUnreachable,
     build_prompt,
@@ -49,6 +56,11 @@ class Script:
     def prompts(self) -> list[str]:
         return [r["json"]["messages"][-1]["content"] for r in self.requests]
 
+    def gaps(self) -> list[float]:
+        """Seconds between consecutive requests."""
+        times = [r["time"] for r in self.requests]
+        return [b - a for a, b in itertools.pairwise(times)]
+
 
 def chat_body(text: str, finish: str = "stop") -> str:
     return json.dumps({"id": "c1", "object": "chat.completion", "model": "m",
@@ -58,6 +70,7 @@ def chat_body(text: str, finish: str = "stop") -> str:
 
 @pytest.fixture
 def server():
+    pytest.importorskip("openai")
     script = Script()
 
     class Handler(BaseHTTPRequestHandler):
@@ -69,6 +82,7 @@ def server():
                 body = None
             with script.lock:
                 script.requests.append({"path": self.path, "method": self.command, "json": body,
+                                        "time": time.monotonic(),
                                         "headers": {k.lower(): v for k, v in self.headers.items()}})
                 item = script.responses.pop(0) if script.responses else (418, {}, "unscripted request", 0.0)
             status, headers, payload, delay = item
@@ -291,30 +305,49 @@ def test_json_without_choices_is_a_failed_attempt(server, caplog):
     assert "choices[0].message.content" in caplog.text and "model is loading" in caplog.text
 
 
-def test_429_respects_retry_after(server):
-    server.add("slow down", status=429, headers={"Retry-After": "0"})
+def test_429_is_retried_by_the_client_after_retry_after(server):
+    server.add("slow down", status=429, headers={"Retry-After": "0.3"})
     server.chat(numbered(sents("forklift", 20)))
     sleeps = []
-    summary = describe(server, backoff=5.0, sleep=sleeps.append)
-    assert summary["classes"]["forklift"]["status"] == "complete"
-    assert sleeps == [0.0] and len(server.requests) == 2
+    summary = describe(server, backoff=20.0, sleep=sleeps.append)
+    assert summary["classes"]["forklift"] == {"status": "complete", "descriptions": 20, "missing": 0,
+                                              "requests": 2, "error": None}
+    assert len(server.requests) == 2 and sleeps == []  # the openai client waited, not describe
+    (gap,) = server.gaps()
+    assert 0.3 <= gap < 5.0  # Retry-After, not the 20 s back-off
 
 
 def test_retry_after_is_capped_at_60_seconds(server):
+    """The client leaves a Retry-After over 60 s to describe, which waits 60 s (here a fake) and asks again."""
     server.add("slow down", status=429, headers={"Retry-After": "3600"})
     server.chat(numbered(sents("forklift", 20)))
     sleeps = []
-    describe(server, sleep=sleeps.append)
-    assert sleeps == [60.0]
+    summary = describe(server, sleep=sleeps.append)
+    assert sleeps == [60.0] and len(server.requests) == 2
+    assert summary["classes"]["forklift"]["requests"] == 2
 
 
 def test_5xx_retried_with_exponential_backoff(server):
     server.add("boom", status=500).add("bad gateway", status=502).add("", status=503)
     server.chat(numbered(sents("forklift", 20)))
     sleeps = []
-    summary = describe(server, retries=3, backoff=0.5, sleep=sleeps.append)
+    summary = describe(server, retries=3, backoff=0.1, sleep=sleeps.append)
     assert summary["classes"]["forklift"]["status"] == "complete"
-    assert sleeps == [0.5, 1.0, 2.0] and len(server.requests) == 4
+    assert summary["classes"]["forklift"]["requests"] == 4 and len(server.requests) == 4
+    assert sleeps == []  # the openai client waited between its retries
+    gaps = server.gaps()
+    for gap, wait in zip(gaps, (0.1, 0.2, 0.4)):
+        assert wait <= gap < wait + 3.0
+    assert gaps[2] > gaps[0]
+
+
+def test_5xx_uses_up_the_retries_then_the_class_fails(server):
+    for _ in range(3):
+        server.add("busy", status=503)
+    summary = describe(server, retries=2)
+    info = summary["classes"]["forklift"]
+    assert info["status"] == "failed" and info["requests"] == 3 and len(server.requests) == 3
+    assert "HTTP 503" in info["error"]
 
 
 def test_slow_response_times_out_then_succeeds(server):
@@ -384,14 +417,26 @@ def test_endpoint_down_gives_one_line_naming_it(tmp_path, capsys):
     assert not (tmp_path / "kb.json").exists()
 
 
-def test_endpoint_down_is_retried_on_the_back_off_schedule():
-    """Connection refused counts as a failed attempt: retries + 1 attempts, waits backoff · 2^k in between."""
+def test_refused_connection_gives_up_at_once_with_a_clear_message(tmp_path, capsys):
+    """No server: the client's retries do not wait (no 31 s of back-off), the error names the URL."""
+    pytest.importorskip("openai")
     url = f"http://127.0.0.1:{free_port()}/v1"
     sleeps = []
-    with pytest.raises(EndpointUnreachable, match="unreachable after 4 attempts"):
-        describe_classes("forklift", endpoint=url, model="m", n=20, retries=3, backoff=0.25, timeout=5.0,
+    t0 = time.monotonic()
+    with pytest.raises(EndpointUnreachable) as info:
+        describe_classes("forklift", endpoint=url, model="m", n=20, retries=5, backoff=30.0, timeout=5.0,
                          sleep=sleeps.append)
-    assert sleeps == [0.25, 0.5, 1.0]
+    assert time.monotonic() - t0 < 5.0 and sleeps == []
+    msg = str(info.value)
+    assert "unreachable after 6 attempts" in msg and f"cannot connect to {url}/chat/completions" in msg
+    assert len(msg.splitlines()) == 1
+    # the CLI with its default back-off (1 s) and retries (5)
+    t0 = time.monotonic()
+    code = main(["describe", "--classes", "forklift", "--endpoint", url, "--model", "m",
+                 "--out", str(tmp_path / "kb.json")])
+    assert code == 2 and time.monotonic() - t0 < 5.0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot connect" in err[0] and url in err[0]
 
 
 def test_short_after_all_retries_is_written_and_exits_1_then_topped_up(server, tmp_path, capsys, caplog):
@@ -485,7 +530,7 @@ def test_hard_failure_on_second_class_keeps_the_first_on_disk(server, tmp_path):
 def test_interrupt_during_second_class_keeps_the_first_on_disk(server, tmp_path):
     out = tmp_path / "kb.json"
     server.chat(numbered(sents("forklift", 20)))
-    server.add("busy", status=503)
+    server.add("<html>busy</html>", headers={"Content-Type": "text/html"})  # describe waits, then asks again
 
     def interrupt(seconds):
         raise KeyboardInterrupt
@@ -542,3 +587,25 @@ def test_library_validates_arguments(server):
         with pytest.raises(ValueError):
             describe(server, **kw)
     assert server.requests == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the optional openai dependency
+
+
+def test_import_excelseg_and_the_cli_do_not_import_openai():
+    code = ("import sys, excelseg, excelseg.describe; from excelseg.cli import main; "
+            "main(['describe', '--help']); print('openai' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "False"
+
+
+def test_missing_openai_is_a_one_line_error_naming_the_extra(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openai", None)  # "import openai" raises ImportError
+    assert cli(server, out=tmp_path / "kb.json") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and INSTALL_HINT in err[0] and 'pip install "excelseg[describe]"' in err[0]
+    with pytest.raises(DescribeError, match=r"excelseg\[describe\]"):
+        describe(server)
+    assert server.requests == [] and not (tmp_path / "kb.json").exists()

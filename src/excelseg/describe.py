@@ -1,33 +1,25 @@
 """Class descriptions from a large language model, for ExCEL's Text Semantic Enrichment (``excelseg describe``).
 
 ExCEL enriches every class name with LLM-written visual descriptions. This module asks any OpenAI-compatible
-chat-completions server (OpenAI, vLLM, llama.cpp server, ollama, ...) for them and writes a knowledge base::
+chat-completions server (OpenAI, vLLM, llama.cpp server, ollama, ...) for them, through the official ``openai``
+Python client (``pip install "excelseg[describe]"``, imported only when a run starts), and writes a knowledge
+base::
 
     {"format": "excelseg-knowledge/1",
      "classes": {"forklift": {"descriptions": ["...", ...], "synonyms": []}, ...}}
 
 Endpoint
     ``endpoint`` is the API base URL, the one that ends in ``/v1`` (``http://localhost:11434/v1`` for ollama,
-    ``http://localhost:8000/v1`` for vLLM, ``https://api.openai.com/v1``). ``/chat/completions`` is appended;
-    a trailing slash, or a URL that already ends in ``/chat/completions``, is tolerated. Each request is a
-    ``POST`` of ``{"model", "messages", "temperature", "max_tokens"}`` with ``Content-Type: application/json``
-    and, only when an API key is given, ``Authorization: Bearer <key>``. Redirects are not followed (the key
-    would travel elsewhere); the key never appears in logs, messages or files, and is redacted from any response
-    text that is quoted in an error.
+    ``http://localhost:8000/v1`` for vLLM, ``https://api.openai.com/v1``); a trailing slash, or a URL that already
+    ends in ``/chat/completions``, is tolerated. Each request is a chat completion with ``model``, ``messages``,
+    ``temperature`` and ``max_tokens``; ``Authorization: Bearer <key>`` is sent only when an API key is given.
+    Redirects are not followed (the key would travel elsewhere); the key never appears in logs, messages or
+    files, and is redacted from any response text that is quoted in an error.
 
 Prompt (``build_prompt``; ``{n}`` = number asked for, ``{name}`` = class name)
-    system: ``You write short visual descriptions of object categories for an image recognition system.
-    You answer with the requested list only.``
-
-    user: ``Write {n} short, distinct, visual descriptions of "{name}" as it appears in photographs.
-    Each description is one sentence of 5 to 25 words about its appearance: its parts, colour, shape,
-    material, or the typical setting it is seen in. Never name any other kind of object: describe only
-    the {name} itself and its surroundings as a place. Put one description per line, numbered or
-    bulleted. Write no other text: no title, no introduction, no closing remark.``
-
-    When some descriptions are already known (a top-up request), the user message says ``Write {n} more ...``
-    and appends ``Do not repeat or rephrase these descriptions, which are already known:`` followed by them,
-    one ``- `` line each (at most 40).
+    ``SYSTEM_PROMPT`` and ``USER_PROMPT`` below. When some descriptions are already known (a top-up request),
+    the user message says ``Write {n} more ...`` and appends ``EXCLUDE_PROMPT`` followed by them, one ``- `` line
+    each (at most 40).
 
 Parsing (``parse_descriptions``)
     ``<think>`` blocks, code fences, blank lines, markdown (``**``, ``__``, backticks, ``#`` headings, ``>``)
@@ -38,14 +30,17 @@ Parsing (``parse_descriptions``)
     (``finish_reason == "length"``) its last line is discarded.
 
 Retries
-    Every class has ``1 + retries`` requests. An answer with fewer than ``n`` new valid sentences uses one of
-    them to ask again for the missing number (keeping what it has). HTTP 429 and 5xx, connection errors,
-    timeouts (``timeout`` seconds per connect / read), HTML or non-JSON bodies and bodies without
-    ``choices[0].message.content`` are failed attempts, retried after ``backoff · 2^k`` seconds (or the
-    server's ``Retry-After``), capped at 60 s. Any other 4xx (401 bad key, 404 wrong URL or model, ...) or a
-    redirect stops the run at once with :class:`EndpointError`; a server that never answered at all for a whole
-    class stops it with :class:`EndpointUnreachable`. A class still short after its requests is kept with what
-    was obtained (a warning is logged and the summary says ``short``), so a later run tops it up.
+    Every class has ``1 + retries`` requests in all. An answer with fewer than ``n`` new valid sentences uses one
+    of them to ask again for the missing number (keeping what it has). HTTP 429, 408, 409 and 5xx, connection
+    errors and timeouts (``timeout`` seconds per request) are retried by the openai client itself (its
+    ``max_retries``), after ``backoff · 2^k`` seconds or the server's ``Retry-After`` (a longer one than 60 s is
+    cut to 60 s, waited here); a request that got no answer at all (connection refused, timeout) is repeated
+    without waiting, so a server that is down is reported at once. HTML or non-JSON bodies and bodies without
+    ``choices[0].message.content`` are failed attempts too, asked again after the back-off. Any other 4xx
+    (401 bad key, 404 wrong URL or model, ...) or a redirect stops the run at once with :class:`EndpointError`;
+    a server that never answered at all for a whole class stops it with :class:`EndpointUnreachable`. A class
+    still short after its requests is kept with what was obtained (a warning is logged and the summary says
+    ``short``), so a later run tops it up.
 
 Resume
     With ``out_path``, an existing file (this format, or the reference's plain ``{"class": ["sentence", ...]}``)
@@ -57,26 +52,31 @@ Resume
 
 from __future__ import annotations
 
-import email.utils
-import http.client
 import json
 import logging
 import os
 import re
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .images import one_line
+from .chat_client import (
+    INSTALL_HINT,
+    MAX_WAIT,
+    ChatClient,
+    DescribeError,
+    EndpointError,
+    EndpointUnreachable,
+    FailedAttempt,
+    chat_url,
+    require_openai,
+)
 from .knowledge import KNOWLEDGE_FORMAT, knowledge_entries
 from .vocab import normalize_name
 
 __all__ = [
+    "INSTALL_HINT",
     "KNOWLEDGE_FORMAT",
     "DescribeError",
     "EndpointError",
@@ -85,15 +85,14 @@ __all__ = [
     "chat_url",
     "describe_classes",
     "parse_descriptions",
+    "require_openai",
 ]
 
 _logger = logging.getLogger(__name__)
 
 MIN_WORDS = 3
 MAX_WORDS = 60
-MAX_WAIT = 60.0  # seconds: cap of back-off and Retry-After
 MAX_EXCLUDE = 40  # known descriptions quoted in a top-up prompt
-MAX_BODY = 16 * 1024 * 1024  # bytes read from a response
 
 SYSTEM_PROMPT = (
     "You write short visual descriptions of object categories for an image recognition system. "
@@ -107,27 +106,6 @@ USER_PROMPT = (
     "bulleted. Write no other text: no title, no introduction, no closing remark."
 )
 EXCLUDE_PROMPT = "Do not repeat or rephrase these descriptions, which are already known:"
-
-
-class DescribeError(RuntimeError):
-    """The run cannot go on; the message is one line and never contains the API key."""
-
-
-class EndpointError(DescribeError):
-    """The endpoint refused the request (4xx other than 429, or a redirect): retrying would not help."""
-
-
-class EndpointUnreachable(DescribeError):
-    """No HTTP answer at all (connection refused, DNS failure, timeouts) during all requests of a class."""
-
-
-class _FailedAttempt(Exception):
-    """A request that may succeed when repeated."""
-
-    def __init__(self, message: str, retry_after: float | None = None, transport: bool = False):
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.transport = transport
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,137 +205,6 @@ def parse_descriptions(text: str, n: int | None = None) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# HTTP
-
-
-def chat_url(endpoint: str) -> str:
-    """``<endpoint>/chat/completions`` for an ``http(s)://.../v1`` base URL; ``ValueError`` for a bad URL."""
-    base = str(endpoint).strip()
-    parts = urllib.parse.urlsplit(base)
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise ValueError(
-            f"endpoint must be an http:// or https:// API base URL such as http://localhost:11434/v1, got {base!r}"
-        )
-    if parts.username or parts.password:
-        raise ValueError("endpoint must not contain a user name or password; put the API key in the environment")
-    base = base.rstrip("/")
-    if base.endswith("/chat/completions"):
-        return base
-    return base + "/chat/completions"
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # the 3xx surfaces as an HTTPError
-
-
-class _ChatClient:
-    def __init__(self, endpoint: str, model: str, api_key: str | None, timeout: float, temperature: float,
-                 max_tokens: int):
-        self.endpoint = str(endpoint).strip()
-        self.url = chat_url(endpoint)
-        self.model = model
-        self._key = api_key or None
-        self.timeout = timeout
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self._opener = urllib.request.build_opener(_NoRedirect)
-
-    def redact(self, text: str) -> str:
-        if self._key and self._key in text:
-            text = text.replace(self._key, "[redacted]")
-        return text
-
-    def _post(self, payload: dict) -> tuple[int, Any, bytes]:
-        data = json.dumps(payload).encode("utf-8")
-        req = urllib.request.Request(self.url, data=data, method="POST")
-        req.add_header("Content-Type", "application/json")
-        req.add_header("Accept", "application/json")
-        if self._key:
-            req.add_unredirected_header("Authorization", f"Bearer {self._key}")
-        try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                return resp.status, resp.headers, resp.read(MAX_BODY)
-        except urllib.error.HTTPError as exc:
-            try:
-                body = exc.read(MAX_BODY) or b""
-            except (OSError, http.client.HTTPException):
-                body = b""
-            return exc.code, exc.headers, body
-        except urllib.error.URLError as exc:
-            reason = exc.reason
-            if isinstance(reason, TimeoutError):
-                raise _FailedAttempt(f"no answer from {self.url} within {self.timeout:g} s", transport=True) from None
-            raise _FailedAttempt(f"cannot connect to {self.url}: {self.redact(str(reason))}", transport=True) from None
-        except TimeoutError:
-            raise _FailedAttempt(f"no answer from {self.url} within {self.timeout:g} s", transport=True) from None
-        except (OSError, http.client.HTTPException) as exc:
-            msg = self.redact(str(exc)) or type(exc).__name__
-            raise _FailedAttempt(f"connection to {self.url} failed: {msg}", transport=True) from None
-
-    def complete(self, messages: list[dict]) -> tuple[str, str | None]:
-        """(content, finish_reason) of one chat completion; raises _FailedAttempt or EndpointError."""
-        payload = {"model": self.model, "messages": messages, "temperature": self.temperature,
-                   "max_tokens": self.max_tokens}
-        _logger.debug("POST %s (model %s)", self.url, self.model)
-        status, headers, body = self._post(payload)
-        text = self.redact(body.decode("utf-8", errors="replace"))
-        _logger.debug("%s answered HTTP %d, %d bytes", self.url, status, len(body))
-        if status == 429 or status >= 500:
-            raise _FailedAttempt(f"{self.url} answered HTTP {status}: {one_line(text, 200)}",
-                                 retry_after=_retry_after(headers))
-        if 300 <= status < 400:
-            where = headers.get("Location", "?") if headers is not None else "?"
-            raise EndpointError(f"{self.url} redirected (HTTP {status}) to {self.redact(where)}; "
-                                f"give the final API base URL (…/v1) as the endpoint")
-        if status >= 400 or status < 200:
-            hint = ""
-            if status in (401, 403):
-                hint = " (is the API key right?)"
-            elif status in (404, 405):
-                hint = f" (is the endpoint the API base URL ending in /v1, and does model {self.model!r} exist?)"
-            raise EndpointError(f"{self.url} answered HTTP {status}: {one_line(text, 200)}{hint}")
-        ctype = (headers.get("Content-Type", "") if headers is not None else "").lower()
-        if "html" in ctype or text.lstrip()[:1] == "<":
-            raise _FailedAttempt(f"{self.url} returned HTML, not JSON: is the endpoint the API base URL (…/v1)?")
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            raise _FailedAttempt(f"{self.url} returned a body that is not valid JSON: {one_line(text, 80)!r}") \
-                from None
-        try:
-            choice = obj["choices"][0]
-            content = choice["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            content, choice = None, None
-        if not isinstance(content, str):
-            err = obj.get("error") if isinstance(obj, dict) else None
-            if isinstance(err, dict):
-                err = err.get("message", err)
-            detail = f": error {one_line(str(err), 200)}" if err else ""
-            raise _FailedAttempt(f"{self.url} returned JSON without choices[0].message.content{detail}")
-        return content, choice.get("finish_reason") if isinstance(choice, dict) else None
-
-
-def _retry_after(headers) -> float | None:
-    value = headers.get("Retry-After") if headers is not None else None
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
-
-# --------------------------------------------------------------------------------------------------------------
 # knowledge file
 
 
@@ -413,13 +260,15 @@ def describe_classes(
         classes: a comma list, a .txt/.json file of names, or a sequence (``excelseg.vocab.parse_class_list``).
         endpoint: API base URL ending in ``/v1``.
         api_key: sent as ``Authorization: Bearer``; ``None`` or empty sends no such header.
-        timeout: seconds per connect / read of one request.
-        retries: extra requests per class (errors and top-ups share them).
+        timeout: seconds per request (the openai client's ``timeout``).
+        retries: extra requests per class (errors and top-ups share them; the openai client's ``max_retries``
+            is what is left of them).
         backoff: first back-off wait in seconds (doubled each failed attempt, capped at 60).
         out_path: knowledge-base JSON file, resumed from and rewritten atomically after every class.
         progress: ``progress(class_name, info)`` after each class, ``info`` being its summary entry.
         overwrite: re-ask classes already in ``out_path``.
-        sleep: the back-off wait (tests pass a fake).
+        sleep: the wait before asking again after an unusable answer (the openai client waits itself
+            between the retries it makes).
 
     Returns:
         ``{"knowledge": <excelseg-knowledge/1 dict>, "classes": {name: {"status": "complete" | "skipped" |
@@ -428,6 +277,7 @@ def describe_classes(
         (``complete`` includes skipped classes).
 
     Raises:
+        DescribeError: the openai client is not installed.
         ValueError: bad arguments, or an ``out_path`` that cannot be resumed from.
         EndpointError: the endpoint refused a request (401, 404, ...): the run stops at once.
         EndpointUnreachable: no answer at all for a whole class.
@@ -445,13 +295,13 @@ def describe_classes(
     _check_positive("temperature", temperature, strict=False)
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
+    chat_url(endpoint)
     if not model or not str(model).strip():
         raise ValueError("model must be a non-empty model name")
     if api_key is not None:
         api_key = api_key.strip()
         if api_key and not all(33 <= ord(c) < 127 for c in api_key):
             raise ValueError("the API key contains spaces or non-ASCII characters; it cannot be sent in a header")
-    client = _ChatClient(endpoint, str(model).strip(), api_key, float(timeout), float(temperature), max_tokens)
 
     path = Path(out_path) if out_path is not None else None
     kb: dict | None = None
@@ -464,6 +314,17 @@ def describe_classes(
             _logger.warning("%s cannot be read; it is replaced (overwrite)", path)
     if kb is None:
         kb = {"format": KNOWLEDGE_FORMAT, "classes": {}}
+    client = ChatClient(endpoint, str(model).strip(), api_key, float(timeout), float(temperature), max_tokens,
+                         float(backoff))
+    try:
+        return _describe_all(client, names, kb, path, n, retries, backoff, overwrite, progress, sleep)
+    finally:
+        client.close()
+
+
+def _describe_all(client: ChatClient, names: list[str], kb: dict, path: Path | None, n: int, retries: int,
+                  backoff: float, overwrite: bool, progress: Callable[[str, dict], None] | None,
+                  sleep: Callable[[float], None]) -> dict:
     by_norm = {normalize_name(k): k for k in kb["classes"]}
 
     summary: dict[str, Any] = {"knowledge": kb, "classes": {}, "complete": [], "short": [], "failed": [],
@@ -502,30 +363,32 @@ def describe_classes(
     return summary
 
 
-def _describe_one(client: _ChatClient, name: str, have: list[str], n: int, retries: int, backoff: float,
+def _describe_one(client: ChatClient, name: str, have: list[str], n: int, retries: int, backoff: float,
                   sleep: Callable[[float], None]) -> tuple[list[str], int, str | None]:
     """(descriptions, requests made, last error) for one class, topping ``have`` up to ``n``."""
     descs = list(have)
     keys = {_dedup_key(d) for d in descs}
+    start = client.requests
     attempts = failures = 0
     answered = False
     error: str | None = None
     while len(descs) < n and attempts < 1 + retries:
         missing = n - len(descs)
         messages = build_prompt(name, missing, exclude=descs)
-        attempts += 1
         try:
-            text, finish = client.complete(messages)
-        except _FailedAttempt as exc:
+            text, finish = client.complete(messages, max_retries=retries - attempts)
+        except FailedAttempt as exc:
+            attempts = max(attempts + 1, client.requests - start)
             failures += 1
             error = str(exc)
             answered = answered or not exc.transport
-            if attempts < 1 + retries:
+            if attempts < 1 + retries:  # an unusable answer, or a status the client would not retry
                 wait = exc.retry_after if exc.retry_after is not None else backoff * 2 ** (failures - 1)
                 wait = min(MAX_WAIT, max(0.0, wait))
                 _logger.warning("%s: attempt %d failed (%s); retrying in %.1f s", name, attempts, error, wait)
                 sleep(wait)
             continue
+        attempts = max(attempts + 1, client.requests - start)
         answered = True
         error = None
         if finish == "length":

@@ -1,7 +1,8 @@
 """Visual descriptions of each class from an LLM, for Text Semantic Enrichment (excelseg describe).
 
 Asks any OpenAI-compatible chat-completions server (OpenAI, vLLM, llama.cpp server, ollama) for N short visual
-descriptions per class and writes them as an excelseg knowledge base:
+descriptions per class, through the official openai Python client (pip install "excelseg[describe]"), and
+writes them as an excelseg knowledge base:
 {"format": "excelseg-knowledge/1", "classes": {"<class>": {"descriptions": [...], "synonyms": []}}}.
 --endpoint is the API base URL ending in /v1; /chat/completions is appended. The API key is read from the
 environment variable named by --api-key-env (default OPENAI_API_KEY; none is sent when it is unset) and is
@@ -28,8 +29,8 @@ EXAMPLES = """examples:
 
 Resume: classes already in --out with >= N descriptions are not asked again, shorter ones are topped up,
 and the file is rewritten atomically after every class (--overwrite re-asks all).
-Failed requests (HTTP 429/5xx, timeouts, connection errors, non-JSON answers) are retried with exponential
-back-off; 401/404 and other client errors stop at once.
+Failed requests (HTTP 429/5xx, timeouts, non-JSON answers) are retried with exponential back-off (Retry-After
+honoured); a refused connection is reported at once; 401/404 and other client errors stop at once.
 Exit status: 0 every class has N descriptions, 1 some are short or failed (listed; a re-run tops them up),
 2 usage/setup error (bad URL, no classes, endpoint refused or unreachable)."""
 
@@ -72,13 +73,17 @@ def _api_key(var: str | None) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..describe import DescribeError, chat_url, describe_classes
+    from ..describe import DescribeError, chat_url, describe_classes, require_openai
     from ..vocab import parse_class_list
 
     try:
         classes = parse_class_list(args.classes)
         chat_url(args.endpoint)
     except (ValueError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+    try:
+        require_openai()
+    except DescribeError as exc:
         raise CliError(str(exc)) from None
     if args.n < 1:
         raise CliError(f"--n must be >= 1, got {args.n}")

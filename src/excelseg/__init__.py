@@ -2,8 +2,9 @@
 
 Public API::
 
-    from excelseg import CamPredictor
-    p = CamPredictor(clip="ViT-B-16")          # weights resolved by excelseg.load_clip
+    import excelseg
+    model = excelseg.build_model(clip="ViT-B-16")  # loads everything: weights, bank, checkpoint, settings
+    p = excelseg.CamPredictor(model)              # or CamPredictor(clip="ViT-B-16"), which builds one
     r = p.set_image(image).predict(["cat", "dog"])
     r.cams          # K×H×W float32 in [0, 1]
     r.pseudo_label  # H×W uint8, 0 = background
@@ -25,19 +26,21 @@ _EXPORTS = {
     "PAPER_COCO": "config", "PAPER_VOC": "config", "PRESETS": "config", "CamConfig": "config",
     "PipelineConfig": "config", "RefineConfig": "config", "TextConfig": "config", "load_config": "config",
     "CamPredictor": "predictor", "CamResult": "predictor", "SegResult": "segmenter", "Segmenter": "segmenter",
-    "AttributeBank": "bank",
+    "AttributeBank": "bank", "build_model": "build", "ExcelModel": "model",
     "Vocabulary": "vocab",
     "LoadedClip": "weights", "load_clip": "weights",
 }
 
 __all__ = [
-    "PAPER_COCO", "PAPER_VOC", "PRESETS", "AttributeBank", "CamConfig", "CamPredictor", "CamResult", "LoadedClip",
+    "PAPER_COCO", "PAPER_VOC", "PRESETS", "AttributeBank", "CamConfig", "CamPredictor", "CamResult", "ExcelModel",
+    "LoadedClip",
     "PipelineConfig", "RefineConfig", "SegResult", "Segmenter", "TextConfig", "Vocabulary", "__version__",
-    "load_clip", "load_config",
+    "build_model", "load_clip", "load_config",
 ]
 
 if TYPE_CHECKING:
     from .bank import AttributeBank
+    from .build import build_model
     from .config import (
         PAPER_COCO,
         PAPER_VOC,
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
         TextConfig,
         load_config,
     )
+    from .model import ExcelModel
     from .predictor import CamPredictor, CamResult
     from .segmenter import Segmenter, SegResult
     from .vocab import Vocabulary
@@ -55,6 +59,12 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "native":  # moved in 0.2 (private: the C kernels behind excelseg.par)
+        import warnings
+
+        warnings.warn("excelseg.native moved to excelseg._native (private); PAR is excelseg.par.par",
+                      DeprecationWarning, stacklevel=2)
+        return importlib.import_module("._native", __name__)
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'excelseg' has no attribute {name!r}")

@@ -74,7 +74,7 @@ def kit():
 
 
 def net_input(name: str) -> torch.Tensor:
-    from excelseg.images import read_image, to_rgb_array
+    from excelseg.io.images import read_image, to_rgb_array
     from excelseg.preprocess import network_input
 
     return network_input(to_rgb_array(read_image(image_path(name))), (320, 320), "imagenet")

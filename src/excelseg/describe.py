@@ -51,7 +51,7 @@ Resume
     With ``out_path``, an existing file (this format, or the reference's plain ``{"class": ["sentence", ...]}``)
     is read first: requested classes that already have ≥ ``n`` descriptions are not asked again, those with
     fewer get only the missing ones, other classes in the file are kept. The file is rewritten atomically
-    (:func:`excelseg.outputs.save_json`) after every class, so an interrupted run loses at most the class in
+    (:func:`excelseg.io.files.save_json`) after every class, so an interrupted run loses at most the class in
     progress. ``overwrite=True`` re-asks every requested class.
 """
 
@@ -72,7 +72,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .images import one_line
+from .io.images import one_line
 from .knowledge import KNOWLEDGE_FORMAT, knowledge_entries
 from .vocab import normalize_name
 
@@ -375,7 +375,7 @@ def _load_existing(path: Path) -> dict | None:
 
 
 def _write(path: Path, kb: dict) -> None:
-    from .outputs import save_json
+    from .io.files import save_json
 
     save_json(path, kb, indent=2)
 

@@ -35,7 +35,7 @@ from .bank import PAPER_CLUSTERS, AttributeBank, bank_for, check_bank_identity
 from .cam import surgery_cams
 from .config import PipelineConfig, load_config
 from .devices import resolve_device
-from .images import to_rgb_array
+from .io.images import to_rgb_array
 from .preprocess import network_input
 from .refine import box_mask, labels_from_cams, minmax_normalize, refine_cams, transition_matrix
 from .text import TextEncoder, class_text_features
@@ -140,7 +140,7 @@ class CamPredictor:
         self.vocabulary = None if vocabulary is None else Vocabulary.from_spec(vocabulary)
         self.heads = None
         if checkpoint is not None:
-            from .interop import HeadsCheckpoint, check_checkpoint, load_checkpoint
+            from .io.checkpoint import HeadsCheckpoint, check_checkpoint, load_checkpoint
 
             ckpt = checkpoint if isinstance(checkpoint, HeadsCheckpoint) else load_checkpoint(checkpoint)
             check_checkpoint(ckpt, self.clip.identity,

@@ -32,8 +32,8 @@ from .backbone import DenseEncoder
 from .config import PipelineConfig, load_config
 from .devices import resolve_device
 from .heads import ExcelHeads
-from .images import to_rgb_array
-from .interop import HeadsCheckpoint, check_checkpoint, load_checkpoint
+from .io.checkpoint import HeadsCheckpoint, check_checkpoint, load_checkpoint
+from .io.images import to_rgb_array
 from .predictor import multiscale_views
 from .preprocess import network_input
 from .weights import LoadedClip, load_clip

@@ -67,12 +67,13 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..batch import dataset_vocabulary
     from ..config import ConfigError
     from ..data import open_dataset
-    from ..devices import device_for_rank, resolve_device
+    from ..devices import resolve_device
+    from ..jobs.labels import dataset_vocabulary
     from ..predictor import CamPredictor
-    from ..train import DistInfo, Trainer, TrainingError, init_distributed
+    from ..train import Trainer, TrainingError
+    from ..train.dist import DistInfo, device_for_rank, init_distributed
     from ..weights import load_clip
 
     if args.resume and OVERRIDE_RE.match(args.resume):  # "--resume train.x=y": the word is a setting

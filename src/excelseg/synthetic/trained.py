@@ -2,7 +2,7 @@
 
 ``excelseg train --config synthetic`` trains ExCEL's adapter and decoder (paper §3.3–3.4, single stage) on the
 ``train`` split of :mod:`excelseg.data.synthetic` with the shipped synthetic CLIP and the synthetic TSE bank;
-its last checkpoint (:func:`excelseg.interop.save_checkpoint` format) is shipped so the demo, the ablation and the
+its last checkpoint (:func:`excelseg.io.checkpoint.save_checkpoint` format) is shipped so the demo, the ablation and the
 regression tests can show the trained half of the method without training. The sibling ``.json`` records the
 command, seed, wall time and the figures it was shipped with.
 """
@@ -28,9 +28,9 @@ def load_trained(clip: Any, checkpoint: str | Path | None = None, device: str = 
 
     Returns ``{"checkpoint": HeadsCheckpoint, "model": ExcelModel (eval mode; its pseudo-labels:
     :func:`~excelseg.synthetic.seeds.pseudo_label_miou`), "segmenter": Segmenter, "bank": the TSE bank the heads
-    were trained with}``. Heads made for other CLIP weights are refused (:func:`excelseg.interop.check_checkpoint`).
+    were trained with}``. Heads made for other CLIP weights are refused (:func:`excelseg.io.checkpoint.check_checkpoint`).
     """
-    from ..interop import load_checkpoint
+    from ..io.checkpoint import load_checkpoint
     from ..model import ExcelModel
     from ..predictor import CamPredictor
     from ..segmenter import Segmenter

@@ -72,7 +72,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .io.images import one_line
+from ._messages import one_line
 from .knowledge import KNOWLEDGE_FORMAT, knowledge_entries
 from .vocab import normalize_name
 

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .images import ImageReadError, PathLike, one_line, to_rgb_array
+from .._messages import one_line
+from .images import ImageReadError, PathLike, to_rgb_array
 from .palette import VOC_PALETTE
 
 __all__ = [

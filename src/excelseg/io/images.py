@@ -25,6 +25,8 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from .._messages import one_line
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
@@ -90,16 +92,6 @@ def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
             _bomb_users -= 1
             if _bomb_users == 0:
                 Image.MAX_IMAGE_PIXELS = _bomb_saved
-
-
-def one_line(exc: BaseException | str, limit: int | None = None) -> str:
-    """An exception (``Type: message``) or a text on one line, whitespace collapsed, cut to ``limit`` chars."""
-    if isinstance(exc, BaseException):
-        text = " ".join(str(exc).split())
-        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    else:
-        text = " ".join(str(exc).split())
-    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def read_image(path: PathLike, *, max_pixels: int = MAX_PIXELS, max_side: int | None = None) -> Image.Image:

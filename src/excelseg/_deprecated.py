@@ -8,7 +8,7 @@ Usage, in the module that lost the names::
 
 ``old_module.atomic_write`` then imports ``excelseg.io.files`` (on first use, not before), emits a
 ``DeprecationWarning`` naming the new path and returns the object itself. A name the mapping lacks raises the usual
-``AttributeError``.
+``AttributeError``. The table is ``__getattr__.moved``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def moved(module: str, names: Mapping[str, str]) -> Callable[[str], Any]:
                       "release)", DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(new), name)
 
+    __getattr__.moved = table  # type: ignore[attr-defined]  # what is forwarded where (tests read it)
     return __getattr__
 
 

@@ -31,7 +31,7 @@ import open_clip
 import torch
 
 from excelseg.config import PAPER_VOC, CamConfig
-from excelseg.images import read_image, to_rgb_array
+from excelseg.io.images import read_image, to_rgb_array
 from excelseg.predictor import CamPredictor
 from excelseg.weights import LoadedClip
 

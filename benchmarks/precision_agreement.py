@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 def main() -> None:
     from excelseg import CamPredictor, load_clip
-    from excelseg.images import read_image, to_rgb_array
+    from excelseg.io.images import read_image, to_rgb_array
     from parity_kit import REF_BANK, golden, image_names, image_path, random_clip_weights
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

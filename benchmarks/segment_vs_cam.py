@@ -20,7 +20,7 @@ import torch
 
 from excelseg.config import PAPER_VOC, SegmentConfig
 from excelseg.heads import ExcelHeads
-from excelseg.interop import HeadsCheckpoint
+from excelseg.io.checkpoint import HeadsCheckpoint
 from excelseg.predictor import CamPredictor
 from excelseg.segmenter import Segmenter
 from excelseg.vocab import Vocabulary

@@ -40,7 +40,7 @@ def build(device: torch.device):
 
     from excelseg.config import PAPER_VOC
     from excelseg.model import ExcelModel
-    from excelseg.optim import build_optimizer
+    from excelseg.train.optim import build_optimizer
 
     torch.manual_seed(0)
     clip = open_clip.create_model("ViT-B-16", pretrained=None, force_quick_gelu=True)
@@ -55,8 +55,8 @@ def build(device: torch.device):
 
 
 def iteration(model, opt, x, cls, setting: str, amp, timings: dict | None = None) -> None:
-    from excelseg.optim import set_lrs
-    from excelseg.training import training_losses
+    from excelseg.train.optim import set_lrs
+    from excelseg.train.step import training_losses
 
     n_iter = SETTINGS[setting]
     cfg = model.config.train
@@ -85,7 +85,7 @@ def iteration(model, opt, x, cls, setting: str, amp, timings: dict | None = None
             cams_out = out
         if timings is not None:  # split: CAMs + refinement (labels) vs losses, same code as training_losses
             from excelseg.model import denormalize_uint8
-            from excelseg.training import uses_lvc
+            from excelseg.train.step import uses_lvc
 
             with torch.no_grad(), torch.autocast(dev.type, enabled=False):
                 lvc = uses_lvc(n_iter, cfg)

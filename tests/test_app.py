@@ -18,7 +18,8 @@ from PIL import Image
 
 from excelseg.app import EXAMPLE_SEED, EXAMPLE_SIDE, MAX_HEATMAPS, AppModel, Switches, split_class_text
 from excelseg.cli import main
-from excelseg.outputs import read_cam_archive, read_label_png
+from excelseg.io.cams import read_cam_archive
+from excelseg.io.files import read_label_png
 from excelseg.synthetic import SceneGenerator
 from excelseg.weights import load_clip
 
@@ -212,7 +213,7 @@ def test_a_huge_photo_is_reduced_while_it_is_read(model, tmp_path):
     assert r.image_size == (1536, 2048) and read_label_png(r.label_png).shape == (1536, 2048)
     assert "reduced from 12000×9000 to 2048×1536" in r.status
     # memory: the reader the page uses decodes the JPEG at 1/4 scale (full size would be 324 MB of RGB)
-    code = ("import resource; from excelseg.app import MAX_PIXELS, MAX_SIDE; from excelseg.images import read_image; "
+    code = ("import resource; from excelseg.app import MAX_PIXELS, MAX_SIDE; from excelseg.io.images import read_image; "
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
             f"img = read_image({str(big)!r}, max_pixels=MAX_PIXELS, max_side=MAX_SIDE); "
             "print(img.size, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)")
@@ -243,7 +244,7 @@ def test_concurrent_callers_get_their_own_results(model, tmp_path):
 def test_trained_segmenter_switch(clip, tmp_path, capsys):
     from excelseg.config import apply_overrides, load_config
     from excelseg.heads import ExcelHeads
-    from excelseg.interop import save_checkpoint
+    from excelseg.io.checkpoint import save_checkpoint
 
     classes = ["red disc", "blue cross", "green ring"]
     torch.manual_seed(0)
@@ -289,7 +290,7 @@ def test_text_features_cache_is_bounded(clip):
 
 
 def test_read_image_max_side(tmp_path):
-    from excelseg.images import read_image
+    from excelseg.io.images import read_image
 
     for name in ("wide.jpg", "wide.png"):
         Image.new("RGB", (3000, 1200), (10, 200, 30)).save(tmp_path / name)

@@ -24,7 +24,7 @@ from excelseg.data import (
     seed_worker,
 )
 from excelseg.data.index import parallel_map
-from excelseg.outputs import read_label_png, save_label_png
+from excelseg.io.files import read_label_png, save_label_png
 from excelseg.vocab import VOC_CLASSES
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc_sample"

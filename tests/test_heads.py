@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from excelseg.heads import ExcelHeads, LvcAdapter, SegDecoder, count_parameters, reference_key_map
-from excelseg.interop import CheckpointError, convert_reference_state, import_reference_heads, load_heads
+from excelseg.interop import convert_reference_state, import_reference_heads
+from excelseg.io.checkpoint import CheckpointError, load_heads
 from parity_kit import PARITY, require_kit
 
 

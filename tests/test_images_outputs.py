@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from excelseg.images import MAX_PIXELS, ImageReadError, collect_images, read_image, to_rgb_array
-from excelseg.outputs import (
-    VOC_PALETTE,
-    atomic_write,
-    read_label_png,
-    save_jpeg,
-    save_json,
-    save_label_png,
-    save_npz,
-)
+from excelseg.io.files import atomic_write, read_label_png, save_jpeg, save_json, save_label_png, save_npz
+from excelseg.io.images import MAX_PIXELS, ImageReadError, collect_images, read_image, to_rgb_array
+from excelseg.io.palette import VOC_PALETTE
 from excelseg.viz import heatmap, jet_colormap, overlay, overlay_sheet
 
 # ------------------------------------------------------------------------------------------------------------

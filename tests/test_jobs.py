@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from excelseg.batch import prefetch
 from excelseg.cli import main
-from excelseg.commands.jobs import MAX_PENDING_WRITES, ImageJob
+from excelseg.jobs.runner import MAX_PENDING_WRITES, ImageJob, prefetch
 from tiny_clip import save_tiny
 
 

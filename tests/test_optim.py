@@ -8,7 +8,7 @@ import torch
 
 from excelseg.config import PAPER_COCO, PAPER_VOC
 from excelseg.heads import ExcelHeads
-from excelseg.optim import build_optimizer, group_lrs, lr_multiplier, set_lrs
+from excelseg.train.optim import build_optimizer, group_lrs, lr_multiplier, set_lrs
 from parity_kit import GOLDEN
 
 

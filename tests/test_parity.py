@@ -44,7 +44,7 @@ def predictor():
 def run(predictor):
     """``run(name)`` → (state, result for the golden's present classes); computed once per image, whichever test
     asks first, so every test works alone and in any order."""
-    from excelseg.images import read_image, to_rgb_array
+    from excelseg.io.images import read_image, to_rgb_array
 
     cache: dict = {}
 
@@ -187,7 +187,7 @@ BF16_AGREEMENT_FLOOR = 0.80
 
 def test_bf16_forward_agrees_with_fp32(predictor, run):
     from excelseg import CamPredictor
-    from excelseg.images import read_image, to_rgb_array
+    from excelseg.io.images import read_image, to_rgb_array
 
     low = CamPredictor(predictor.clip, vocabulary="voc", bank=REF_BANK, config=predictor.config, device="cpu",
                        precision="bf16")

@@ -74,7 +74,7 @@ def kit():
 
 
 def net_input(name: str) -> torch.Tensor:
-    from excelseg.images import read_image, to_rgb_array
+    from excelseg.io.images import read_image, to_rgb_array
     from excelseg.preprocess import network_input
 
     return network_input(to_rgb_array(read_image(image_path(name))), (320, 320), "imagenet")
@@ -129,8 +129,8 @@ def check_labels(label: np.ndarray, ref: np.ndarray, what: str) -> None:
 def test_lvc_image(kit, name):
     from excelseg.lvc import learned_affinity, p_guided_affinity, relation_logits, shift_from_logits
     from excelseg.model import flip_max_cams
-    from excelseg.refine import box_mask, refine_cams, transition_matrix
     from excelseg.pseudo import labels_from_cams
+    from excelseg.refine import box_mask, refine_cams, transition_matrix
 
     model = kit
     g = golden(name)

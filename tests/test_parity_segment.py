@@ -1,7 +1,7 @@
 """Numerical parity of segmentation inference (``infer_seg_voc.py``, parity README §4.2 path (e)).
 
 Weights: the kit's random ViT-B/16 and ``ref_heads_seed0.safetensors``, through an excelseg checkpoint
-(:func:`excelseg.interop.save_checkpoint`) and :meth:`excelseg.Segmenter.from_checkpoint`. Goldens:
+(:func:`excelseg.io.checkpoint.save_checkpoint`) and :meth:`excelseg.Segmenter.from_checkpoint`. Goldens:
 ``msc_logits_{320,224,384,480}`` (detail images: raw decoder logits of [x, flip x] per scale) and ``msc_pred``
 (all 19 images: 4 scales, flip except at scale 1.0, logits averaged at the image size, argmax). Tolerances:
 README §6 — logits 5e-4 (``msc_logits_*``), labels ≤ 0.1 % of the pixels per image (``msc_pred``, ``seg_val``).
@@ -40,7 +40,7 @@ def _note(key: str, value: float) -> None:
 
 
 def rgb(name: str) -> np.ndarray:
-    from excelseg.images import read_image, to_rgb_array
+    from excelseg.io.images import read_image, to_rgb_array
 
     return to_rgb_array(read_image(image_path(name)))
 
@@ -50,7 +50,8 @@ def kit(tmp_path_factory):
     require_kit()
     from excelseg import load_clip
     from excelseg.config import PAPER_VOC
-    from excelseg.interop import import_reference_heads, save_checkpoint
+    from excelseg.interop import import_reference_heads
+    from excelseg.io.checkpoint import save_checkpoint
     from excelseg.vocab import Vocabulary
 
     clip = load_clip(random_clip_weights(), device="cpu")
@@ -135,7 +136,7 @@ def _oracle_labels(clip, ckpt, image: np.ndarray, size: int) -> np.ndarray:
     from dataclasses import replace
 
     from excelseg.config import PAPER_VOC
-    from excelseg.interop import load_checkpoint
+    from excelseg.io.checkpoint import load_checkpoint
     from excelseg.model import ExcelModel
     from excelseg.preprocess import network_input
 
@@ -198,13 +199,13 @@ def _lvc_oracle(clip, ckpt, image: np.ndarray, size: int, cls_idx: np.ndarray) -
     from dataclasses import replace
 
     from excelseg.config import PAPER_VOC
-    from excelseg.interop import load_checkpoint
+    from excelseg.io.checkpoint import load_checkpoint
     from excelseg.lvc import learned_affinity, p_guided_affinity
     from excelseg.model import ExcelModel, flip_max_cams
     from excelseg.predictor import CamPredictor
     from excelseg.preprocess import network_input
-    from excelseg.refine import box_mask, refine_cams, transition_matrix
     from excelseg.pseudo import labels_from_cams
+    from excelseg.refine import box_mask, refine_cams, transition_matrix
     from excelseg.vocab import Vocabulary
     from parity_kit import REF_BANK
 

@@ -1,6 +1,6 @@
 """Five reference optimiser steps (parity README §4.6 ``train_steps.npz``, ``heads_after_steps.safetensors``)
-reproduced with excelseg's training step (:func:`excelseg.training.training_losses`) and optimiser
-(:mod:`excelseg.optim`), checked with the rules of README §6.1 as stated there:
+reproduced with excelseg's training step (:func:`excelseg.train.step.training_losses`) and optimiser
+(:mod:`excelseg.train.optim`), checked with the rules of README §6.1 as stated there:
 
 * per step: group lrs (rel 1e-6), losses (rel 1e-4), ``R_mean`` (2e-6), pseudo-labels / ``seg_pred_step4``
   (≤ 0.1 % of pixels per image), ``pos/neg_count`` (exact, with the README's margin for sampled pixels whose
@@ -58,8 +58,8 @@ def setup():
     from excelseg import CamPredictor, load_clip
     from excelseg.config import PAPER_VOC
     from excelseg.heads import ExcelHeads
-    from excelseg.images import read_image, to_rgb_array
     from excelseg.interop import import_reference_heads
+    from excelseg.io.images import read_image, to_rgb_array
     from excelseg.model import ExcelModel
     from excelseg.preprocess import network_input
     from parity_kit import image_path
@@ -94,8 +94,8 @@ def _trajectory(setup, golden_labels: bool):
     from excelseg.config import PAPER_VOC
     from excelseg.heads import reference_key_map
     from excelseg.lvc import relation_logits
-    from excelseg.optim import build_optimizer, set_lrs
-    from excelseg.training import training_losses
+    from excelseg.train.optim import build_optimizer, set_lrs
+    from excelseg.train.step import training_losses
 
     g, model, init, x, cls = setup
     heads = model.heads

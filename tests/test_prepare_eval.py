@@ -12,7 +12,7 @@ from PIL import Image
 from excelseg.cli import main
 from excelseg.commands.eval_cams import parse_thresholds
 from excelseg.data import load_index, open_dataset
-from excelseg.outputs import read_label_png, save_label_png, save_npz
+from excelseg.io.files import read_label_png, save_label_png, save_npz
 
 H, W = 40, 50
 CATEGORIES = [{"id": 12, "name": "bird"}, {"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]  # → cat 1, dog 2, bird 3

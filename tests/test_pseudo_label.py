@@ -15,11 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from excelseg.batch import Shard
 from excelseg.cli import main
 from excelseg.config import apply_overrides, load_config
 from excelseg.data import open_dataset
-from excelseg.outputs import cam_size_for, read_cam_archive, read_label_png, save_label_png, stale_temps_of
+from excelseg.io.cams import cam_size_for, read_cam_archive
+from excelseg.io.files import read_label_png, save_label_png
+from excelseg.jobs.outputs import stale_temps_of
+from excelseg.jobs.runner import Shard
 from tiny_clip import save_tiny
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc_sample"
@@ -303,7 +305,8 @@ def test_checkpoint_gives_lvc_labels_and_is_checked(setup, tmp_path, capsys):
     """--checkpoint: LVC pseudo-labels (differ from the training-free ones); a checkpoint for another class list
     or another CLIP is refused with one line."""
     from excelseg.heads import ExcelHeads
-    from excelseg.interop import save_checkpoint, source_sha256
+    from excelseg.interop import source_sha256
+    from excelseg.io.checkpoint import save_checkpoint
     from excelseg.vocab import Vocabulary
 
     root, clip, ref = setup

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import excelseg.pseudo as pseudo_mod
-from excelseg.refine import box_mask, refine_cams, transition_matrix
-from excelseg.pseudo import labels_from_cams
 from excelseg.par import par
+from excelseg.pseudo import labels_from_cams
+from excelseg.refine import box_mask, refine_cams, transition_matrix
 from numerics import F32_REL, assert_rel_close, rel_err
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -14,7 +14,7 @@ from PIL import Image
 from excelseg.cli import main
 from excelseg.config import apply_overrides, load_config
 from excelseg.heads import ExcelHeads
-from excelseg.interop import (
+from excelseg.io.checkpoint import (
     CheckpointError,
     check_checkpoint,
     load_checkpoint,
@@ -380,7 +380,7 @@ def test_upsampled_argmax_in_blocks_equals_the_full_upsampling():
 def test_cli_segment_a_prepared_dataset_then_eval(ckpt, weights, tmp_path, capsys):
     """segment --index (outputs named by id) → eval finds them and prints the single-scale and MS+flip rows;
     a dataset with another class list is refused before any image is read."""
-    from excelseg.outputs import save_label_png
+    from excelseg.io.files import save_label_png
 
     images, masks = tmp_path / "images", tmp_path / "masks"
     images.mkdir()

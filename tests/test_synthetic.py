@@ -10,9 +10,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from excelseg.images import read_image
+from excelseg.io.files import read_label_png
+from excelseg.io.images import read_image
 from excelseg.knowledge import parse_knowledge
-from excelseg.outputs import read_label_png
 from excelseg.synthetic import (
     CLASSES,
     COLOURS,

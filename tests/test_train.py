@@ -1,4 +1,4 @@
-"""The trainer (excelseg.train, excelseg.training, ``excelseg train``) on tiny random CLIPs and the miniature VOC tree:
+"""The trainer (excelseg.train, ``excelseg train``) on tiny random CLIPs and the miniature VOC tree:
 gradient flow, one step lowers the loss, bit-identical resume, Ctrl-C, NaN stop, atomic checkpoints on a full
 disk, changed-config resume, bad inputs, batched pseudo-labels, a CLI run end to end (train → predict → eval) and
 a 2-process gloo torchrun run."""
@@ -22,10 +22,10 @@ from excelseg.cli import main
 from excelseg.config import PAPER_VOC, CamConfig, HeadsConfig, RefineConfig, TrainConfig, dump_config
 from excelseg.data import open_dataset
 from excelseg.model import ExcelModel, denormalize_uint8
-from excelseg.refine import box_mask, refine_cams
 from excelseg.pseudo import labels_from_cams
+from excelseg.refine import box_mask, refine_cams
 from excelseg.train import Trainer, TrainingError
-from excelseg.training import training_losses
+from excelseg.train.step import training_losses
 from test_pseudo_label import make_voc
 from tiny_clip import save_tiny, tiny_model
 
@@ -88,7 +88,7 @@ def test_gradients_reach_every_head_parameter_and_no_clip_parameter(n_iter):
 
 
 def test_one_step_lowers_the_loss_on_a_fixed_batch():
-    from excelseg.optim import build_optimizer, set_lrs
+    from excelseg.train.optim import build_optimizer, set_lrs
 
     model = tiny_excel().eval()  # no dropout: the same function before and after the step
     x, cls = batch()
@@ -206,7 +206,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resumes(voc, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message_keeping_the_last_checkpoint(voc, tmp_path, monkeypatch):
-    import excelseg.train as train_mod
+    import excelseg.train.trainer as train_mod
 
     real = train_mod.training_losses
 
@@ -226,7 +226,7 @@ def test_nan_loss_stops_with_a_clear_message_keeping_the_last_checkpoint(voc, tm
 
 
 def test_full_disk_keeps_the_previous_checkpoint(voc, tmp_path, monkeypatch):
-    from excelseg.interop import load_heads
+    from excelseg.io.checkpoint import load_heads
 
     trainer = make_trainer(voc, tmp_path)
     trainer.fit(2)
@@ -305,7 +305,7 @@ def test_cli_unknown_key_lists_the_valid_ones(voc, tmp_path, capsys):
 def test_cli_end_to_end_train_predict_eval(voc, tmp_path, capsys):
     """excelseg train (a few iterations, validation, checkpoint) → predictions of the trained decoder → excelseg
     eval; then --resume with a changed setting is refused without --force."""
-    from excelseg.interop import load_heads
+    from excelseg.io.checkpoint import load_heads
 
     clip = save_tiny(tmp_path / "tiny.pt", **TINY)
     cfg_path = tiny_yaml(tmp_path / "tiny.yaml", iterations=3, val_every=3, checkpoint_every=3)

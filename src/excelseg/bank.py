@@ -298,7 +298,7 @@ def save_bank(bank: AttributeBank, path: str | os.PathLike) -> Path:
     atomically. Returns the path."""
     from safetensors.torch import save_file
 
-    from .outputs import atomic_path
+    from .io.files import atomic_path
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":

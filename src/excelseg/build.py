@@ -23,7 +23,7 @@ __all__ = ["build_model"]
 
 
 def _checkpoint(checkpoint):
-    from .interop import HeadsCheckpoint, load_checkpoint
+    from .io.checkpoint import HeadsCheckpoint, load_checkpoint
 
     return checkpoint if isinstance(checkpoint, HeadsCheckpoint) else load_checkpoint(checkpoint)
 
@@ -68,7 +68,7 @@ def build_model(clip: LoadedClip | str | Path | None = None, *, vocabulary=None,
     clip.model.to(device)
     heads = None
     if ckpt is not None:
-        from .interop import check_checkpoint
+        from .io.checkpoint import check_checkpoint
 
         check_checkpoint(ckpt, clip.identity, None if vocab is None else list(vocab.names))
         if vocab is None:

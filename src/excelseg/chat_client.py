@@ -15,7 +15,7 @@ import logging
 import urllib.parse
 from datetime import datetime, timezone
 
-from .images import one_line
+from ._messages import one_line
 
 __all__ = ["INSTALL_HINT", "ChatClient", "DescribeError", "EndpointError", "EndpointUnreachable", "FailedAttempt",
            "chat_url", "require_openai"]

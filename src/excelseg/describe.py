@@ -46,7 +46,7 @@ Resume
     With ``out_path``, an existing file (this format, or the reference's plain ``{"class": ["sentence", ...]}``)
     is read first: requested classes that already have ≥ ``n`` descriptions are not asked again, those with
     fewer get only the missing ones, other classes in the file are kept. The file is rewritten atomically
-    (:func:`excelseg.outputs.save_json`) after every class, so an interrupted run loses at most the class in
+    (:func:`excelseg.io.files.save_json`) after every class, so an interrupted run loses at most the class in
     progress. ``overwrite=True`` re-asks every requested class.
 """
 
@@ -222,7 +222,7 @@ def _load_existing(path: Path) -> dict | None:
 
 
 def _write(path: Path, kb: dict) -> None:
-    from .outputs import save_json
+    from .io.files import save_json
 
     save_json(path, kb, indent=2)
 

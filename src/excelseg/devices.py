@@ -1,11 +1,11 @@
-"""Choosing the torch device: ``auto`` and the per-process GPU under torchrun."""
+"""Choosing the torch device: ``auto`` (the per-process GPU under torchrun:
+:func:`excelseg.train.dist.device_for_rank`)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-
 import torch
+
+from ._deprecated import moved
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -18,11 +18,5 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def device_for_rank(device: str | None, environ: Mapping[str, str] | None = None) -> str | None:
-    """``--device`` for this process: under a launcher that sets ``LOCAL_RANK`` (torchrun), ``auto``/``cuda``
-    become ``cuda:LOCAL_RANK`` when CUDA is available; anything else is returned unchanged."""
-    env = os.environ if environ is None else environ
-    local = env.get("LOCAL_RANK")
-    if local is None or str(device or "auto") not in ("auto", "cuda") or not torch.cuda.is_available():
-        return device
-    return f"cuda:{int(local) % max(1, torch.cuda.device_count())}"
+# the launcher environment is read in one place: excelseg.train.dist (old path kept for one release)
+__getattr__ = moved(__name__, {"device_for_rank": "excelseg.train.dist"})

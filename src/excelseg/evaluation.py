@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from .data.index import examples, parallel_map
+from .io.cams import read_cam_archive
+from .io.files import read_label_png
 from .metrics import SegmentationMetric
-from .outputs import read_cam_archive, read_label_png
 
 SHOW = 5  # ids named in an error message
 CHUNK = 32  # images per worker task

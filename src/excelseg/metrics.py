@@ -236,7 +236,7 @@ class SegmentationMetric:
     def compute(self) -> dict[str, Any]:
         """The metrics of everything accumulated so far (fractions in [0, 1], NaN where undefined).
 
-        Returns a JSON-ready dict (NaN as ``float('nan')``; :func:`excelseg.outputs.save_json` writes it as null):
+        Returns a JSON-ready dict (NaN as ``float('nan')``; :func:`excelseg.io.files.save_json` writes it as null):
         ``iou``, ``precision``, ``recall`` (lists of C), ``miou`` (mean over classes present in GT),
         ``mean_all_classes`` (plain mean over all C, NaN-propagating), ``pixel_accuracy``, ``mean_accuracy``,
         ``gt_present`` (list of bool), ``pixels`` (number counted), ``confusion`` (C × C nested lists),

@@ -354,7 +354,7 @@ class ExcelModel(nn.Module):
         groups: dict[tuple[int, int], list[int]] = {}
         for i, c in enumerate(cams):
             groups.setdefault(tuple(c.shape[-2:]), []).append(i)
-        for grid, idx in groups.items():
+        for idx in groups.values():
             padded = torch.stack([F.pad(cams[i], (0, 0, 0, 0, 0, k - cams[i].shape[0])) for i in idx])
             valid = torch.tensor([[j < cams[i].shape[0] for j in range(k)] for i in idx], device=padded.device)
             vals = torch.tensor([list(values[i]) + [0] * (k - len(values[i])) for i in idx], dtype=torch.long,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .images import to_rgb_array
+from .io.images import to_rgb_array
 from .model import PRECISIONS, ExcelModel, ImageState, multiscale_views
 from .refine import minmax_normalize
 from .text import TEXT_CACHE_SIZE

@@ -30,7 +30,7 @@ from torch import Tensor
 from .config import PipelineConfig, load_config
 from .devices import resolve_device
 from .heads import ExcelHeads
-from .images import to_rgb_array
+from .io.images import to_rgb_array
 from .model import ExcelModel, multiscale_views
 from .vocab import Vocabulary
 from .weights import LoadedClip, load_clip

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .images import WHITE, check_layout, exif_swaps_sides, pil_to_rgb, to_rgb_array
-from .outputs import IGNORE_INDEX, VOC_PALETTE
+from .io.images import WHITE, check_layout, exif_swaps_sides, pil_to_rgb, to_rgb_array
+from .io.palette import IGNORE_INDEX, VOC_PALETTE
 
 __all__ = ["comparison_sheet", "heatmap", "jet_colormap", "outlined_labels", "overlay", "overlay_sheet"]
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..images import ImageReadError, exif_swaps_sides, one_line, read_image
+from ..io.images import ImageReadError, exif_swaps_sides, one_line, read_image
 from ..vocab import Vocabulary, parse_class_list
 
 _logger = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class AppModel:
         self.synthetic = clip.name == SYNTHETIC
         self.checkpoint = None
         if checkpoint is not None:
-            from ..interop import HeadsCheckpoint, check_checkpoint, load_checkpoint
+            from ..io.checkpoint import HeadsCheckpoint, check_checkpoint, load_checkpoint
 
             self.checkpoint = checkpoint if isinstance(checkpoint, HeadsCheckpoint) else load_checkpoint(checkpoint)
             check_checkpoint(self.checkpoint, clip.identity, None)
@@ -409,7 +409,7 @@ class AppModel:
     def _render(self, rgb: np.ndarray, result) -> tuple[np.ndarray, list[LegendEntry], list]:
         import torch.nn.functional as F
 
-        from ..outputs import VOC_PALETTE
+        from ..io.palette import VOC_PALETTE
         from ..viz import heatmap, overlay
 
         label = result.pseudo_label
@@ -438,7 +438,8 @@ class AppModel:
         return shown_overlay, legend, maps
 
     def _write(self, image, result) -> tuple[Path, Path]:
-        from ..outputs import cam_archive, save_label_png, save_npz
+        from ..io.cams import cam_archive
+        from ..io.files import save_label_png, save_npz
 
         self._requests += 1
         folder = self.work_dir / "results" / f"{self._requests:06d}"

@@ -57,11 +57,13 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..images import collect_images
-    from ..outputs import is_done, parse_cam_size, write_result
+    from ..io.cams import parse_cam_size
+    from ..io.images import collect_images
+    from ..jobs.labels import label_batch
+    from ..jobs.outputs import is_done, write_result
+    from ..jobs.runner import ImageJob, pending
     from ..vocab import Vocabulary, parse_class_list
     from ..weights import load_clip
-    from .jobs import ImageJob, pending
 
     try:
         cam_size = parse_cam_size(args.cam_size)
@@ -102,9 +104,7 @@ def run(args: argparse.Namespace) -> int:
                           **({"checkpoint": str(args.checkpoint)} if ckpt is not None else {}))
     job = ImageJob(len(todo), "cam", out_dir, skipped, overlap=not args.no_overlap)
     for batch in job.batches(todo, args.batch_size):
-        states = predictor.encode_batch([rgb for _, _, rgb in batch])
-        for (path, stem, rgb), state in zip(batch, states):
-            result = predictor.predict_state(state, classes)
-            job.write(path, lambda stem=stem, rgb=rgb, result=result:
+        for (path, stem, rgb), out in zip(batch, label_batch(predictor, batch, lambda _: classes)):
+            job.write(path, lambda stem=stem, rgb=rgb, result=out.result:
                       write_result(out_dir, stem, rgb, result, args.save_cams, cam_size))
     return job.finish()

@@ -261,7 +261,7 @@ def load_checkpoint_arg(args: argparse.Namespace):
     """The ``--checkpoint`` file as a HeadsCheckpoint (None without one), or a one-line CliError."""
     if getattr(args, "checkpoint", None) is None:
         return None
-    from ..interop import CheckpointError, load_checkpoint
+    from ..io.checkpoint import CheckpointError, load_checkpoint
 
     try:
         return load_checkpoint(args.checkpoint)
@@ -304,7 +304,7 @@ def config_from_args(args: argparse.Namespace, clip: Any = None, overrides: list
 def write_resolved_config(out_dir: Path, cfg, **extra: Any) -> Path:
     """Write the resolved settings next to a command's outputs (``excelseg_config.yaml``), atomically."""
     from ..config import dump_config
-    from ..outputs import atomic_write
+    from ..io.files import atomic_write
 
     text = dump_config(cfg, **extra)
     return atomic_write(Path(out_dir) / RESOLVED_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
@@ -316,7 +316,7 @@ def write_resolved_config(out_dir: Path, cfg, **extra: Any) -> Path:
 def cam_predictor(args: argparse.Namespace, clip: Any, vocab: Any, cfg: Any, device: Any, checkpoint: Any = None):
     """The ``CamPredictor`` of the model options (``--bank``, ``--knowledge``, ``--clusters``, ``--precision``);
     a checkpoint that does not fit is a one-line CliError."""
-    from ..interop import CheckpointError
+    from ..io.checkpoint import CheckpointError
     from ..predictor import CamPredictor
 
     try:
@@ -361,7 +361,7 @@ def check_out_file(out: Path, example: str = "out.json") -> None:
 
 def write_metrics_json(path: Path, obj: dict[str, Any], explicit: bool) -> None:
     """Write a metrics JSON; a failure is an error when the user named the file, else a warning."""
-    from ..outputs import save_json
+    from ..io.files import save_json
 
     try:
         save_json(path, obj)

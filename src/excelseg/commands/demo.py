@@ -54,8 +54,8 @@ def sample_photos() -> list[tuple[Path, str]]:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..images import read_image, to_rgb_array
-    from ..outputs import write_result
+    from ..io.images import read_image, to_rgb_array
+    from ..jobs.outputs import write_result
     from ..predictor import CamPredictor
     from ..weights import WeightsNotFoundError, load_clip
 
@@ -101,7 +101,7 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     from dataclasses import replace
 
     from ..config import load_config
-    from ..outputs import save_png
+    from ..io.files import save_png
     from ..predictor import CamPredictor
     from ..synthetic import CLASSES, held_out_samples, synthetic_vocabulary
     from ..synthetic.knowledge import synthetic_bank

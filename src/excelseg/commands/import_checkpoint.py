@@ -65,7 +65,8 @@ def clip_identity(spec: str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError, load_config
-    from ..interop import CheckpointError, import_reference_heads, save_checkpoint, source_sha256
+    from ..interop import import_reference_heads, source_sha256
+    from ..io.checkpoint import CheckpointError, save_checkpoint
     from ..vocab import Vocabulary
 
     out = Path(args.out)

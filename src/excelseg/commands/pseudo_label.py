@@ -39,7 +39,7 @@ EXAMPLES = """examples:
 Outputs in --out-dir: <id>.png (palette label: 0 = background, i = i-th class, the VOC palette) and, with --save-cams,
 <id>_cams.npz: float16 'cams' K×h×w in [0, 1] of the K present classes at a REDUCED size (--cam-size: the patch
 grid, 20×20 for --size 320, i.e. K × 800 bytes; or N = longer side), 'class_ids', 'class_names' and 'size' (the
-original H, W; excelseg.batch.read_cam_archive upsamples to it).
+original H, W; excelseg.io.cams.read_cam_archive upsamples to it).
 
 Sharding: with torchrun (RANK / WORLD_SIZE set) or --shard i/n, each process takes sorted(ids)[i::n] of the split
 (disjoint, nothing missing; no process group is created) and, on CUDA, the GPU cuda:LOCAL_RANK. All shards write to
@@ -90,12 +90,14 @@ def _check_labels(ds, all_classes: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..batch import Shard, dataset_vocabulary, iter_pseudo_labels
     from ..crf import REFERENCE_CRF, require_crf
-    from ..devices import device_for_rank, resolve_device
-    from ..outputs import cam_archive, is_done, parse_cam_size, stale_temps_of, write_outputs
+    from ..devices import resolve_device
+    from ..io.cams import cam_archive, parse_cam_size
+    from ..jobs.labels import dataset_vocabulary, label_batch
+    from ..jobs.outputs import is_done, stale_temps_of, write_outputs
+    from ..jobs.runner import ImageJob, Shard
+    from ..train.dist import device_for_rank
     from ..weights import load_clip
-    from .jobs import ImageJob
 
     overrides = args.overrides  # section.key=value words
     config_from_args(args, overrides=overrides)  # bad settings fail here, before any model is loaded
@@ -142,14 +144,10 @@ def run(args: argparse.Namespace) -> int:
                           split=ds.split)
     job = ImageJob(len(todo), "pseudo-label" + (f" {shard}" if shard.world > 1 else ""), out_dir, skipped,
                    overlap=not args.no_overlap)
-    outputs = iter_pseudo_labels(predictor, ds, todo, classes_of, batch_size=args.batch_size,
-                                 workers=args.workers, crf=REFERENCE_CRF if args.crf else None,
-                                 overlap=not args.no_overlap)
-    for out in outputs:
-        if out.error is not None:
-            job.fail(out.name, out.error)
-            continue
-        archive = cam_archive(out.result, cam_size) if args.save_cams else None
-        job.write(out.name, lambda out=out, archive=archive: write_outputs(out_dir, out.name, out.label, archive))
+    crf = REFERENCE_CRF if args.crf else None
+    for batch in job.batches([(n, n) for n in todo], args.batch_size, load=ds.load_image, workers=args.workers):
+        for out in label_batch(predictor, batch, classes_of, crf):
+            archive = cam_archive(out.result, cam_size) if args.save_cams else None
+            job.write(out.name, lambda out=out, archive=archive: write_outputs(out_dir, out.name, out.label, archive))
     device = f", device {predictor.device}" if predictor.device.type != "cpu" else ""
     return job.finish(device + where)

@@ -100,10 +100,10 @@ def output_names(stem: str, args: argparse.Namespace, crf: bool) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
-    from ..images import collect_images
-    from ..interop import CheckpointError, check_checkpoint, load_checkpoint
+    from ..io.checkpoint import CheckpointError, check_checkpoint, load_checkpoint
+    from ..io.images import collect_images
+    from ..jobs.runner import ImageJob, pending
     from ..weights import load_clip
-    from .jobs import ImageJob, pending
 
     inputs, overrides = split_overrides(args.inputs)
     overrides = [*args.overrides, *overrides]
@@ -175,7 +175,7 @@ def write_outputs(args: argparse.Namespace, cfg, files: list[Path], res) -> None
     """One image's label PNGs (and logits) in the order of :func:`output_names`."""
     import numpy as np
 
-    from ..outputs import save_label_png, save_npz
+    from ..io.files import save_label_png, save_npz
 
     if args.voc_test_submission:
         save_label_png(files[0], res.label)

@@ -67,12 +67,13 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..batch import dataset_vocabulary
     from ..config import ConfigError
     from ..data import open_dataset
-    from ..devices import device_for_rank, resolve_device
-    from ..predictor import CamPredictor
-    from ..train import DistInfo, Trainer, TrainingError, init_distributed
+    from ..devices import resolve_device
+    from ..jobs.labels import dataset_vocabulary
+    from ..build import build_model
+    from ..train import Trainer, TrainingError
+    from ..train.dist import DistInfo, device_for_rank, init_distributed
     from ..weights import load_clip
 
     if args.resume and OVERRIDE_RE.match(args.resume):  # "--resume train.x=y": the word is a setting
@@ -111,11 +112,9 @@ def run(args: argparse.Namespace) -> int:
         from ..synthetic.knowledge import synthetic_bank
 
         bank = synthetic_bank(clip, template=cfg.text.template)
-    predictor = CamPredictor(clip, vocabulary=vocab, bank=bank, knowledge=args.knowledge,
-                             clusters=args.clusters, config=cfg, device=device)
-    from ..model import ExcelModel
-
-    model = ExcelModel(clip.model.visual, predictor.text_features(vocab), len(vocab.names), cfg)
+    model = build_model(clip, vocabulary=vocab, bank=bank, knowledge=args.knowledge, clusters=args.clusters,
+                        config=cfg, trainable=True, device=device)
+    model.own_text_features()  # the class features, computed before training starts
     meta = {"clip": clip.identity, "dataset": train_ds.kind, "class_names": list(train_ds.class_names),
             "bank": str(args.bank) if args.bank else ("synthetic knowledge" if bank is not None else None),
             "knowledge": args.knowledge}

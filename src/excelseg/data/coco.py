@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from ..outputs import IGNORE_INDEX, read_label_png, remove_stale_temps, save_label_png
+from ..io.files import read_label_png, remove_stale_temps, save_label_png
+from ..io.palette import IGNORE_INDEX
 from . import index as idx
 from .index import DatasetUnusableError, PrepareResult, Problem, ProgressFn, examples
 from .labels import coco_key, read_label_file

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
-from ..images import ImageReadError
-from ..outputs import read_label_png
+from ..io.files import read_label_png
+from ..io.images import ImageReadError
 from .index import check_index, fill_template, label_vector, load_index, load_rgb
 
 __all__ = ["SegDataset", "collate", "collate_fixed"]

@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..outputs import IGNORE_INDEX, atomic_write, read_label_png
+from ..io.files import atomic_write, read_label_png
+from ..io.palette import IGNORE_INDEX
 
 __all__ = [
     "DEFAULT_INDEX_NAME",
@@ -178,10 +179,10 @@ def load_rgb(path: str | os.PathLike[str], exif_transpose: bool = False) -> np.n
     """``(H, W, 3)`` uint8 RGB pixels of an image file.
 
     Without ``exif_transpose`` the pixels are taken as stored (how VOC / COCO masks are aligned); grey and
-    palette images are converted to RGB. With it, :func:`excelseg.images.read_image` is used (EXIF applied, alpha
+    palette images are converted to RGB. With it, :func:`excelseg.io.images.read_image` is used (EXIF applied, alpha
     over white), as ``excelseg cam`` reads photos.
     """
-    from ..images import ImageReadError, read_image, to_rgb_array
+    from ..io.images import ImageReadError, read_image, to_rgb_array
 
     if exif_transpose:
         return to_rgb_array(read_image(path))

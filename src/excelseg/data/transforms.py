@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..outputs import IGNORE_INDEX
+from ..io.palette import IGNORE_INDEX
 
 __all__ = ["TrainAugmentation", "pad_to_size", "random_crop_box", "rescale", "seed_worker"]
 

@@ -28,7 +28,7 @@ def write_dataset(
     Layout (every file written atomically; names zero-padded to at least 5 digits)::
 
         images/00000.png     RGB
-        masks/00000.png      palette PNG, index 0 background, 1 + class index (excelseg.outputs.save_label_png)
+        masks/00000.png      palette PNG, index 0 background, 1 + class index (excelseg.io.files.save_label_png)
         labels.json          {"00000": ["red disc", ...], ...}   classes present, in class order
         captions.json        {"00000": "a photo of ...", ...}
         knowledge.json       knowledge_base(classes)
@@ -36,7 +36,7 @@ def write_dataset(
 
     Returns ``Path(out_dir)``.
     """
-    from ..outputs import save_json, save_label_png, save_png
+    from ..io.files import save_json, save_label_png, save_png
 
     gen = SceneGenerator(size=size, num_objects=num_objects, classes=classes, seed=seed)
     n = int(n)

@@ -31,7 +31,7 @@ def load_trained(clip: Any, checkpoint: str | Path | None = None, device: str = 
     were trained with}``. Heads made for other CLIP weights are refused (:func:`excelseg.interop.check_checkpoint`).
     """
     from ..build import build_model
-    from ..interop import load_checkpoint
+    from ..io.checkpoint import load_checkpoint
     from ..segmenter import Segmenter
     from .dataset import synthetic_vocabulary
     from .knowledge import synthetic_bank

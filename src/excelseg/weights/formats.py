@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..images import one_line
+from .._messages import one_line
 from .base import _CONFIG_METADATA_KEYS, _MAX_LISTED, _OPENAI_INT_KEYS, WeightsFormatError
 
 _logger = logging.getLogger(__name__)

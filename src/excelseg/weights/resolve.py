@@ -13,7 +13,7 @@ import open_clip
 import torch
 from torch import nn
 
-from ..images import one_line
+from .._messages import one_line
 from .._native import default_cache_dir
 from . import base
 from .base import ENV_CLIP, ENV_HF_OFFLINE, ENV_OFFLINE, LoadedClip, WeightsNotFoundError

@@ -3,7 +3,7 @@
 Config in (:class:`~excelseg.config.PipelineConfig`, its ``train`` section), checkpoints and logs out. What lives
 here and nowhere in the library: the loop, AMP, ``torchrun`` DDP, gradient accumulation, checkpoints and resume,
 in-training validation, TensorBoard, the progress bar and the NaN guard. One training step is
-:func:`excelseg.training.training_losses`.
+:func:`excelseg.train.step.training_losses`.
 
 Reproducibility and resume:
 
@@ -11,7 +11,7 @@ Reproducibility and resume:
   processes); the sample order is ``DistributedSampler(seed).set_epoch(epoch)`` every epoch (the reference replays
   epoch 0's order, EXCEL_SPEC §10.17);
 * dropout draws from torch's global generator, seeded with ``seed + rank`` and saved in every checkpoint;
-* a checkpoint holds the heads (``iter_NNNNNN.safetensors``, the :func:`~excelseg.interop.save_heads` format that
+* a checkpoint holds the heads (``iter_NNNNNN.safetensors``, the :func:`~excelseg.io.checkpoint.save_heads` format that
   ``Segmenter``/``CamPredictor`` read) and the training state (``iter_NNNNNN.state.pt``: optimiser, AMP scaler,
   RNG states, iteration, data position, resolved config), both written atomically, then ``latest.json`` names
   the pair. A failed write (disk full, unwritable) leaves the previous pair and pointer intact.
@@ -20,7 +20,6 @@ Reproducibility and resume:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -31,17 +30,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
-from .config import PipelineConfig, config_to_dict
-from .model import ExcelModel
+from ..config import PipelineConfig, config_to_dict
+from ..io.checkpoint import load_heads, save_checkpoint
+from ..io.files import atomic_write
+from ..model import ExcelModel
+from .data import ResumableSampler, TrainSet, collate, labelled_indices, normalize_batch
+from .dist import DistInfo, all_max, barrier
 from .optim import build_optimizer, set_lrs
-from .training import check_batch, training_losses, uses_lvc
+from .step import check_batch, training_losses, uses_lvc
+from .validate import validate, validation_tables
 
-__all__ = ["DistInfo", "Trainer", "TrainingError", "config_differences", "latest_checkpoint", "validate"]
+__all__ = ["LATEST", "Trainer", "TrainingError", "config_differences", "latest_checkpoint"]
 
 LATEST = "latest.json"
 CKPT_DIR = "checkpoints"
@@ -49,144 +50,6 @@ CKPT_DIR = "checkpoints"
 
 class TrainingError(RuntimeError):
     """A run that cannot start or continue; the message says why and what was kept."""
-
-
-# ---- distributed ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @staticmethod
-    def from_env() -> DistInfo:
-        """``torchrun``'s RANK / WORLD_SIZE / LOCAL_RANK (single process without them)."""
-        return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                        int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def init_distributed(dist: DistInfo, device: torch.device) -> None:
-    """Join the ``torchrun`` process group (NCCL on CUDA, gloo on CPU) when there is more than one process."""
-    if dist.world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def _all_max(values: list[float], device: torch.device) -> list[float]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t.tolist()
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-# ---- data -----------------------------------------------------------------------------------------------------
-
-
-class TrainSet(torch.utils.data.Dataset):
-    """The labelled images of a split with the reference augmentation, seeded per (seed, epoch, index)."""
-
-    def __init__(self, base, indices: list[int], augmentation, seed: int):
-        self.base, self.indices, self.aug, self.seed, self.epoch = base, indices, augmentation, int(seed), 0
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        sample = self.base[self.indices[i]]
-        out = self.aug(sample, rng=np.random.default_rng([self.seed, self.epoch, int(i)]))
-        out.pop("mask", None)
-        return out
-
-
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """``DistributedSampler`` whose next iteration starts ``skip`` samples into the epoch (resume)."""
-
-    skip = 0
-
-    def __iter__(self):
-        order = list(super().__iter__())
-        skip, self.skip = self.skip, 0
-        return iter(order[skip:])
-
-
-def labelled_indices(ds) -> tuple[list[int], int]:
-    """Indices of the images with at least one image-level class, and how many have none."""
-    keep = [i for i, name in enumerate(ds.ids) if ds.class_ids(name)]
-    return keep, len(ds.ids) - len(keep)
-
-
-def normalize_batch(images: Tensor, normalization: str) -> Tensor:
-    """(B, H, W, 3) uint8 → (B, 3, H, W) float32 normalised (0–255 constants, as the model expects)."""
-    from .preprocess import normalize_pixels
-
-    return normalize_pixels(images.permute(0, 3, 1, 2).float(), normalization)
-
-
-# ---- validation ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def validate(model: ExcelModel, ds, cfg: PipelineConfig, device: torch.device, limit: int = 0,
-             dist: DistInfo = DistInfo(), on_image: Callable | None = None):
-    """The reference's in-training validation (EXCEL_SPEC §6): each image resized to ``cam.size``, one forward;
-    (a) pseudo-labels from the static CAMs with P-guided refinement (τ_box ``heads.val_box_threshold``) and PAR at
-    label size; (b) the decoder's logits upsampled to label size. Returns the two
-    :class:`~excelseg.metrics.SegmentationMetric` (summed over processes)."""
-    from .metrics import SegmentationMetric
-    from .preprocess import network_input
-
-    names = ["background", *ds.class_names]
-    pseudo_m, seg_m = SegmentationMetric(len(names), class_names=names), SegmentationMetric(len(names), class_names=names)
-    was_training = model.training
-    model.eval()
-    ids = range(len(ds) if limit <= 0 else min(limit, len(ds)))
-    for i in list(ids)[dist.rank::dist.world]:
-        s = ds[i]
-        x = network_input(s["image"], tuple(cfg.cam.size), cfg.cam.normalization)[None].to(device)
-        size = tuple(s["mask"].shape)
-        out = model(x)
-        cams = model.static_cams(out)
-        trans, _, _ = model.transition(out, guided=True)
-        label = torch.from_numpy(np.asarray(s["label"]))[None].to(device)
-        pseudo = model.pseudo_labels(cams.float(), label, trans.float(), x, size, cfg.heads.val_box_threshold)[0]
-        seg = F.interpolate(out.seg_logits.float(), size=size, mode="bilinear", align_corners=False)[0].argmax(0)
-        gt = torch.from_numpy(np.asarray(s["mask"])).to(device)
-        pseudo_m.update(pseudo.long(), gt.long())
-        seg_m.update(seg, gt.long())
-        if on_image is not None:
-            on_image(i, s, pseudo.cpu().numpy(), seg.to(torch.uint8).cpu().numpy())
-    model.train(was_training)
-    return pseudo_m.all_reduce(), seg_m.all_reduce()
-
-
-def validation_tables(pseudo_m, seg_m, iteration: int) -> str:
-    """Per-class IoU of both validations side by side, and their means (as the reference's log tables)."""
-    p, s = pseudo_m.compute(), seg_m.compute()
-
-    def pct(v):
-        return "  —  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
-
-    width = max(len(n) for n in p["class_names"]) + 2
-    lines = [f"validation @ iteration {iteration}", f"{'class':<{width}} {'pseudo':>7} {'seg':>7}"]
-    for name, a, b in zip(p["class_names"], p["iou"], s["iou"]):
-        lines.append(f"{name:<{width}} {pct(a):>7} {pct(b):>7}")
-    lines.append(f"{'mIoU':<{width}} {pct(p['miou']):>7} {pct(s['miou']):>7}")
-    lines.append(f"{'mean (all)':<{width}} {pct(p['mean_all_classes']):>7} {pct(s['mean_all_classes']):>7}")
-    return "\n".join(lines)
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------------------
 
 
 def latest_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -215,9 +78,6 @@ def config_differences(old: dict[str, dict[str, Any]], new: dict[str, dict[str, 
     return out
 
 
-# ---- the trainer -----------------------------------------------------------------------------------------------
-
-
 class Trainer:
     """Single-stage ExCEL training.
 
@@ -237,7 +97,7 @@ class Trainer:
                  val_ds=None, device: str | torch.device = "cpu", workers: int = 0, dist: DistInfo | None = None,
                  metadata: dict[str, Any] | None = None, log: Callable[[str], None] | None = None,
                  progress: bool | None = None):
-        from .data.transforms import TrainAugmentation
+        from ..data.transforms import TrainAugmentation
 
         self.cfg, self.tcfg = cfg, cfg.train
         t = self.tcfg
@@ -279,7 +139,7 @@ class Trainer:
                                         shuffle=True, seed=t.seed, drop_last=True)
         self.loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=self.micro_batch, sampler=self.sampler, num_workers=workers,
-            collate_fn=_collate, drop_last=True, pin_memory=self.device.type == "cuda",
+            collate_fn=collate, drop_last=True, pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(t.seed))
         if len(self.loader) == 0:
             raise TrainingError("the training split is smaller than one batch per process")
@@ -344,15 +204,12 @@ class Trainer:
 
         On a write error (disk full, permissions) raises :class:`TrainingError`; the previous checkpoint and
         pointer stay as they were."""
-        from .interop import save_checkpoint
-        from .outputs import atomic_write
-
         folder = self.out_dir / CKPT_DIR
         name = f"iter_{self.iteration:06d}"
         heads_path, state_path = folder / f"{name}.safetensors", folder / f"{name}.state.pt"
         if self.dist.main:
             extra = {k: v for k, v in self.metadata.items() if k not in ("clip", "class_names")}
-            try:  # the checkpoint format of excelseg.interop: Segmenter / CamPredictor / segment read it directly
+            try:  # the checkpoint format of excelseg.io.checkpoint: Segmenter / CamPredictor / segment read it directly
                 save_checkpoint(heads_path, {k: v.detach().cpu() for k, v in self.heads.state_dict().items()},
                                 class_names=self.metadata.get("class_names", self.class_names),
                                 clip_identity=self.metadata.get("clip", "unknown"), config=self.cfg,
@@ -370,7 +227,7 @@ class Trainer:
                 raise TrainingError(f"cannot write the checkpoint of iteration {self.iteration} to {folder} "
                                     f"({exc.strerror or exc}){kept}") from None
             self._prune(folder)
-        _barrier()
+        barrier()
         self.last_checkpoint = heads_path
         return heads_path
 
@@ -387,8 +244,6 @@ class Trainer:
     def resume(self, path: str | os.PathLike, force: bool = False) -> None:
         """Restore heads, optimiser, scaler, RNG states and data position from a checkpoint (run folder,
         ``latest.json`` or a heads file). A changed config is refused unless ``force`` (differences logged)."""
-        from .interop import load_heads
-
         ck = latest_checkpoint(path)
         if not Path(ck["state"]).is_file():
             raise TrainingError(f"training state {ck['state']} not found (a heads-only file cannot be resumed)")
@@ -450,7 +305,7 @@ class Trainer:
                                     enabled=self.amp_dtype is not None):
                     res = training_losses(self.model, images, labels, self.iteration, t)
                 values = [float(res.loss.detach()), float(res.loss_seg.detach()), float(res.loss_div.detach())]
-                bad, stop = _all_max([0.0 if all(map(math.isfinite, values)) else 1.0,
+                bad, stop = all_max([0.0 if all(map(math.isfinite, values)) else 1.0,
                                       1.0 if self.stop_requested else 0.0], self.device)
                 if bad:
                     kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
@@ -528,7 +383,7 @@ class Trainer:
         return self.last_checkpoint  # type: ignore[return-value]
 
     def run_validation(self) -> tuple[Any, Any]:
-        from .viz import overlay
+        from ..viz import overlay
 
         shown: list = []
 
@@ -555,12 +410,6 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
-
-
-def _collate(batch):
-    from .data import collate_fixed
-
-    return collate_fixed(batch)
 
 
 def _install_sigint(trainer: Trainer):

@@ -67,11 +67,11 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..build import build_model
     from ..config import ConfigError
     from ..data import open_dataset
     from ..devices import resolve_device
     from ..jobs.labels import dataset_vocabulary
-    from ..build import build_model
     from ..train import Trainer, TrainingError
     from ..train.dist import DistInfo, device_for_rank, init_distributed
     from ..weights import load_clip

@@ -22,8 +22,7 @@ R_NEAR_ZERO = 4 * TOL_P
 
 
 def resolve_lvc_flips(cams_fn: Callable[[torch.Tensor], np.ndarray], logits: torch.Tensor, ref: np.ndarray,
-                      rows_of: Sequence[Callable[[np.ndarray], np.ndarray]], what: str,
-                      note: Callable[[str, float], None]) -> np.ndarray:
+                      rows_of: Sequence[Callable[[np.ndarray], np.ndarray]], what: str) -> np.ndarray:
     """Check LVC CAMs against ``ref`` (T, C) with the flip rule → the CAMs to use downstream, (T, C).
 
     ``cams_fn(logits)`` maps R' (B, N, N) to (T, C) CAMs; ``rows_of[b](rows)`` maps CAM rows to the token rows of
@@ -34,16 +33,14 @@ def resolve_lvc_flips(cams_fn: Callable[[torch.Tensor], np.ndarray], logits: tor
     |R'| ≤ R_NEAR_ZERO is a candidate. Either way, putting some candidates (with their symmetric partners, R being
     symmetric) on the other side of 0 must bring *every* row within TOL_CAM. Candidates are tried greedily from the smallest |R'| up; one is kept when it lowers the number of rows
     off. This replaces the README's magnitude cap for the exception rows (~1e-3; 1e-2 in §6.1) by the stronger
-    counterfactual, because a genuine flip can move a row further. ``note(key, value)`` records the worst errors.
+    counterfactual, because a genuine flip can move a row further.
     """
     def off_rows(cams: np.ndarray) -> np.ndarray:
         return np.nonzero(np.abs(cams.astype(np.float64) - ref).max(axis=1) > TOL_CAM)[0]
 
     cams = cams_fn(logits)
-    err = np.abs(cams.astype(np.float64) - ref).max(axis=1)
     bad = off_rows(cams)
     if len(bad) == 0:
-        note(what, err.max())
         return cams
     candidates = []  # (|R'|, batch item, row, column)
     if len(bad) <= LVC_ROW_FRACTION * ref.shape[0]:
@@ -77,6 +74,4 @@ def resolve_lvc_flips(cams_fn: Callable[[torch.Tensor], np.ndarray], logits: tor
             break
     err2 = np.abs(cams.astype(np.float64) - ref).max()
     assert err2 <= TOL_CAM, f"{what}: rows {bad.tolist()} stay off by {err2:.2e} with the near-zero R' flipped"
-    note(what + " (after resolving R'≈0 flips)", err2)
-    note(what + " raw, rows with R'≈0 flip", err.max())
     return cams

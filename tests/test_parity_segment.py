@@ -32,12 +32,6 @@ TOL_LOGITS = 5e-4  # README §6: seg_logits, msc_logits_*
 TOL_LABEL_FRAC = 1e-3  # README §6: msc_pred, seg_val — ≤ 0.1 % of the pixels per image
 MSC = {320: 1.0, 224: 0.7, 384: 1.2, 480: 1.5}  # input side → scale (parity README §3.3 "msc")
 
-MEASURED: dict[str, float] = {}
-
-
-def _note(key: str, value: float) -> None:
-    MEASURED[key] = max(MEASURED.get(key, 0.0), float(value))
-
 
 def rgb(name: str) -> np.ndarray:
     from excelseg.io.images import read_image, to_rgb_array
@@ -79,9 +73,7 @@ def check_msc_pred(res, g: dict) -> None:
     """``msc_pred`` (4 scales, flip except at 1.0, logits averaged at the image size) and ``seg_val`` (the
     scale-1.0 logits alone) of one image's :class:`~excelseg.segmenter.SegResult`."""
     assert res.label.shape == g["msc_pred"].shape and res.label.dtype == np.uint8
-    _note("msc_pred (pixel fraction)", frac_differ(res.label, g["msc_pred"]))
     assert frac_differ(res.label, g["msc_pred"]) <= TOL_LABEL_FRAC
-    _note("seg_val via Segmenter (pixel fraction)", frac_differ(res.label_single_scale, g["seg_val"]))
     assert frac_differ(res.label_single_scale, g["seg_val"]) <= TOL_LABEL_FRAC
 
 
@@ -101,7 +93,6 @@ def test_msc_logits(segmenter, name):
     for (plain, flipped), side in zip(per_scale, MSC):
         ref = torch.from_numpy(g[f"msc_logits_{side}"]).double()
         err = float((torch.stack([plain, flipped]).double() - ref).abs().max())
-        _note(f"msc_logits_{side}", err)
         assert err <= TOL_LOGITS, f"msc_logits_{side}: {err:.2e}"
 
 
@@ -117,7 +108,6 @@ def test_aggregation_of_golden_logits(name):
     per_scale = [(torch.from_numpy(g[f"msc_logits_{s}"][0]),
                   None if s == 320 else torch.from_numpy(g[f"msc_logits_{s}"][1])) for s in MSC]
     pred = aggregate_logits(per_scale, size).argmax(0).numpy().astype(np.uint8)
-    _note("msc_pred from golden logits (pixel fraction)", frac_differ(pred, g["msc_pred"]))
     assert frac_differ(pred, g["msc_pred"]) <= TOL_LABEL_FRAC
     every = [(torch.from_numpy(g[f"msc_logits_{s}"][0]), torch.from_numpy(g[f"msc_logits_{s}"][1])) for s in MSC]
     logits_q, logits_e = aggregate_logits(per_scale, size), aggregate_logits(every, size)
@@ -175,7 +165,6 @@ def test_cli_segment_reaches_msc_pred_and_other_sizes(kit, tmp_path, capsys):
         label = Image.open(out / f"{name}.png")
         assert label.mode == "P"
         frac = frac_differ(np.array(label), golden(name)["msc_pred"])
-        _note("CLI msc_pred (pixel fraction)", frac)
         assert frac <= TOL_LABEL_FRAC
     out_other = tmp_path / "seg192"
     assert main(["segment", images[0], "--checkpoint", str(ckpt), "--clip", weights, "--out-dir", str(out_other),
@@ -183,7 +172,6 @@ def test_cli_segment_reaches_msc_pred_and_other_sizes(kit, tmp_path, capsys):
     for name in DETAIL_IMAGES[:1]:
         ours = np.array(Image.open(out_other / f"{name}.png"))
         frac = frac_differ(ours, _oracle_labels(clip, ckpt, rgb(name), 192))
-        _note("CLI --size 192 vs ExcelModel oracle (pixel fraction)", frac)
         assert frac <= TOL_LABEL_FRAC
         # and the size matters: the 320 labels are not the 192 ones
         assert frac_differ(ours, np.array(Image.open(out / f"{name}.png"))) > 10 * TOL_LABEL_FRAC
@@ -245,19 +233,10 @@ def test_cli_cam_checkpoint_reaches_pseudo_lvc(kit, tmp_path, capsys):
         assert main(["cam", *common, "--out-dir", str(tmp_path / "c320")]) == 0
         ours = np.array(Image.open(tmp_path / "c320" / f"{name}.png"))
         frac = frac_differ(ours, g["pseudo_lvc"])
-        _note("CLI cam --checkpoint vs pseudo_lvc (pixel fraction)", frac)
         assert frac <= TOL_LABEL_FRAC
         assert frac_differ(ours, g["pseudo_static"]) > 10 * TOL_LABEL_FRAC  # the checkpoint changes the labels
         assert main(["cam", *common, "--out-dir", str(tmp_path / "c192"), "--size", "192"]) == 0
         ours = np.array(Image.open(tmp_path / "c192" / f"{name}.png"))
         frac = frac_differ(ours, _lvc_oracle(clip, ckpt, rgb(name), 192, g["cls_idx"]))
-        _note("CLI cam --checkpoint --size 192 vs ExcelModel oracle (pixel fraction)", frac)
         assert frac <= TOL_LABEL_FRAC
     capsys.readouterr()
-
-
-def test_report():
-    """Prints the worst measured error per array (run with -s)."""
-    require_kit()
-    for key in sorted(MEASURED):
-        print(f"  {key:55s} {MEASURED[key]:.3e}")

@@ -17,6 +17,7 @@ from excelseg import CamPredictor
 from excelseg.bank import AttributeBank
 from excelseg.config import CamConfig, PipelineConfig, RefineConfig
 from excelseg.vocab import Vocabulary
+from numerics import F32_REL, assert_rel_close, rel_err
 from tiny_clip import tiny_clip
 
 SMALL = PipelineConfig(cam=CamConfig(size=(64, 64), svc_last_blocks=2), refine=RefineConfig(affinity_layers=3))
@@ -110,6 +111,7 @@ _HUGE_IMAGE_CHILD = """
 import json, resource, sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
+from numerics import F32_REL, assert_rel_close, rel_err
 from tiny_clip import tiny_clip
 from excelseg import CamPredictor
 from excelseg.config import CamConfig, PipelineConfig, RefineConfig
@@ -199,11 +201,36 @@ def test_knowledge_enriches_only_described_classes(clip, tmp_path, monkeypatch, 
     assert list((tmp_path / "cache" / "banks").glob("*.safetensors"))  # built once, cached
 
 
-@pytest.mark.parametrize("refine,par", [(False, False), (True, False), (False, True)])
-def test_ablation_switches(clip, refine, par):
+def _ablation(clip, refine: bool, par: bool):
     cfg = SMALL.with_(refine=RefineConfig(affinity_layers=3, refine=refine, use_par=par))
-    r = CamPredictor(clip, config=cfg, device="cpu").set_image(rgb_image()).predict(["cat", "dog"])
+    return CamPredictor(clip, config=cfg, device="cpu").set_image(rgb_image()).predict(["cat", "dog"])
+
+
+@pytest.fixture(scope="module")
+def all_on(clip):
+    return _ablation(clip, refine=True, par=True)
+
+
+@pytest.mark.parametrize("refine,par", [(False, True), (True, False), (False, False)])
+def test_ablation_switches(clip, all_on, refine, par):
+    """Each switch changes the output it acts on, and nothing upstream of it. refine=False: the grid CAMs are the
+    raw alignment CAMs (no affinity / box); use_par=False: the grid CAMs are the all-on ones but the label scores
+    skip PAR. Measured: grid CAMs move by 0.48 (of [0, 1]), PAR scores by 0.6, 7–40 % of the labels change; the
+    bounds below are ≥ 10× under those and ≥ 50× over float32 noise (F32_REL)."""
+    r = _ablation(clip, refine, par)
     assert r.pseudo_label.shape == (50, 70) and r.cams.max() <= 1
+    # the alignment CAMs come before both switches
+    assert_rel_close(r.raw_cams, all_on.raw_cams, F32_REL, "raw CAMs")
+    grid_moved = rel_err(r.grid_cams, all_on.grid_cams)
+    if refine:
+        assert grid_moved == 0.0  # PAR acts after the refinement
+    else:
+        assert grid_moved > 0.05, grid_moved
+        raw = r.raw_cams - r.raw_cams.min(axis=(1, 2), keepdims=True)
+        raw = raw / raw.max(axis=(1, 2), keepdims=True)  # per-class min–max of the raw CAMs
+        assert_rel_close(r.grid_cams, raw, F32_REL, "refine off: grid CAMs = raw CAMs")
+    assert rel_err(r.scores, all_on.scores) > 0.05
+    assert (r.pseudo_label != all_on.pseudo_label).mean() > 0.01
 
 
 def test_normalization_from_the_weights(clip):

@@ -26,6 +26,7 @@ from excelseg.pseudo import labels_from_cams
 from excelseg.refine import box_mask, refine_cams
 from excelseg.train import Trainer, TrainingError
 from excelseg.train.step import training_losses
+from numerics import F32_REL, F64_REL, assert_rel_close
 from test_pseudo_label import make_voc
 from tiny_clip import save_tiny, tiny_model
 
@@ -274,6 +275,75 @@ def test_gradient_accumulation_runs(voc, tmp_path):
     assert t.micro_batch == 1
     t.fit()
     assert t.iteration == 2 and t.epoch * len(t.loader) + t.consumed == 4  # 2 steps × 2 micro-batches
+
+
+# Accumulation / DDP equivalence runs: dropout off (the masks are drawn per micro-batch / per rank), no warm-up (a
+# full-size lr, so the step is visible), heads and frozen CLIP in float64.
+EXACT = CFG.with_(heads=replace(CFG.heads, dropout=0.0),
+                  train=replace(TRAIN, warmup_iters=0, checkpoint_every=100))
+
+
+def float64_step(real, seen: list, pseudo: torch.Tensor | None = None):
+    """``training_losses`` on float64 images (the trainer normalises to float32), recording every micro-batch;
+    with ``pseudo`` (H, W), every image gets those pseudo-labels."""
+
+    def step(model, images, labels, n_iter, cfg, **kw):
+        seen.append(images.detach().clone())
+        if pseudo is not None:
+            kw["pseudo"] = pseudo.expand(images.shape[0], -1, -1)
+        return real(model, images.double(), labels, n_iter, cfg, **kw)
+
+    return step
+
+
+def trained_heads(trainer) -> dict[str, dict[str, torch.Tensor]]:
+    """Heads state and the gradients of the last optimiser step (``_step`` zeroes them only before the next)."""
+    return {"state": heads_state(trainer),
+            "grad": {n: p.grad.detach().clone() for n, p in trainer.heads.named_parameters() if p.grad is not None}}
+
+
+def test_gradient_accumulation_equals_one_larger_batch(voc, tmp_path, monkeypatch):
+    """Batch 2 in one pass vs 2 micro-batches of 1 (train.accumulation=2): the same gradients and the same heads
+    after one optimiser step. The losses normalise over the whole batch (L_seg's bg/fg pixel counts, L_div's pair
+    counts and the batch mean of R inside P), so the two agree exactly only when those cannot differ between the
+    images: every image gets the same fixed pseudo-labels (equal counts) and div_weight = 0 (no R mean coupling).
+    Gradients: float64 heads; ``training_losses`` evaluates the losses in float32 (``.float()`` on logits and P),
+    but the backward of a sum does not depend on its order and the counts are exact, so they agree to F64_REL
+    (measured ≤ 1.5e-15). Heads after the AdamW step: the first step is ``lr·g/(|g| + eps)`` per element, which
+    turns gradients that are rounding noise (the attention key bias: exact gradient 0) into noise-sized steps
+    (measured 3e-10 of the step), so the step is held to F32_REL of each tensor's step magnitude."""
+    import excelseg.train as train_mod
+
+    pseudo = torch.zeros(32, 32, dtype=torch.uint8)
+    pseudo[:, 12:] = 3  # background | class 3
+    pseudo[:4] = 255  # and an ignored band
+    cfg = EXACT.with_(train=replace(EXACT.train, iterations=1, div_weight=0.0, lvc_switch_iter=-1,
+                                    self_affinity_iter=-1))
+    runs = {}
+    for acc in (1, 2):
+        seen = []
+        monkeypatch.setattr(train_mod, "training_losses", float64_step(training_losses, seen, pseudo))
+        cfg_acc = cfg.with_(train=replace(cfg.train, accumulation=acc))
+        trainer = Trainer(tiny_excel(cfg=cfg_acc).double(), cfg_acc, train_ds(voc), tmp_path / f"acc{acc}",
+                          log=lambda s: None, progress=False)
+        assert trainer.micro_batch == 2 // acc
+        init = heads_state(trainer)
+        trainer.fit()
+        runs[acc] = (trained_heads(trainer), seen, init)
+    (one, seen1, init), (two, seen2, _) = runs[1], runs[2]
+    # the same two (different) crops: one batch of 2 vs two micro-batches of 1
+    assert len(seen1) == 1 and len(seen2) == 2
+    assert torch.equal(torch.cat(seen2), seen1[0]) and not torch.equal(seen1[0][0], seen1[0][1])
+    trainable = {n for n, p in trainer.heads.named_parameters() if p.requires_grad}
+    assert one["grad"].keys() == two["grad"].keys() == trainable
+    for name, g in one["grad"].items():
+        assert float(g.abs().max()) > 0, name
+        assert_rel_close(two["grad"][name], g, F64_REL, f"grad {name}")
+    for name, after in one["state"].items():
+        if after.is_floating_point() and not torch.equal(after, init[name]):
+            assert_rel_close(two["state"][name] - init[name], after - init[name], F32_REL, f"step of {name}")
+        else:
+            assert torch.equal(two["state"][name], after), name
 
 
 def test_validation_prints_both_tables(voc, tmp_path):

@@ -4,7 +4,7 @@
 * Every test starts from the same torch RNG state and thread count and cannot leave a changed thread count,
   default dtype or grad mode behind, whatever order pytest-randomly picks (``make test`` runs a fixed seed).
 * Under pytest-xdist (``make test`` runs ``-n auto``) each worker gets its share of the cores as torch threads,
-  so workers do not oversubscribe the CPU; every tolerance holds for any thread count (README "Tests").
+  so workers do not oversubscribe the CPU; every tolerance holds for any thread count (docs/tests.md).
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ def _run_and_wait(page, expect_in_status: str) -> str:
 
 
 def _save_docs_screenshot(png: bytes, target: str) -> None:
-    """A compact copy of the result screen (≤ 960 px wide, 96-colour palette: < 200 kB) for the README."""
+    """A compact copy of the result screen (≤ 960 px wide, 96-colour palette: < 200 kB) for docs/app.md."""
     img = Image.open(io.BytesIO(png)).convert("RGB")
     if img.width > 960:
         img = img.resize((960, round(img.height * 960 / img.width)), Image.LANCZOS)

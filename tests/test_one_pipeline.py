@@ -80,7 +80,7 @@ def test_predict_batch_equals_one_by_one(world):
 def test_trainer_step_labels(world):
     """The trainer's step before the LVC switch (static CAMs, attention affinity) = the predictor's labels; its
     PAR image is the de-normalised uint8 crop (EXCEL_SPEC §3.4), so rounding may move a few pixels."""
-    from excelseg.training import training_losses
+    from excelseg.train.step import training_losses
 
     model = world["trained"]
     step = training_losses(model, _x(world), _labels(world), 0, world["cfg"].train)
@@ -132,7 +132,7 @@ def test_validation_labels(world):
 def test_app_labels(world, tmp_path):
     """The app's request (synthetic vocabulary, the shipped CLIP's own knowledge) writes the predictor's labels."""
     from excelseg.app import AppModel, Switches
-    from excelseg.outputs import read_label_png
+    from excelseg.io.files import read_label_png
 
     path = tmp_path / "scene.png"
     Image.fromarray(world["scene"].image).save(path)

@@ -16,7 +16,7 @@ trained segmenter − ExCEL seeds (the paper's order)     7.0      > 0    7.0
 
 The floors sit about 6 points under the measured values: thread-count and BLAS differences move these figures by
 tenths of a point, while breaking SVC, TSE, the alignment, the refinement or the heads costs many points (SVC
-alone is worth 19 points on 500 scenes, see the README's ablation table). The segmenter is scored at one scale
+alone is worth 19 points on 500 scenes, see the ablation table in docs/synthetic.md). The segmenter is scored at one scale
 without flip to keep the test fast (48.3 % with the shipped multi-scale settings on the same scenes).
 """
 

@@ -1,4 +1,4 @@
-"""The ``excelseg`` command. Each subcommand's ``--help`` is its manual; the README shows real invocations.
+"""The ``excelseg`` command. Each subcommand's ``--help`` is its manual; docs/ shows real invocations.
 
 Building the parser imports only the standard library and the command modules' ``register`` functions, so
 ``excelseg --help`` and ``excelseg COMMAND --help`` answer without loading torch (``benchmarks/cli_help_time.py``).

@@ -12,7 +12,7 @@
  * Every row is a whole number of VL-wide vectors: the columns W … Wv−1 are computed like the others, then
  * overwritten by the right replicate border, which is rewritten after every row.
  *
- * Speed (README "Benchmarks"): an iteration streams 48 weights per pixel and makes 48 shifted loads per channel.
+ * Speed (docs/benchmarks.md): an iteration streams 48 weights per pixel and makes 48 shifted loads per channel.
  * Within a row tile the Nn weight vectors are contiguous and up to four channels are summed in registers, so each
  * weight is loaded once per block of channels and each output stored once. Iterations run as a wavefront: iteration
  * i + 1 processes row y as soon as iteration i has produced row y + d_max, so `group` iterations use each weight row

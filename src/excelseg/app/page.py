@@ -71,7 +71,7 @@ def header_markdown(model: AppModel) -> str:
         "scenes below. On photos or other class names the masks are meaningless. For real images start the page "
         "with real CLIP weights: `excelseg app --clip ViT-B-16` (OpenAI weights, downloaded once into the cache), "
         "`excelseg app --clip /path/to/ViT-B-16.pt`, or any open_clip tag such as "
-        "`--clip ViT-L-14:laion2b_s32b_b82k` (README, *CLIP weights*).")
+        "`--clip ViT-L-14:laion2b_s32b_b82k` (docs/cli-and-weights.md, *CLIP weights*).")
 
 
 def build_page(model: AppModel, examples: list[tuple[Path, str]] | None = None):

@@ -161,7 +161,7 @@ CLIP_HELP = ("CLIP weights: open_clip tag (default ViT-B-16, OpenAI weights), a 
              "state dict, .pth, .bin, .safetensors), hf-hub:ORG/NAME or 'synthetic' (shipped); default "
              "$EXCELSEG_CLIP, then ViT-B-16")
 CONFIG_HELP = ("pipeline settings: voc (the paper's, default), coco, synthetic or a YAML file; section.key=value "
-               "words override single settings (see 'Settings' in the README)")
+               "words override single settings (see 'Settings' in docs/cli-and-weights.md)")
 
 
 def add_clip_arg(p: Any, help: str = CLIP_HELP) -> None:

@@ -156,7 +156,7 @@ def build_voc_index(
                  + (f"{len(seg_ids)} masks" if mask_dir.is_dir() else "not found")
                  + f"; {AUG_DIR}: " + (f"{len(aug_ids)} masks" if aug_dir.is_dir() else "not found"))
     if not aug_dir.is_dir():
-        notes.append(f"{AUG_DIR} not found: train_aug will not be available; see README for SBD")
+        notes.append(f"{AUG_DIR} not found: train_aug will not be available; see docs/datasets.md for SBD")
     lists: dict[str, list[str]] = {}
     for name in LIST_NAMES:
         f = list_dir / f"{name}.txt"

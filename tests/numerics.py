@@ -24,6 +24,9 @@ F64_REL = 1e-10
 # AVX-512 kernels at 1 and 2 threads (open_clip's own float32 forward shows the same ~1e-5 level). 2e-4 = 5× margin;
 # a wrong formula is off by ≥ 1e-3 relative (the tests check that too).
 F32_REL = 2e-4
+# A guard that a wrong result is told apart ("one PAR iteration fewer") must exceed the pass tolerance by this
+# factor: a result off by less could pass the tolerance check, and the guard would prove nothing.
+GUARD_MARGIN = 10
 
 
 def as_f64(x) -> np.ndarray:

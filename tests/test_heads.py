@@ -11,6 +11,7 @@ from torch import nn
 from excelseg.heads import ExcelHeads, LvcAdapter, SegDecoder, count_parameters, reference_key_map
 from excelseg.interop import convert_reference_state, import_reference_heads
 from excelseg.io.checkpoint import CheckpointError, load_heads
+from numerics import F64_REL, assert_rel_close
 from parity_kit import PARITY, require_kit
 
 
@@ -25,8 +26,8 @@ def test_parameter_counts_from_the_spec():
 
 def test_adapter_is_per_layer_mlp_concat_fuse():
     torch.manual_seed(0)
-    ad = LvcAdapter(num_layers=3, in_dim=8, dim=4).eval()
-    x = torch.randn(2, 3, 8, 2, 5)  # (B, L, D, h, w)
+    ad = LvcAdapter(num_layers=3, in_dim=8, dim=4).eval().double()  # float64: compared with F64_REL
+    x = torch.randn(2, 3, 8, 2, 5, dtype=torch.float64)  # (B, L, D, h, w)
     parts = []
     for layer, mlp in enumerate(ad.mlps):
         tok = x[:, layer]  # (B, D, h, w)
@@ -35,7 +36,7 @@ def test_adapter_is_per_layer_mlp_concat_fuse():
                      + mlp.fc2.bias.view(1, -1, 1, 1))
     cat = torch.cat(parts, dim=1)  # layer 0 first
     want = torch.einsum("oc,bchw->bohw", ad.fuse.weight[:, :, 0, 0], cat) + ad.fuse.bias.view(1, -1, 1, 1)
-    assert torch.allclose(ad(x), want, atol=1e-5)  # float32, different contraction order
+    assert_rel_close(ad(x), want, F64_REL, "adapter")
     with pytest.raises(ValueError, match="tokens must be"):
         ad(x[:, :2])
 
@@ -58,7 +59,7 @@ def _quick_gelu(x):
 
 def test_decoder_equals_torch_pre_ln_transformer():
     torch.manual_seed(2)
-    dec = SegDecoder(num_outputs=5, dim=32, heads=4, depth=2).eval()
+    dec = SegDecoder(num_outputs=5, dim=32, heads=4, depth=2).eval().double()  # float64: compared with F64_REL
     with torch.no_grad():  # non-trivial LayerNorm / bias values
         for name, p in dec.named_parameters():
             if "ln_" in name or name.endswith("bias"):
@@ -66,7 +67,7 @@ def test_decoder_equals_torch_pre_ln_transformer():
     layers = []
     for blk in dec.blocks:
         t = nn.TransformerEncoderLayer(32, 4, dim_feedforward=128, dropout=0.0, activation=_quick_gelu,
-                                       batch_first=True, norm_first=True).eval()
+                                       batch_first=True, norm_first=True).eval().double()
         sd = {"self_attn.in_proj_weight": blk.attn.in_proj_weight, "self_attn.in_proj_bias": blk.attn.in_proj_bias,
               "self_attn.out_proj.weight": blk.attn.out_proj.weight, "self_attn.out_proj.bias": blk.attn.out_proj.bias,
               "linear1.weight": blk.mlp.fc.weight, "linear1.bias": blk.mlp.fc.bias,
@@ -75,13 +76,13 @@ def test_decoder_equals_torch_pre_ln_transformer():
               "norm2.weight": blk.ln_2.weight, "norm2.bias": blk.ln_2.bias}
         t.load_state_dict({k: v.detach() for k, v in sd.items()})
         layers.append(t)
-    fts = torch.randn(2, 32, 3, 4)
+    fts = torch.randn(2, 32, 3, 4, dtype=torch.float64)
     x = fts.flatten(2).transpose(1, 2)
     with torch.no_grad():
         for t in layers:
             x = t(x)
         want = dec.classifier(x.transpose(1, 2).reshape(2, 32, 3, 4))
-        assert torch.allclose(dec(fts), want, atol=1e-5)  # float32, two attention kernels
+        assert_rel_close(dec(fts), want, F64_REL, "decoder")
 
 
 def test_reference_key_map_covers_every_tensor_once():

@@ -15,7 +15,7 @@ import torch
 
 from excelseg import _native as native
 from excelseg.par import PAR_DILATIONS, _neighbour_offsets, _positional_affinity, par
-from numerics import F32_REL, assert_rel_close
+from numerics import F32_REL, GUARD_MARGIN, assert_rel_close, rel_err
 from test_refine import _par_naive
 
 
@@ -64,9 +64,10 @@ def test_native_par_matches_float64_oracle(lib, b, c, h, w, iters, dilations):
     assert_rel_close(out, expected, F32_REL, "native PAR")
     assert_rel_close(par(image.float(), masks.float(), iters=iters, dilations=dilations, backend="torch"), expected,
                      F32_REL, "torch PAR")
-    if iters > 1:  # one iteration fewer is told apart
-        fewer = par(image.float(), masks.float(), iters=iters - 1, dilations=dilations, backend="native")
-        assert (fewer.double() - expected).abs().max() > 1e-4 * expected.abs().max()
+    # one iteration fewer is told apart: off by more than the pass bound (F32_REL) with a margin; measured 0.27–0.68,
+    # and 0.0099 for the single pixel (each iteration only scales it by 1 + w_pos = 1.01)
+    fewer = par(image.float(), masks.float(), iters=iters - 1, dilations=dilations, backend="native")
+    assert rel_err(fewer, expected) > GUARD_MARGIN * F32_REL
 
 
 def test_native_and_torch_backends_agree_on_a_label_sized_map(lib):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from numerics import GUARD_MARGIN
 from parity_kit import (
     DETAIL_IMAGES,
     GOLDEN,
@@ -26,6 +27,7 @@ from parity_kit import (
 )
 
 NAMES = image_names()
+TOL_PAR = 1e-5  # README §6: par.out
 # under pytest-xdist (`make test`), test_pseudo_label_metrics reuses the per-image passes: keep them on one worker
 pytestmark = pytest.mark.xdist_group("parity_free")
 
@@ -113,9 +115,13 @@ def test_par_alone(backend):
     if backend == "native" and native.par_library() is None:
         pytest.skip("the native PAR kernels could not be built here (no C compiler?)")
     g = np.load(GOLDEN / "par.npz")
-    out = par(torch.from_numpy(g["img"]), torch.from_numpy(g["masks"]), iters=20, dilations=(1, 2, 4, 8, 12, 24),
-              backend=backend)
-    assert max_abs(out, g["out"]) <= 1e-5
+    for iters in (20, 19, 21):
+        out = par(torch.from_numpy(g["img"]), torch.from_numpy(g["masks"]), iters=iters,
+                  dilations=(1, 2, 4, 8, 12, 24), backend=backend)
+        if iters == 20:
+            assert max_abs(out, g["out"]) <= TOL_PAR
+        else:  # one iteration fewer or more is far outside the tolerance (measured 3.5e-2 / 3.0e-2)
+            assert max_abs(out, g["out"]) > GUARD_MARGIN * TOL_PAR, iters
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -16,7 +16,7 @@ import excelseg.pseudo as pseudo_mod
 from excelseg.par import par
 from excelseg.pseudo import labels_from_cams
 from excelseg.refine import box_mask, refine_cams, transition_matrix
-from numerics import F32_REL, assert_rel_close, rel_err
+from numerics import F32_REL, GUARD_MARGIN, assert_rel_close, rel_err
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 PARITY = SHARED / "parity"
@@ -251,7 +251,10 @@ def test_par_matches_naive_gather_implementation():
     # the mask magnitude per iteration (measured ≤ 3e-7 relative); F32_REL bounds it with margin on any kernel
     out32 = par(image.float(), masks.float(), iters=5, dilations=(1, 2, 4, 8, 12, 24))
     assert_rel_close(out32, expected, F32_REL, "float32 PAR")
-    assert rel_err(par(image, masks, iters=4), expected) > 1e-3  # one iteration fewer is told apart
+    # one iteration fewer (or more) is told apart: off by far more than the loosest pass bound above (F32_REL),
+    # measured 0.61
+    for iters in (4, 6):
+        assert rel_err(par(image, masks, iters=iters), expected) > GUARD_MARGIN * F32_REL, iters
 
 
 def test_par_buffer_reuse_any_iteration_count_and_dilations():

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -312,7 +313,7 @@ def test_gradient_accumulation_equals_one_larger_batch(voc, tmp_path, monkeypatc
     (measured ≤ 1.5e-15). Heads after the AdamW step: the first step is ``lr·g/(|g| + eps)`` per element, which
     turns gradients that are rounding noise (the attention key bias: exact gradient 0) into noise-sized steps
     (measured 3e-10 of the step), so the step is held to F32_REL of each tensor's step magnitude."""
-    import excelseg.train as train_mod
+    import excelseg.train.trainer as train_mod
 
     pseudo = torch.zeros(32, 32, dtype=torch.uint8)
     pseudo[:, 12:] = 3  # background | class 3
@@ -403,8 +404,72 @@ def test_cli_end_to_end_train_predict_eval(voc, tmp_path, capsys):
     assert "config differs" in capsys.readouterr().err
 
 
+DDP = EXACT.with_(train=replace(EXACT.train, lvc_switch_iter=-1))
+
+
+def _ddp_worker(rank: int, world: int, voc: str, out: str) -> None:
+    """One rank of :func:`test_ddp_two_processes_average_the_gradients` (a forked child)."""
+    import excelseg.train.trainer as train_mod
+    from excelseg.train import DistInfo
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+    try:
+        train_mod.training_losses = float64_step(training_losses, [])
+        trainer = Trainer(tiny_excel(cfg=DDP).double(), DDP, train_ds(voc), Path(out) / "run",
+                          dist=DistInfo(rank, world, rank), log=lambda s: None, progress=False)
+        trainer.fit(2)
+        torch.save(trained_heads(trainer), Path(out) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_average_the_gradients(voc, tmp_path, monkeypatch):
+    """2 gloo processes with one image each vs one process with both as 2 micro-batches (train.accumulation=2):
+    the same gradients and heads after 2 optimiser steps, on both ranks. Each process's loss is that of its own
+    micro-batch (per-batch normalisers and R mean), exactly what accumulation computes, so this needs no fixed
+    pseudo-labels (computed by each run, L_div weighted 0.1); dropout is off (masks are drawn per rank). Float64:
+    the two differ only by how the two float64 gradients are added ((g0 + g1)/2 all-reduced vs g0/2 + g1/2).
+    Static CAMs only: the LVC branch cannot run a float64 model (``ExcelModel.forward`` casts the SVC cache to
+    float32 when it is not float32, and the calibrated re-run then mixes dtypes)."""
+    import torch.multiprocessing as mp
+
+    import excelseg.train.trainer as train_mod
+
+    # forked (as DataLoader workers are): a spawned child re-imports torch and open_clip, ~10 s each
+    ctx = mp.start_processes(_ddp_worker, args=(2, str(voc), str(tmp_path)), nprocs=2, join=False,
+                             start_method="fork")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):  # raises with the rank's traceback if one fails
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the 2 DDP processes did not finish in 120 s")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+    monkeypatch.setattr(train_mod, "training_losses", float64_step(training_losses, seen := []))
+    cfg = DDP.with_(train=replace(DDP.train, accumulation=2))
+    single = Trainer(tiny_excel(cfg=cfg).double(), cfg, train_ds(voc), tmp_path / "single", log=lambda s: None,
+                     progress=False)
+    init = heads_state(single)
+    single.fit(2)
+    ref = trained_heads(single)
+    assert len(seen) == 4 and all(x.shape[0] == 1 for x in seen)
+    for rank in ranks:
+        assert rank["grad"].keys() == ref["grad"].keys() and rank["state"].keys() == ref["state"].keys()
+        for name, g in ref["grad"].items():
+            assert float(g.abs().max()) > 0, name
+            assert_rel_close(rank["grad"][name], g, F64_REL, f"grad {name}")
+        for name, after in ref["state"].items():
+            if after.is_floating_point() and not torch.equal(after, init[name]):
+                assert_rel_close(rank["state"][name] - init[name], after - init[name], F32_REL, f"steps of {name}")
+            else:
+                assert torch.equal(rank["state"][name], after), name
+
+
 def test_torchrun_two_processes_gloo(voc, tmp_path):
-    """2 CPU processes (gloo): DistributedSampler shards, DDP averages the gradients, rank 0 writes one checkpoint."""
+    """``excelseg train`` under torchrun, 2 CPU processes (gloo): the run starts, reports its split of the batch and
+    rank 0 writes one checkpoint (that DDP averages the gradients: the test above)."""
     clip = save_tiny(tmp_path / "tiny.pt", **TINY)
     cfg_path = tiny_yaml(tmp_path / "tiny.yaml", iterations=2, checkpoint_every=2, val_every=0)
     run = tmp_path / "run"

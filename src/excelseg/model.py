@@ -197,8 +197,8 @@ class ExcelModel(nn.Module):
             tokens = out.layer_tokens()
             attn = self.reference_attention(out)
             features, cache = out.features, out.cache
-            if features.dtype != torch.float32:  # under autocast: the frozen pass in low precision, CAMs,
-                features, attn = features.float(), attn.float()  # refinement and the LVC re-run in fp32
+            if features.dtype in (torch.float16, torch.bfloat16):  # under autocast: the frozen pass in low
+                features, attn = features.float(), attn.float()  # precision; CAMs, refinement, LVC re-run in fp32
                 cache = replace(cache, start=cache.start.float(), cls=cache.cls.float(),
                                 maps=[m.float() for m in cache.maps], values=[v.float() for v in cache.values])
         fts, logits = self.heads(tokens)

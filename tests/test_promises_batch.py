@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from numerics import F32_REL, rel_err
 from PIL import Image
 
 from excelseg.cli import main
+from numerics import F32_REL, rel_err
 
 pytest.importorskip("open_clip")
 

@@ -344,9 +344,9 @@ def test_examples_and_notice_follow_the_weights(model, tmp_path):
     scenes = model.examples()
     assert len(scenes) == 4 and all(p.is_file() and Image.open(p).size == (EXAMPLE_SIDE,) * 2 for p, _ in scenes)
     notice = header_markdown(model)
-    assert "only know the 16 synthetic shapes" in notice and "excelseg app --clip ViT-B-16" in notice
+    assert "only know the 16 synthetic classes" in notice and "excelseg app --clip ViT-B-16" in notice
     real = AppModel(tiny_clip(), device="cpu", work_dir=tmp_path)
-    assert "synthetic shapes" not in header_markdown(real)
+    assert "only know" not in header_markdown(real)
     if __import__("importlib").util.find_spec("skimage") is None:
         assert real.examples() == []
     else:

@@ -112,7 +112,7 @@ def test_page_in_a_real_browser(server, tmp_path):
             page.goto(server, wait_until="domcontentloaded")
             page.wait_for_selector("#run", timeout=RESULT_TIMEOUT)
             header = page.inner_text("#excelseg-header")
-            assert "only know the 16 synthetic shapes" in header and "--clip ViT-B-16" in header
+            assert "only know the 16 synthetic classes" in header and "--clip ViT-B-16" in header
 
             # a generated scene and its class names: the legend lists exactly those classes
             _upload(page, image)

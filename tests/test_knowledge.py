@@ -191,7 +191,7 @@ def test_load_by_name_and_path(tmp_path):
     assert load_knowledge("voc") == load_knowledge(knowledge_path("voc"))
     with pytest.raises(ValueError, match="unknown knowledge base"):
         knowledge_path("ade20k")
-    with pytest.raises(FileNotFoundError, match="'voc', 'coco' or a JSON file"):
+    with pytest.raises(FileNotFoundError, match="'voc', 'coco', 'synthetic' or a JSON"):
         load_knowledge(tmp_path / "missing.json")
 
 

@@ -316,3 +316,23 @@ def test_write_dataset_round_trip(tmp_path):
         assert np.array_equal(read_label_png(out / "masks" / f"{stem}.png"), sc.mask)
         assert labels[stem] == [CLASSES[c].name for c in sc.labels]
         assert captions[stem] == sc.caption
+
+
+def test_shipped_synthetic_knowledge_and_vocabulary_match_the_generator():
+    """The weights registry's ``synthetic`` knowledge base and vocabulary (shipped data, so the core never
+    imports the generator) are the generator's own: same sentences per class, same classes and backgrounds."""
+    from excelseg.knowledge import load_knowledge, parse_knowledge
+    from excelseg.synthetic import synthetic_vocabulary
+    from excelseg.synthetic.knowledge import knowledge_base
+    from excelseg.vocab import Vocabulary
+
+    assert load_knowledge("synthetic") == parse_knowledge(knowledge_base(), "generated")
+    assert Vocabulary.named("synthetic") == synthetic_vocabulary()
+
+
+def test_synthetic_weights_carry_their_defaults():
+    from excelseg.weights import load_clip
+
+    clip = load_clip("synthetic", device="cpu")
+    assert (clip.default_config, clip.default_knowledge, clip.default_vocabulary, clip.examples) == (
+        "synthetic", "synthetic", "synthetic", "scenes")

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from excelseg.data import open_dataset
-from excelseg.jobs.labels import dataset_vocabulary
 from excelseg.synthetic import CLASSES, HELD_OUT_SEED, SceneGenerator, held_out_samples, synthetic_vocabulary
 from excelseg.synthetic.captions import CAPTION_STYLES, CaptionSampler
 from excelseg.synthetic.clip_train import contrastive_loss, training_batch
+from excelseg.vocab import dataset_vocabulary
 
 
 def _named(text: str) -> set[int]:

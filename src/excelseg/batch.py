@@ -5,5 +5,6 @@ from ._deprecated import moved, names_of
 
 __getattr__ = moved(__name__, {
     **names_of("excelseg.jobs.runner", "Shard prefetch"),
-    **names_of("excelseg.jobs.labels", "LabelOutput dataset_vocabulary iter_pseudo_labels"),
+    **names_of("excelseg.jobs.labels", "LabelOutput iter_pseudo_labels"),
+    **names_of("excelseg.vocab", "dataset_vocabulary"),
 })

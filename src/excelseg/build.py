@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from .bank import PAPER_CLUSTERS, AttributeBank, bank_for, check_bank_identity
+from .bank import AttributeBank, bank_for, check_bank_identity
 from .config import PipelineConfig, load_config
 from .devices import resolve_device
 from .model import PRECISIONS, ExcelModel
 from .text import ClassText, TextEncoder
-from .vocab import Vocabulary, normalize_name
+from .vocab import Vocabulary, dataset_vocabulary, normalize_name
 from .weights import LoadedClip, load_clip
 
 __all__ = ["build_model"]
@@ -42,9 +42,10 @@ def build_model(clip: LoadedClip | str | Path | None = None, *, vocabulary=None,
         vocabulary: the model's default vocabulary (``"voc"``, ``"coco"``, names, a file); with a checkpoint,
             default its class list (another class list is refused).
         bank: TSE attribute bank (path or object); refused when it records another CLIP.
-        knowledge: a knowledge base (``"voc"``, ``"coco"``, a JSON path) instead of a bank: its bank is built once
-            (``clusters``: default 112 for voc, 224 for coco, else ``"auto"``) and cached; only its classes are
-            enriched.
+        knowledge: a knowledge base (``"voc"``, ``"coco"``, ``"synthetic"``, a JSON path; the weights' own:
+            ``clip.default_knowledge``) instead of a bank: its bank is built once (``clusters``: default 112 for voc,
+            224 for coco, 48 for synthetic, else ``"auto"``; descriptions prefixed with ``text.template``) and
+            cached; only its classes are enriched.
         config: settings (object, shipped name or YAML path); default the checkpoint's, else those the weights
             were made for (``clip.default_config``), else the paper's VOC settings.
         checkpoint: trained heads (path or :class:`~excelseg.interop.HeadsCheckpoint`): the LVC CAMs and the
@@ -71,9 +72,8 @@ def build_model(clip: LoadedClip | str | Path | None = None, *, vocabulary=None,
         from .io.checkpoint import check_checkpoint
 
         check_checkpoint(ckpt, clip.identity, None if vocab is None else list(vocab.names))
-        if vocab is None:
-            named = ckpt.meta.get("vocabulary")
-            vocab = Vocabulary.named(named) if named in ("voc", "coco") else Vocabulary.from_names(ckpt.class_names)
+        if vocab is None:  # the vocabulary the heads were trained with (named, or the dataset's)
+            vocab = dataset_vocabulary(ckpt.class_names, ckpt.meta.get("vocabulary") or ckpt.meta.get("dataset") or "")
         heads = ckpt.heads().to(device).eval()
         if config is None:
             config = ckpt.config
@@ -83,12 +83,12 @@ def build_model(clip: LoadedClip | str | Path | None = None, *, vocabulary=None,
     bank = bank if bank is None or isinstance(bank, AttributeBank) else AttributeBank.load(bank)
     known = None
     if knowledge is not None:
-        from .knowledge import load_knowledge
+        from .knowledge import DEFAULT_CLUSTERS, load_knowledge
 
         kb = load_knowledge(knowledge)
         if clusters is None:
-            clusters = PAPER_CLUSTERS.get(str(knowledge).lower(), "auto")
-        bank = bank_for(clip, kb, clusters)
+            clusters = DEFAULT_CLUSTERS.get(str(knowledge).lower(), "auto")
+        bank = bank_for(clip, kb, clusters, prefix=cfg.text.template)
         known = {normalize_name(n) for n in kb}
     if bank is not None:
         check_bank_identity(bank, clip)

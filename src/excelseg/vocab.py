@@ -61,6 +61,20 @@ COCO_PROMPT_NAMES = (
     "toothbrush",
 )
 COCO_BACKGROUND = tuple(w for w in VOC_BACKGROUND if w not in ("keyboard", "sign"))
+# the generated scenes of excelseg.synthetic (the shipped synthetic CLIP's own classes; tests/test_synthetic.py
+# holds these to the generator's class specs)
+SYNTHETIC_CLASSES = (
+    "red disc", "blue disc", "green square", "orange square", "yellow triangle", "purple triangle", "red ring",
+    "green ring", "blue cross", "yellow cross", "orange star", "purple star", "yellow crescent", "green crescent",
+    "red diamond", "blue diamond")
+SYNTHETIC_BACKGROUND = ("mottled background", "gradient background", "blotchy background", "wood-grain background")
+#: named vocabularies: key → (class names, prompt names, background words)
+NAMED_VOCABULARIES = {
+    "voc": (VOC_CLASSES, VOC_PROMPT_NAMES, VOC_BACKGROUND),
+    "coco": (COCO_CLASSES, COCO_PROMPT_NAMES, COCO_BACKGROUND),
+    "synthetic": (SYNTHETIC_CLASSES, SYNTHETIC_CLASSES, SYNTHETIC_BACKGROUND),
+}
+_NAMED_ALIASES = {"pascal_voc": "voc", "voc2012": "voc", "mscoco": "coco", "coco2014": "coco"}
 
 
 def normalize_name(name: str) -> str:
@@ -145,19 +159,19 @@ class Vocabulary:
 
     @classmethod
     def named(cls, key: str) -> Vocabulary:
-        key = key.lower()
-        if key in ("voc", "pascal_voc", "voc2012"):
-            return cls(VOC_CLASSES, VOC_PROMPT_NAMES, VOC_BACKGROUND, "voc")
-        if key in ("coco", "mscoco", "coco2014"):
-            return cls(COCO_CLASSES, COCO_PROMPT_NAMES, COCO_BACKGROUND, "coco")
-        raise ValueError(f"unknown vocabulary {key!r}: use 'voc', 'coco', a comma list or a file")
+        key = _NAMED_ALIASES.get(key.lower(), key.lower())
+        if key not in NAMED_VOCABULARIES:
+            raise ValueError(f"unknown vocabulary {key!r}: use {', '.join(map(repr, NAMED_VOCABULARIES))}, a comma "
+                             "list or a file")
+        return cls(*NAMED_VOCABULARIES[key], key)
 
     @classmethod
     def from_spec(cls, spec: str | Sequence[str] | Vocabulary) -> Vocabulary:
-        """``"voc"``, ``"coco"``, a comma list, a ``.txt``/``.json`` file of names, or a sequence of names."""
+        """``"voc"``, ``"coco"``, ``"synthetic"``, a comma list, a ``.txt``/``.json`` file of names, or a sequence of
+        names."""
         if isinstance(spec, Vocabulary):
             return spec
-        if isinstance(spec, str) and spec.lower() in ("voc", "pascal_voc", "voc2012", "coco", "mscoco", "coco2014"):
+        if isinstance(spec, str) and (spec.lower() in NAMED_VOCABULARIES or spec.lower() in _NAMED_ALIASES):
             return cls.named(spec)
         return cls.from_names(parse_class_list(spec))
 
@@ -173,3 +187,18 @@ class Vocabulary:
 
     def indices(self, names: Sequence[str]) -> list[int]:
         return [self.index(n) for n in parse_class_list(list(names))]
+
+
+def dataset_vocabulary(class_names: Sequence[str], kind: str) -> Vocabulary:
+    """The vocabulary for a dataset's classes: the named vocabulary (its prompt names and background words) of the
+    dataset's ``kind``, or ``voc`` / ``coco``, when the classes are exactly that vocabulary's, in order (e.g.
+    ``synthetic`` scenes: their backgrounds as background words); else the names themselves with the paper's
+    background words."""
+    for key in dict.fromkeys((kind, "voc", "coco")):
+        try:
+            named = Vocabulary.named(key)
+        except ValueError:  # a kind without a named vocabulary (folder)
+            continue
+        if [normalize_name(n) for n in class_names] == [normalize_name(n) for n in named.names]:
+            return named
+    return Vocabulary.from_names(list(class_names))

@@ -34,7 +34,6 @@ from .model import (
     MAX_HEATMAPS,
     MAX_PIXELS,
     MAX_SIDE,
-    SYNTHETIC,
     TYPED,
     AppModel,
     AppResult,
@@ -46,7 +45,7 @@ from .page import build_page, header_markdown, image_input, launch
 from .process import app_process, free_port
 
 __all__ = [
-    "EXAMPLE_SEED", "EXAMPLE_SIDE", "MAX_HEATMAPS", "MAX_PIXELS", "MAX_SIDE", "SYNTHETIC", "TYPED", "AppModel",
+    "EXAMPLE_SEED", "EXAMPLE_SIDE", "MAX_HEATMAPS", "MAX_PIXELS", "MAX_SIDE", "TYPED", "AppModel",
     "AppResult", "LegendEntry", "Switches", "app_process", "build_page", "free_port", "header_markdown",
     "image_input", "launch", "split_class_text",
 ]

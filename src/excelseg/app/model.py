@@ -46,7 +46,6 @@ EXAMPLE_SIDE = 192  # their size in pixels
 EXAMPLE_SEED = 20260  # scene seed of the examples (not one the synthetic CLIP was trained on)
 
 TYPED = "typed names"  # vocabulary choice: the typed class names (+ background words) are the vocabulary
-SYNTHETIC = "synthetic"
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,6 @@ class AppModel:
         self.precision = precision
         self.config = load_config(config if config is not None else clip.default_config)
         self.max_side = int(max_side)
-        self.synthetic = clip.name == SYNTHETIC
         self.checkpoint = None
         if checkpoint is not None:
             from ..io.checkpoint import HeadsCheckpoint, check_checkpoint, load_checkpoint
@@ -167,27 +165,29 @@ class AppModel:
         self._predictors: OrderedDict = OrderedDict()
         self._states: OrderedDict = OrderedDict()
         self._segmenter = None
-        self._synthetic_bank = None
         self._results: deque[Path] = deque()
         self._requests = 0
 
     # ---- choices the page offers ------------------------------------------------------------------------------
     @property
     def default_knowledge(self) -> str:
-        return SYNTHETIC if self.synthetic else "voc"
+        """The weights' own knowledge base (``clip.default_knowledge``, e.g. the synthetic CLIP's), else voc."""
+        return self.clip.default_knowledge or "voc"
 
     @property
     def knowledge_choices(self) -> list[str]:
-        return ([SYNTHETIC] if self.synthetic else []) + ["voc", "coco"]
+        return list(dict.fromkeys([self.default_knowledge, "voc", "coco"]))
 
     @property
     def vocabulary_choices(self) -> list[str]:
-        return [TYPED, "voc", "coco"] + ([SYNTHETIC] if self.synthetic else [])
+        own = [self.clip.default_vocabulary] if self.clip.default_vocabulary else []
+        return list(dict.fromkeys([TYPED, "voc", "coco", *own]))
 
     def examples(self) -> list[tuple[Path, str]]:
-        """The page's example images with their class names: generated scenes on the synthetic CLIP
-        (:meth:`write_examples`), else scikit-image's sample photos when it is installed (else none)."""
-        if self.synthetic:
+        """The page's example images with their class names: generated scenes for weights made on them
+        (``clip.examples == "scenes"``: :meth:`write_examples`), else scikit-image's sample photos when it is
+        installed (else none)."""
+        if self.clip.examples == "scenes":
             return self.write_examples()
         from ..samples import sample_photos
 
@@ -237,16 +237,7 @@ class AppModel:
             self._predictors.move_to_end(key)
             return self._predictors[key]
         cfg = self._config_for(sw, par_side)
-        kw: dict[str, Any] = {}
-        if knowledge == SYNTHETIC:
-            if self._synthetic_bank is None:
-                from ..synthetic import synthetic_bank
-
-                self._synthetic_bank = synthetic_bank(self.clip, template=self.config.text.template)
-            kw["bank"] = self._synthetic_bank
-        elif knowledge is not None:
-            kw["knowledge"] = knowledge
-        p = CamPredictor(self.clip, config=cfg, device=self.device, precision=self.precision, **kw)
+        p = CamPredictor(self.clip, config=cfg, device=self.device, precision=self.precision, knowledge=knowledge)
         self._predictors[key] = p
         while len(self._predictors) > PREDICTOR_CACHE:
             self._predictors.popitem(last=False)
@@ -305,11 +296,7 @@ class AppModel:
                 raise ValueError("type the class names to look for, separated by commas (e.g. 'cat, dog')")
             names = parse_class_list(names)
             return names, Vocabulary.from_names(names)
-        if choice == SYNTHETIC and self.synthetic:
-            from ..synthetic import synthetic_vocabulary
-
-            vocab = synthetic_vocabulary()
-        elif choice in ("voc", "coco"):
+        if choice in self.vocabulary_choices[1:]:
             vocab = Vocabulary.named(choice)
         else:
             raise ValueError(f"unknown vocabulary {choice!r}; choose one of {', '.join(self.vocabulary_choices)}")

@@ -54,21 +54,24 @@ def image_input(gr, **kwargs):
 
 
 def header_markdown(model: AppModel) -> str:
-    """The page's introduction: which CLIP runs, and on the synthetic CLIP, what it can and cannot do."""
+    """The page's introduction: which CLIP runs, and for weights made for their own vocabulary
+    (``clip.default_vocabulary``, e.g. the shipped synthetic CLIP), what they can and cannot do."""
     intro = ("# excelseg — masks from class names\n"
              "ExCEL (CVPR 2025) training-free segmentation: drop or paste an image, type the classes that are in it, "
              "press **Segment**. Changing only the class names re-uses the image pass.\n\n"
              f"CLIP: **{html.escape(model.clip.name)}** ({html.escape(model.clip.identity)}) on {model.device}")
     if model.checkpoint is not None:
         intro += f" · checkpoint with {len(model.checkpoint.class_names)} classes (trained segmenter switch)"
-    if not model.synthetic:
+    own = model.clip.default_vocabulary
+    if not own:  # weights made for any class names
         return intro
-    from ..synthetic import CLASS_NAMES
+    from ..vocab import Vocabulary
 
+    names = Vocabulary.named(own).names
     return intro + (
-        "\n\n> **These are excelseg's small synthetic CLIP weights, shipped for offline use.** They only know the "
-        f"{len(CLASS_NAMES)} synthetic shapes ({', '.join(CLASS_NAMES)}) on textured backgrounds — the example "
-        "scenes below. On photos or other class names the masks are meaningless. For real images start the page "
+        f"\n\n> **These CLIP weights were made for their own {len(names)} {own} classes** (shipped for offline "
+        f"use). They only know the {len(names)} {own} classes ({', '.join(names)}) — the example images below. "
+        "On photos or other class names the masks are meaningless. For real images start the page "
         "with real CLIP weights: `excelseg app --clip ViT-B-16` (OpenAI weights, downloaded once into the cache), "
         "`excelseg app --clip /path/to/ViT-B-16.pt`, or any open_clip tag such as "
         "`--clip ViT-L-14:laion2b_s32b_b82k` (docs/cli-and-weights.md, *CLIP weights*).")

@@ -93,10 +93,11 @@ def run(args: argparse.Namespace) -> int:
     from ..crf import REFERENCE_CRF, require_crf
     from ..devices import resolve_device
     from ..io.cams import cam_archive, parse_cam_size
-    from ..jobs.labels import dataset_vocabulary, label_batch
+    from ..jobs.labels import label_batch
     from ..jobs.outputs import is_done, stale_temps_of, write_outputs
     from ..jobs.runner import ImageJob, Shard
     from ..train.dist import device_for_rank
+    from ..vocab import dataset_vocabulary
     from ..weights import load_clip
 
     overrides = args.overrides  # section.key=value words

@@ -69,11 +69,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..build import build_model
     from ..config import ConfigError
-    from ..data import open_dataset
+    from ..data import GENERATED_KINDS, open_dataset
     from ..devices import resolve_device
-    from ..jobs.labels import dataset_vocabulary
     from ..train import Trainer, TrainingError
     from ..train.dist import DistInfo, device_for_rank, init_distributed
+    from ..vocab import dataset_vocabulary
     from ..weights import load_clip
 
     if args.resume and OVERRIDE_RE.match(args.resume):  # "--resume train.x=y": the word is a setting
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if dist.main:
         check_writable(out_dir)
     kind = args.dataset or t.dataset
-    if kind != SYNTHETIC and args.root is None and args.index is None:
+    if kind not in GENERATED_KINDS and args.root is None and args.index is None:
         raise CliError("give --root (the prepared dataset) or --index")
     try:
         train_ds = open_dataset(kind, root=args.root, split=args.split or t.train_split, index=args.index,
@@ -104,20 +104,18 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # generated scenes go with the CLIP trained on them unless --clip says otherwise
-    clip = load_clip(args.clip if args.clip is not None or kind != SYNTHETIC else SYNTHETIC, device=device)
+    clip = load_clip(args.clip if args.clip is not None else GENERATED_KINDS.get(kind), device=device)
     cfg = config_from_args(args, clip, pairs)
     vocab = dataset_vocabulary(train_ds.class_names, train_ds.kind)
     bank = args.bank
-    if kind == SYNTHETIC and bank is None and args.knowledge is None:  # TSE from the scenes' own knowledge base
-        from ..synthetic.knowledge import synthetic_bank
-
-        bank = synthetic_bank(clip, template=cfg.text.template)
-    model = build_model(clip, vocabulary=vocab, bank=bank, knowledge=args.knowledge, clusters=args.clusters,
+    knowledge = args.knowledge
+    if kind in GENERATED_KINDS and bank is None and knowledge is None:  # TSE from the weights' own knowledge base
+        knowledge = clip.default_knowledge
+    model = build_model(clip, vocabulary=vocab, bank=bank, knowledge=knowledge, clusters=args.clusters,
                         config=cfg, trainable=True, device=device)
     model.own_text_features()  # the class features, computed before training starts
     meta = {"clip": clip.identity, "dataset": train_ds.kind, "class_names": list(train_ds.class_names),
-            "bank": str(args.bank) if args.bank else ("synthetic knowledge" if bank is not None else None),
-            "knowledge": args.knowledge}
+            "bank": str(args.bank) if args.bank else None, "knowledge": knowledge}
     try:
         trainer = Trainer(model, cfg, train_ds, out_dir, val_ds=val_ds, device=device, workers=args.workers,
                           dist=dist, metadata=meta, progress=False if args.no_progress else None)

@@ -32,6 +32,7 @@ __all__ = [
     "DATASET_KINDS",
     "DEFAULT_INDEX_NAME",
     "DEFAULT_SPLITS",
+    "GENERATED_KINDS",
     "SYNTHETIC",
     "DatasetUnusableError",
     "FolderDataset",
@@ -56,6 +57,8 @@ __all__ = [
 DATASET_KINDS = ("voc", "coco", "folder")
 DEFAULT_SPLITS = {"voc": "val", "coco": "val", "folder": "all"}
 SYNTHETIC = "synthetic"  # generated scenes (excelseg.data.synthetic): no root, no index
+#: dataset kinds generated on the fly (no root, no index) → the shipped CLIP weights made on them
+GENERATED_KINDS = {SYNTHETIC: "synthetic"}
 
 
 def default_index_path(kind: str, root: str | os.PathLike[str]) -> Path:
@@ -85,7 +88,7 @@ def open_dataset(
         split: default ``val`` (VOC, COCO) or ``all`` (folder).
         index: index JSON (default: the one ``excelseg prepare`` writes under ``root``).
     """
-    if kind == SYNTHETIC:
+    if kind in GENERATED_KINDS:
         from .synthetic import SyntheticDataset
 
         return SyntheticDataset(split or "val", transform=transform, with_mask=with_mask)  # type: ignore[return-value]

@@ -20,28 +20,9 @@ import torch.nn.functional as F
 
 from ..crf import CrfConfig, dense_crf
 from ..predictor import CamPredictor, CamResult
-from ..vocab import Vocabulary, normalize_name
 from .runner import decode
 
-__all__ = ["LabelOutput", "crf_label", "dataset_vocabulary", "iter_pseudo_labels", "label_batch"]
-
-
-def dataset_vocabulary(class_names: Sequence[str], kind: str) -> Vocabulary:
-    """The vocabulary for a dataset's classes: the named ``voc`` / ``coco`` vocabulary (its prompt names and
-    background words) when the classes are exactly that dataset's, in order; generated scenes (``kind``
-    ``synthetic``): :func:`~excelseg.synthetic.synthetic_vocabulary` (their backgrounds as background words); else
-    the names themselves with the paper's background words."""
-    if kind == "synthetic":
-        from ..synthetic import synthetic_vocabulary
-
-        vocab = synthetic_vocabulary()
-        if list(vocab.names) == list(class_names):
-            return vocab
-    for key in ("voc", "coco"):
-        named = Vocabulary.named(key)
-        if [normalize_name(n) for n in class_names] == [normalize_name(n) for n in named.names]:
-            return named
-    return Vocabulary.from_names(list(class_names))
+__all__ = ["LabelOutput", "crf_label", "iter_pseudo_labels", "label_batch"]
 
 
 @dataclass

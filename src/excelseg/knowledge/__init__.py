@@ -27,10 +27,12 @@ import os
 from pathlib import Path
 
 KNOWLEDGE_FORMAT = "excelseg-knowledge/1"
-SHIPPED = {"voc": "voc.json", "coco": "coco.json"}
+SHIPPED = {"voc": "voc.json", "coco": "coco.json", "synthetic": "synthetic.json"}
+#: attributes B of each shipped base's TSE bank: the paper's (EXCEL_SPEC §2.1) and 3 per synthetic class
+DEFAULT_CLUSTERS = {"voc": 112, "coco": 224, "synthetic": 48}
 _ALIASES = {"pascal_voc": "voc", "voc2012": "voc", "mscoco": "coco", "coco2014": "coco"}
 
-__all__ = ["KNOWLEDGE_FORMAT", "SHIPPED", "KnowledgeError", "knowledge_entries", "knowledge_path", "load_knowledge",
+__all__ = ["DEFAULT_CLUSTERS", "KNOWLEDGE_FORMAT", "SHIPPED", "KnowledgeError", "knowledge_entries", "knowledge_path", "load_knowledge",
            "parse_knowledge"]
 
 
@@ -39,7 +41,7 @@ class KnowledgeError(ValueError):
 
 
 def knowledge_path(name: str) -> Path:
-    """Path of a shipped knowledge base: ``"voc"`` or ``"coco"``."""
+    """Path of a shipped knowledge base: ``"voc"``, ``"coco"`` or ``"synthetic"``."""
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in SHIPPED:
         raise ValueError(f"unknown knowledge base {name!r}: the shipped ones are {', '.join(SHIPPED)}")
@@ -103,7 +105,7 @@ def parse_knowledge(obj: object, where: str = "knowledge base") -> dict[str, lis
 
 
 def load_knowledge(path_or_name: str | os.PathLike) -> dict[str, list[str]]:
-    """Class name → descriptions from ``"voc"``, ``"coco"`` (the shipped files) or a JSON file.
+    """Class name → descriptions from ``"voc"``, ``"coco"``, ``"synthetic"`` (the shipped files) or a JSON file.
 
     Raises:
         FileNotFoundError: no such file (and not a shipped name).
@@ -119,7 +121,8 @@ def load_knowledge(path_or_name: str | os.PathLike) -> dict[str, list[str]]:
         elif path.exists():
             raise ValueError(f"knowledge base {spec} is not a file")
         else:
-            raise FileNotFoundError(f"knowledge base {spec!r} not found: give 'voc', 'coco' or a JSON file")
+            raise FileNotFoundError(f"knowledge base {spec!r} not found: give 'voc', 'coco', 'synthetic' or a JSON "
+                                    "file")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")

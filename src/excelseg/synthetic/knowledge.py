@@ -8,7 +8,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from ..knowledge import KNOWLEDGE_FORMAT
+from ..knowledge import DEFAULT_CLUSTERS, KNOWLEDGE_FORMAT
 from .scenes import CLASSES, PATTERN_ADJECTIVE, ClassSpec, _check_classes, caption_phrase
 
 
@@ -48,8 +48,9 @@ def knowledge_base(classes: Sequence[ClassSpec] = CLASSES) -> dict[str, Any]:
     }
 
 
-#: TSE attributes B for the 16 synthetic classes (3 per class; the paper's VOC B = 112 for 20 classes ≈ 5.6).
-SYNTHETIC_CLUSTERS = 48
+#: TSE attributes B for the 16 synthetic classes (3 per class; the paper's VOC B = 112 for 20 classes ≈ 5.6);
+#: the shipped ``knowledge/synthetic.json`` is :func:`knowledge_base` written out (tests/test_synthetic.py).
+SYNTHETIC_CLUSTERS = DEFAULT_CLUSTERS["synthetic"]
 
 
 def synthetic_bank(clip: Any, cache_dir: str | None = None, *, template: str = "a photo of a {}."):

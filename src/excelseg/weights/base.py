@@ -38,7 +38,13 @@ _DEFINING_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "visual.
 
 #: Weights shipped with excelseg: spec name -> file inside the package (checked before open_clip tags).
 NAMED_WEIGHTS: dict[str, str] = {"synthetic": "assets/synthetic_clip.safetensors"}
-NAMED_CONFIGS: dict[str, str] = {"synthetic": "synthetic"}  # excelseg.config name made for each shipped model
+#: What each shipped model was made for (its weights carry it; nothing else in excelseg names a model):
+#: ``config`` (an excelseg.config name), ``knowledge`` (a shipped knowledge base), ``vocabulary`` (a named
+#: vocabulary), ``examples`` (what the app shows: "scenes" = generated scenes, else sample photos).
+NAMED_DEFAULTS: dict[str, dict[str, str]] = {
+    "synthetic": {"config": "synthetic", "knowledge": "synthetic", "vocabulary": "synthetic", "examples": "scenes"},
+}
+NAMED_CONFIGS: dict[str, str] = {k: v["config"] for k, v in NAMED_DEFAULTS.items()}
 
 #: OpenAI's CLIP release: file name -> sha256 (the hex string in each download URL).
 KNOWN_FILES: dict[str, str] = {
@@ -86,6 +92,11 @@ class LoadedClip:
     # weights trained at another input size or with other captions, e.g. the shipped synthetic CLIP; read from
     # ``preprocess_cfg["excelseg_config"]`` of the stored open_clip config. None: the paper's (voc).
     default_config: str | None = None
+    # what else the weights were made for (NAMED_DEFAULTS, or ``excelseg_knowledge`` / ``excelseg_vocabulary`` /
+    # ``excelseg_examples`` of the stored config): a knowledge base, a named vocabulary, the app's examples
+    default_knowledge: str | None = None
+    default_vocabulary: str | None = None
+    examples: str | None = None
 
     @property
     def device(self) -> torch.device:

@@ -216,7 +216,7 @@ def _finish(model: nn.Module, device: str | torch.device) -> nn.Module:
 
 
 def _load_file(path: Path, *, device: str | torch.device, arch: str | None, quick_gelu: bool | None,
-               name: str, source: str, default_config: str | None = None) -> LoadedClip:
+               name: str, source: str, defaults: dict[str, str] | None = None) -> LoadedClip:
     if not path.is_file():
         raise base.WeightsNotFoundError(f"no such file: {path}" if not path.exists() else f"not a file: {path}")
     sha = base.file_sha256(path)
@@ -259,5 +259,8 @@ def _load_file(path: Path, *, device: str | torch.device, arch: str | None, quic
     mean = tuple(float(x) for x in preprocess.get("mean", base.OPENAI_MEAN))
     std = tuple(float(x) for x in preprocess.get("std", base.OPENAI_STD))
     _logger.info("loaded CLIP %s from %s (sha256 %s)", name, path, sha[:12])
+    own = {key: preprocess.get(f"excelseg_{key}") or (defaults or {}).get(key)
+           for key in ("config", "knowledge", "vocabulary", "examples")}
     return LoadedClip(_finish(model, device), tokenizer, name, f"sha256:{sha}", source, mean, std,
-                      default_config=preprocess.get("excelseg_config") or default_config)
+                      default_config=own["config"], default_knowledge=own["knowledge"],
+                      default_vocabulary=own["vocabulary"], examples=own["examples"])

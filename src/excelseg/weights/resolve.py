@@ -330,7 +330,7 @@ def load_clip(
             raise WeightsNotFoundError(f"the shipped weights {text!r} are missing from the installation: {shipped}")
         return _load_file(shipped, device=device, arch=arch, quick_gelu=quick_gelu, name=text.lower(),
                           source=f"{shipped} (shipped weights {text.lower()!r}, from {origin})",
-                          default_config=base.NAMED_CONFIGS.get(text.lower()))
+                          defaults=base.NAMED_DEFAULTS.get(text.lower()))
     tag_text = text
     if _looks_like_path(text):
         arch_part = _split_tag(text.replace("/", "-"))[0]

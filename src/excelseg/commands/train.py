@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
                              clusters=args.clusters, config=cfg, device=device)
     from ..model import ExcelModel
 
+    torch.manual_seed(cfg.train.seed)  # the heads' initialisation follows --seed (the reference seeds first)
     model = ExcelModel(clip.model.visual, predictor.text_features(vocab), len(vocab.names), cfg)
     meta = {"clip": clip.identity, "dataset": train_ds.kind, "class_names": list(train_ds.class_names),
             "bank": str(args.bank) if args.bank else ("synthetic knowledge" if bank is not None else None),

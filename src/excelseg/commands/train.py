@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     knowledge = args.knowledge
     if kind in GENERATED_KINDS and bank is None and knowledge is None:  # TSE from the weights' own knowledge base
         knowledge = clip.default_knowledge
+    torch.manual_seed(cfg.train.seed)  # the heads' initialisation follows --seed (the reference seeds first)
     model = build_model(clip, vocabulary=vocab, bank=bank, knowledge=knowledge, clusters=args.clusters,
                         config=cfg, trainable=True, device=device)
     model.own_text_features()  # the class features, computed before training starts

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from .pseudo import PseudoLabels, par_settings, present_classes, pseudo_labels, 
 from .refine import minmax_normalize, transition_matrix
 
 __all__ = ["PRECISIONS", "ExcelModel", "ExcelOutput", "ImageState", "denormalize_uint8", "flip_max_cams",
-           "multiscale_views"]
+           "model_attribute", "multiscale_views"]
 
 # mixed precision of the frozen CLIP forward: fp32 is the default and the parity setting
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,6 +92,12 @@ def denormalize_uint8(x: Tensor, normalization: Normalization = "imagenet") -> T
     mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
                  for v in normalization_constants(normalization))
     return (x * std + mean).clamp_(0, 255).floor_() / 255
+
+
+def model_attribute(path: str) -> property:
+    """A read-only attribute of a façade (``CamPredictor``, ``Segmenter``) that is ``self.model.<path>``."""
+    get = attrgetter(path)
+    return property(lambda self: get(self.model), doc=f"``model.{path}``")
 
 
 class ExcelModel(nn.Module):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .io.images import to_rgb_array
-from .model import PRECISIONS, ExcelModel, ImageState, multiscale_views
+from .model import PRECISIONS, ExcelModel, ImageState, model_attribute, multiscale_views
 from .refine import minmax_normalize
 from .text import TEXT_CACHE_SIZE
 from .vocab import Vocabulary, parse_class_list
@@ -96,37 +96,14 @@ class CamPredictor:
         self._state: ImageState | None = None
 
     # the model's parts, for callers that read them
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def clip(self):
-        return self.model.clip
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def vocabulary(self) -> Vocabulary | None:
-        return self.model.vocabulary
-
-    @property
-    def bank(self):
-        return self.model.text.bank
-
-    @property
-    def heads(self):
-        return self.model.heads
-
-    @property
-    def encoder(self):
-        return self.model.encoder
-
-    @property
-    def text_encoder(self):
-        return self.model.text.encoder
+    config = model_attribute("config")
+    clip = model_attribute("clip")
+    device = model_attribute("device")
+    vocabulary = model_attribute("vocabulary")
+    heads = model_attribute("heads")
+    encoder = model_attribute("encoder")
+    bank = model_attribute("text.bank")
+    text_encoder = model_attribute("text.encoder")
 
     # ---- image side -------------------------------------------------------------------------------------
     def encode_batch(self, images: Sequence) -> list[ImageState]:

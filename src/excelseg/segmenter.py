@@ -31,7 +31,7 @@ from .config import PipelineConfig, load_config
 from .devices import resolve_device
 from .heads import ExcelHeads
 from .io.images import to_rgb_array
-from .model import ExcelModel, multiscale_views
+from .model import ExcelModel, model_attribute, multiscale_views
 from .vocab import Vocabulary
 from .weights import LoadedClip, load_clip
 
@@ -166,21 +166,10 @@ class Segmenter:
         return cls(build_model(clip, checkpoint=checkpoint, config=config, device=device,
                                vocabulary=None if class_names is None else list(class_names)))
 
-    @property
-    def config(self) -> PipelineConfig:
-        return self.model.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def clip(self):
-        return self.model.clip
-
-    @property
-    def heads(self) -> ExcelHeads:
-        return self.model.heads
+    config = model_attribute("config")
+    device = model_attribute("device")
+    clip = model_attribute("clip")
+    heads = model_attribute("heads")
 
     # ---- logits -----------------------------------------------------------------------------------------------
     def head_logits(self, x: Tensor) -> Tensor:

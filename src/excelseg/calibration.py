@@ -5,6 +5,9 @@ last few blocks, by the mean of three *intra*-correlations: softmax(q qᵀ), sof
 each patch close to patches that look like it. The reference sums (not averages) the resulting maps over heads and
 applies that single map to every head's value slice; ``head_sum=True`` reproduces this 12× scale, which sets the
 ratio between the accumulated calibration and the residual it is added to.
+
+Below SVC: the last-block attention of the training-free peers (MaskCLIP, SCLIP, ClearCLIP, NACLIP) and plain
+CLIP, :func:`mode_attention` (``cam.attention``; docs/attention-modes.md).
 """
 
 from __future__ import annotations

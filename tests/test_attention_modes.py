@@ -174,7 +174,7 @@ def test_svc_is_the_default_and_unchanged(synthetic, scenes):
 
 
 def test_settings_are_validated():
-    from excelseg.config import ConfigError, PAPER_VOC, apply_overrides
+    from excelseg.config import PAPER_VOC, ConfigError, apply_overrides
 
     cfg = apply_overrides(PAPER_VOC, ["cam.attention=naclip", "cam.attention_input=pipeline"])
     assert (cfg.cam.attention, cfg.cam.attention_input) == ("naclip", "pipeline")

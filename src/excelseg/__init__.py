@@ -42,7 +42,6 @@ __all__ = [
 if TYPE_CHECKING:
     from .bank import AttributeBank
     from .build import build_model
-    from .features import dense_features
     from .config import (
         PAPER_COCO,
         PAPER_VOC,
@@ -53,6 +52,7 @@ if TYPE_CHECKING:
         TextConfig,
         load_config,
     )
+    from .features import dense_features
     from .model import ExcelModel
     from .predictor import CamPredictor, CamResult
     from .segmenter import Segmenter, SegResult

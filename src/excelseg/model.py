@@ -125,9 +125,7 @@ class ExcelModel(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if config.cam.attention not in ATTENTION_MODES or config.cam.attention_input not in ATTENTION_INPUTS:
-            raise ValueError(f"cam.attention must be one of {', '.join(ATTENTION_MODES)} and cam.attention_input one "
-                             f"of {', '.join(ATTENTION_INPUTS)}, got {config.cam.attention!r}, "
-                             f"{config.cam.attention_input!r}")
+            raise ValueError(f"cam.attention / cam.attention_input must be in {ATTENTION_MODES} / {ATTENTION_INPUTS}")
         self.encoder = DenseEncoder(visual)
         self.encoder.requires_grad_(False)
         self.config = config
@@ -188,9 +186,8 @@ class ExcelModel(nn.Module):
         return mode != "svc" and self.config.cam.attention_input == "own"
 
     def reference_attention(self, out: DenseOutput) -> Tensor:
-        """(B, L_aff, N, N) the refinement layers' patch×patch attention in the reference's scale (§3.3 step 1);
-        the calibrated blocks' scale follows ``cam.svc_last_blocks`` whatever the attention mode (refinement is the
-        same on top of every mode)."""
+        """(B, L_aff, N, N) the refinement layers' patch×patch attention in the reference's scale (§3.3 step 1),
+        the same whatever the attention mode (the calibrated blocks' scale follows ``cam.svc_last_blocks``)."""
         return reference_attention(out.attn, out.attn_blocks, self.svc_blocks, self.encoder.num_heads,
                                    self.config.refine.head_sum_on_svc_blocks)
 
@@ -271,8 +268,7 @@ class ExcelModel(nn.Module):
                              f"{self.encoder.patch_size[0]}; use a larger --size or scale")
 
     def normalization(self, own_input: bool = False):
-        """``cam.normalization``; ``"weights"``: the loaded weights' own mean/std (0–1 → 0–255 space); ``own_input``:
-        the peers' ``"clip-mmseg"``."""
+        """``cam.normalization`` (``"weights"``: the weights' mean/std, 0–255 space); ``own_input``: ``clip-mmseg``."""
         if own_input:
             return "clip-mmseg"
         norm = self.config.cam.normalization

@@ -224,11 +224,7 @@ class AppModel:
 
     def _config_for(self, sw: Switches, par_side: int):
         cfg = self.config
-        if sw.attention is not None:
-            from ..config import ATTENTION_MODES
-
-            if sw.attention not in ATTENTION_MODES:
-                raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {sw.attention!r}")
+        if sw.attention is not None:  # an unknown mode is refused by the model (ValueError: a message on the page)
             cfg = cfg.with_(cam=replace(cfg.cam, attention=sw.attention))
         if not sw.svc and cfg.cam.attention == "svc":
             cfg = cfg.with_(cam=replace(cfg.cam, svc_last_blocks=0))

@@ -16,14 +16,16 @@ configs round them, float64 resize, bicubic positional embedding; the default) a
 the weights' ImageNet constants and bilinear positional embedding, which this CLIP was trained with).
 
 Speed: the dense forward per image of each mode relative to the bare forward (plain CLIP, no attention maps, no
-tokens kept), timed interleaved (every round runs each variant once, in turn; medians over ``--rounds``), on the
-synthetic CLIP (batch of 16 scenes at 96 px) and on a ViT-B/16 geometry (open_clip's random initialisation, no
-download; one image at 448 px; ``--vit-rounds``, 0 skips it).
+tokens kept), timed interleaved: every round runs each variant once, in a shuffled order, and gives one ratio per
+mode (its time / the bare forward's time in that round); printed: the median over ``--rounds`` and the spread
+(min–max). On the synthetic CLIP (batch of 16 scenes at 96 px) and on a ViT-B/16 geometry (open_clip's random
+initialisation, no download; one image at 448 px; ``--vit-rounds``, 0 skips it).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from dataclasses import replace
@@ -42,23 +44,33 @@ from excelseg.weights import load_clip
 PEERS = [m for m in ATTENTION_MODES if m not in ("svc", "none")]
 
 
-def forward_ratios(model: ExcelModel, x: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median time of each mode's dense forward (its own input path) / median time of the bare forward."""
+def forward_ratios(model: ExcelModel, x: torch.Tensor, rounds: int) -> dict:
+    """Per mode (its dense forward with its own input path): (median, min, max) over the rounds of its time / the
+    bare forward's time in the same round; ``bare_ms``: the bare forward's median time per image."""
     variants = {"bare": lambda: model.encoder(x, (), (), return_tokens=False)}
     for mode in ATTENTION_MODES:
         variants[mode] = lambda m=mode: model.dense(x, attention=m, own_input=model.own_input(m))
     times: dict[str, list[float]] = {k: [] for k in variants}
+    order = list(variants)
+    rng = random.Random(0)
     with torch.no_grad():
         for fn in variants.values():  # warm-up (positional-embedding cache, NACLIP's neighbourhood, kernels)
             fn()
         for _ in range(rounds):
-            for name, fn in variants.items():
+            rng.shuffle(order)
+            for name in order:
                 t0 = time.perf_counter()
-                fn()
+                variants[name]()
                 times[name].append(time.perf_counter() - t0)
-    bare = statistics.median(times["bare"])
-    return {"bare_ms": 1000 * bare / x.shape[0],
-            **{m: statistics.median(times[m]) / bare for m in ATTENTION_MODES}}
+    out: dict = {"bare_ms": 1000 * statistics.median(times["bare"]) / x.shape[0]}
+    for m in ATTENTION_MODES:
+        ratios = [t / b for t, b in zip(times[m], times["bare"])]
+        out[m] = (statistics.median(ratios), min(ratios), max(ratios))
+    return out
+
+
+def fmt(r: tuple[float, float, float]) -> str:
+    return f"{r[0]:.2f}× ({r[1]:.2f}–{r[2]:.2f})"
 
 
 def vit_b16_ratios(size: int, rounds: int) -> dict[str, float]:
@@ -104,9 +116,9 @@ def main() -> None:
     x = torch.stack([network_input(im, size, model.normalization()) for im in images])
     speed = forward_ratios(model, x, args.rounds)
     vit = vit_b16_ratios(args.vit_size, args.vit_rounds) if args.vit_rounds else None
-    head = f"{'attention':10s} {'input':9s} {'CAM':>6s} {'+ refine':>9s} {'forward':>8s}"
+    head = f"{'attention':10s} {'input':9s} {'CAM':>6s} {'+ refine':>9s}  {'forward (spread)':19s}"
     if vit:
-        head += f" {'ViT-B/16':>9s}"
+        head += f" {'ViT-B/16 (spread)':19s}"
     print(head)
     for mode in ATTENTION_MODES:
         for attention_input in (("own", "pipeline") if mode in PEERS else ("—",)):
@@ -114,12 +126,13 @@ def main() -> None:
             ai = "own" if attention_input == "—" else attention_input
             cam, refined = score(mode, ai, False), score(mode, ai, True)
             line = f"{mode:10s} {attention_input:9s} {cam:5.1f}% {refined:8.1f}%"
-            if ai == "own":
-                line += f" {speed[mode]:7.2f}×" + (f" {vit[mode]:8.2f}×" if vit else "")
+            if attention_input != "pipeline":
+                line += f"  {fmt(speed[mode]):19s}" + (f" {fmt(vit[mode]):19s}" if vit else "")
             print(line + f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print(f"forward: per-image time of the mode's dense forward / the bare forward ({speed['bare_ms']:.2f} ms per "
-          f"image on the synthetic CLIP, batch 16)" + (f"; ViT-B/16 at {args.vit_size} px, batch 1: bare "
-                                                       f"{vit['bare_ms']:.0f} ms" if vit else ""))
+    print(f"forward: the mode's dense forward / the bare forward, median over {args.rounds} interleaved rounds "
+          f"(bare {speed['bare_ms']:.2f} ms per image on the synthetic CLIP, batch 16)"
+          + (f"; ViT-B/16 at {args.vit_size} px, batch 1, {args.vit_rounds} rounds: bare {vit['bare_ms']:.0f} ms"
+             if vit else ""))
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
             def call(path: Path, names: list[str]):
                 return client.predict(handle_file(str(path)), ", ".join(names), "typed names", "synthetic", None,
-                                      True, True, True, True, False, api_name="/segment")
+                                      True, True, True, True, False, "svc", api_name="/segment")
 
             def timed(item) -> float:
                 start = time.perf_counter()

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "src" / "excelseg"
 APPLICATIONS = ("train", "jobs", "app", "commands", "cli", "describe", "chat_client", "evaluation", "synthetic",
                 "data")
 CORE = ["_deprecated", "_messages", "_version", "backbone", "bank", "build", "calibration", "cam", "config", "crf",
-        "devices", "heads", "kmeans", "losses", "lvc", "metrics", "model", "par", "predictor", "preprocess",
+        "devices", "features", "heads", "kmeans", "losses", "lvc", "metrics", "model", "par", "predictor", "preprocess",
         "pseudo", "refine", "segmenter", "text", "vocab", "interop", "knowledge", "weights", "_native"]
 IO_ALLOWED = {"io.images", "io.checkpoint", "io.files:atomic_path"}
 

@@ -8,6 +8,7 @@ Public API::
     r = p.set_image(image).predict(["cat", "dog"])
     r.cams          # K×H×W float32 in [0, 1]
     r.pseudo_label  # H×W uint8, 0 = background
+    f = excelseg.dense_features(clip, images, attention="naclip")  # B×N×E patch features (any attention mode)
 
     s = Segmenter.from_checkpoint("voc_heads.safetensors")   # trained heads (+ the CLIP they record)
     s.predict(image).label                                    # H×W uint8, multi-scale + flip
@@ -26,7 +27,7 @@ _EXPORTS = {
     "PAPER_COCO": "config", "PAPER_VOC": "config", "PRESETS": "config", "CamConfig": "config",
     "PipelineConfig": "config", "RefineConfig": "config", "TextConfig": "config", "load_config": "config",
     "CamPredictor": "predictor", "CamResult": "predictor", "SegResult": "segmenter", "Segmenter": "segmenter",
-    "AttributeBank": "bank", "build_model": "build", "ExcelModel": "model",
+    "AttributeBank": "bank", "build_model": "build", "ExcelModel": "model", "dense_features": "features",
     "Vocabulary": "vocab",
     "LoadedClip": "weights", "load_clip": "weights",
 }
@@ -35,7 +36,7 @@ __all__ = [
     "PAPER_COCO", "PAPER_VOC", "PRESETS", "AttributeBank", "CamConfig", "CamPredictor", "CamResult", "ExcelModel",
     "LoadedClip",
     "PipelineConfig", "RefineConfig", "SegResult", "Segmenter", "TextConfig", "Vocabulary", "__version__",
-    "build_model", "load_clip", "load_config",
+    "build_model", "dense_features", "load_clip", "load_config",
 ]
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
         TextConfig,
         load_config,
     )
+    from .features import dense_features
     from .model import ExcelModel
     from .predictor import CamPredictor, CamResult
     from .segmenter import Segmenter, SegResult

@@ -5,6 +5,9 @@ last few blocks, by the mean of three *intra*-correlations: softmax(q qᵀ), sof
 each patch close to patches that look like it. The reference sums (not averages) the resulting maps over heads and
 applies that single map to every head's value slice; ``head_sum=True`` reproduces this 12× scale, which sets the
 ratio between the accumulated calibration and the residual it is added to.
+
+Below SVC: the last-block attention of the training-free peers (MaskCLIP, SCLIP, ClearCLIP, NACLIP) and plain
+CLIP, :func:`mode_attention` (``cam.attention``; docs/attention-modes.md).
 """
 
 from __future__ import annotations
@@ -45,3 +48,77 @@ def intra_correlation(q: Tensor, k: Tensor, v: Tensor, scale: float, head_sum: b
         for z in (q[i, hs], k[i, hs], v[i, hs]):
             out[i] += torch.softmax(torch.matmul(z, z.transpose(-1, -2)) * scale, dim=-1).sum(dim=0)
     return out.div_(3.0 if head_sum else 3.0 * h)
+
+
+# ---- the last-block attention modes of training-free dense CLIP methods (docs/attention-modes.md) --------------
+#
+# Each replaces the attention of the LAST block only (blocks 0…L-2 are untouched) and may drop that block's
+# residual and FFN; A is a per-head map over all T tokens (CLS included) applied to the same head's values:
+#
+#   mode        A (per head)                         after the attention (o = W_o · A v + b_o)
+#   none        softmax(s q kᵀ)                      z = x + o; z = z + MLP(ln_2 z)   (plain CLIP)
+#   maskclip    I (the value path: A v = v)          z = x + o; z = z + MLP(ln_2 z)   (MaskCLIP, ECCV 2022)
+#   sclip       softmax(s q qᵀ) + softmax(s k kᵀ)    z = x + o; z = z + MLP(ln_2 z)   (SCLIP, ECCV 2024; rows sum to 2)
+#   clearclip   softmax(s q qᵀ)                      z = o                            (ClearCLIP, ECCV 2024)
+#   naclip      softmax(s k kᵀ + Ω)                  z = o                            (NACLIP, WACV 2025)
+#
+# with Ω[i, j] = exp(−‖p_i − p_j‖² / (2σ²)) over patch grid positions (σ = 5, peak 1, no cut-off) and 0 in the
+# CLS row and column. ``svc`` (ExCEL's dual path) is the rest of this module.
+
+LAST_BLOCK_ATTENTION = {"none": "qk", "maskclip": "identity", "sclip": "qq+kk", "clearclip": "qq", "naclip": "kk+gauss"}
+KEEPS_RESIDUAL = {"none": True, "maskclip": True, "sclip": True, "clearclip": False, "naclip": False}
+NACLIP_SIGMA = 5.0
+
+_omega_cache: dict[tuple, Tensor] = {}
+
+
+def neighbourhood_bias(grid: tuple[int, int], sigma: float = NACLIP_SIGMA, device=None,
+                       dtype: torch.dtype = torch.float32) -> Tensor:
+    """NACLIP's Gaussian neighbourhood Ω (T, T), T = h·w + 1: ``exp(−d² / (2σ²))`` between patch grid positions
+    (row-major), 0 in the CLS row and column; cached per grid."""
+    key = (tuple(grid), float(sigma), str(device), dtype)
+    if key not in _omega_cache:
+        h, w = grid
+        r, c = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                              indexing="ij")
+        pos = torch.stack([r.flatten(), c.flatten()], dim=1)
+        omega = torch.zeros(h * w + 1, h * w + 1, dtype=torch.float64)
+        omega[1:, 1:] = torch.exp(-torch.cdist(pos, pos).square() / (2.0 * sigma * sigma))
+        _omega_cache.clear()  # one grid at a time (the forward runs a view size at a time)
+        _omega_cache[key] = omega.to(device=device, dtype=dtype)
+    return _omega_cache[key]
+
+
+def mode_attention(mode: str, q: Tensor, k: Tensor, v: Tensor, scale: float, grid: tuple[int, int],
+                   shift: Tensor | None = None) -> Tensor:
+    """Per-head attention output ``A v`` (B, H, T, d) of a last-block ``mode`` (table above).
+
+    Args:
+        q, k, v: (B, H, T, d) per-head projections of ``ln_1(x)``; scale: d ** -0.5; grid: (h, w) patch grid.
+        shift: optional (B, N, N) LVC shift ``E`` added to the patch×patch block of every head's map
+            (the LVC re-run on top of the mode, EXCEL_SPEC §4.2): ``A v + E v_patch`` on the patch rows.
+    """
+    kind = LAST_BLOCK_ATTENTION.get(mode)
+    if kind is None:
+        raise ValueError(f"unknown last-block attention {mode!r}; known: {', '.join(LAST_BLOCK_ATTENTION)}")
+    b, h, t, _ = q.shape
+    if kind == "identity":
+        out = v.clone()
+    else:
+        omega = neighbourhood_bias(grid, device=q.device, dtype=q.dtype) if kind == "kk+gauss" else None
+        out = torch.empty_like(v)
+        for i, hs in head_chunks(b, h, t):
+            qi, ki = q[i, hs], k[i, hs]
+            if kind == "qk":
+                a = torch.softmax(torch.matmul(qi, ki.transpose(-1, -2)) * scale, dim=-1)
+            elif kind == "qq":
+                a = torch.softmax(torch.matmul(qi, qi.transpose(-1, -2)) * scale, dim=-1)
+            elif kind == "qq+kk":
+                a = torch.softmax(torch.matmul(qi, qi.transpose(-1, -2)) * scale, dim=-1)
+                a += torch.softmax(torch.matmul(ki, ki.transpose(-1, -2)) * scale, dim=-1)
+            else:  # kk+gauss
+                a = torch.softmax(torch.matmul(ki, ki.transpose(-1, -2)) * scale + omega, dim=-1)
+            out[i, hs] = torch.matmul(a, v[i, hs])
+    if shift is not None:
+        out[:, :, 1:] += torch.matmul(shift.unsqueeze(1).to(v.dtype), v[:, :, 1:])
+    return out

@@ -26,6 +26,13 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 # CLIP's own constants, 0-255 space (offered as ``normalization="clip"``).
 CLIP_MEAN = (122.770938, 116.7460125, 104.09373615)
 CLIP_STD = (68.5005327, 66.6321579, 70.32316305)
+# CLIP's constants as the mmseg configs of MaskCLIP / SCLIP / ClearCLIP / NACLIP round them (``"clip-mmseg"``)
+CLIP_MMSEG_MEAN = (122.771, 116.746, 104.094)
+CLIP_MMSEG_STD = (68.501, 66.632, 70.323)
+
+# last-block attention of the dense forward (docs/attention-modes.md): ExCEL's SVC (the paper) or a peer method's
+ATTENTION_MODES = ("svc", "maskclip", "sclip", "clearclip", "naclip", "none")
+ATTENTION_INPUTS = ("own", "pipeline")
 
 PAPER_TEMPLATE = "a clean origami {}."
 
@@ -54,6 +61,10 @@ class CamConfig:
     cls_weight_scale: float = 2.0  # class weights w = softmax(scale · CLS similarity) / mean
     scales: tuple[float, ...] = (1.0,)  # multi-scale CAM aggregation (paper: single scale)
     flip: bool = False  # add horizontally flipped CAMs (paper: off for training-free seeds)
+    attention: str = "svc"  # last-block attention: svc (ExCEL, paper) | maskclip | sclip | clearclip | naclip | none
+    attention_input: str = "own"  # for the non-svc modes: "own" = the authors' input (CLIP constants, float64
+    # resize, bicubic positional embedding); "pipeline" = ExCEL's (cam.normalization, pos_two_step). Training
+    # always feeds the pipeline's input (only the attention of the pseudo-labels' CAMs changes)
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,14 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be used; the message lists what is valid."""
 
 
+# settings with a fixed set of values (refused with the list of valid ones)
+CHOICES = {
+    ("cam", "attention"): ATTENTION_MODES,
+    ("cam", "attention_input"): ATTENTION_INPUTS,
+    ("cam", "feature_norm"): ("tokens", "channels"),
+}
+
+
 def _fields(section: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(getattr(PAPER_VOC, section))}
 
@@ -212,6 +231,9 @@ def _coerce(section: str, key: str, value: Any) -> Any:
         return type(default)(value)
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}")
+    choices = CHOICES.get((section, key))
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 

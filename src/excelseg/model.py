@@ -3,7 +3,9 @@ architecture"; EXCEL_SPEC §3–§5).
 
 It owns the whole method; the predictors, the trainer, validation, the synthetic scorers and the app are clients:
 
-* the frozen dense forward (stage (a), one pass, no autograd) with its one preamble (:meth:`ExcelModel.dense`);
+* the frozen dense forward (stage (a), one pass, no autograd) with its one preamble (:meth:`ExcelModel.dense`),
+  whose last-block attention is ``cam.attention`` (SVC, the paper's; or a training-free peer's, with the peer's own
+  input in the training-free path when ``cam.attention_input`` is ``own``: docs/attention-modes.md);
 * training-free CAMs over scale/flip views with the attention affinity (:meth:`ExcelModel.encode_images`,
   :meth:`ExcelModel.image_cams`; paper §3.2–3.3) and the LVC path of a trained adapter (EXCEL_SPEC §4.2);
 * the training forward (:meth:`ExcelModel.forward`: adapter features ``F_a``, decoder logits, learned affinity
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 from .backbone import DenseEncoder, DenseOutput, SvcCache
 from .cam import surgery_cams
-from .config import PAPER_VOC, PipelineConfig
+from .config import ATTENTION_INPUTS, ATTENTION_MODES, PAPER_VOC, PipelineConfig
 from .heads import ExcelHeads
 from .lvc import affinity_from_attention, learned_affinity, lvc_shift, p_guided_affinity, reference_attention
 from .preprocess import Normalization, network_input, normalization_constants
@@ -129,6 +131,8 @@ class ExcelModel(nn.Module):
             raise ValueError(f"num_classes {num_classes} must be in 1…{text_features.shape[0]} (text rows)")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if config.cam.attention not in ATTENTION_MODES or config.cam.attention_input not in ATTENTION_INPUTS:
+            raise ValueError(f"cam.attention / cam.attention_input must be in {ATTENTION_MODES} / {ATTENTION_INPUTS}")
         self.encoder = DenseEncoder(visual)
         self.encoder.requires_grad_(False)
         self.config = config
@@ -162,24 +166,36 @@ class ExcelModel(nn.Module):
 
     # ---- stage (a): the one frozen forward ------------------------------------------------------------------
     def dense(self, x: Tensor, *, affinity: bool = False, tokens: bool = False, cache: bool = False,
-              svc: bool = True) -> DenseOutput:
+              svc: bool = True, attention: str | None = None, own_input: bool = False) -> DenseOutput:
         """The frozen dense forward with the model's settings (calibrated blocks, positional-embedding path).
 
         Args:
             x: (B, 3, H, W) normalised images.
             affinity: also return the refinement layers' attention maps; tokens: every block's tokens (the
                 adapter's input, as the reference aliases them when ``heads.alias_features``); cache: the
-                :class:`~excelseg.backbone.SvcCache` for the LVC re-run; svc: calibrate the last blocks.
+                :class:`~excelseg.backbone.SvcCache` for the LVC re-run; svc: calibrate (``features`` wanted);
+                attention: the last-block attention (default ``cam.attention``); own_input: the peers'
+                positional-embedding interpolation (bicubic) instead of ExCEL's (:meth:`own_input`).
         """
         cfg = self.config
+        mode = cfg.cam.attention if attention is None else attention
         alias = tokens and cfg.heads.alias_features
-        return self.encoder(x.to(self.device), self.svc_blocks if (svc or alias) else (),
+        return self.encoder(x.to(self.device), self.svc_blocks if ((svc and mode == "svc") or alias) else (),
                             self.aff_blocks if affinity else (), head_sum=cfg.cam.svc_head_sum,
-                            pos_via_grid=self._via, return_tokens=tokens, keep_cache=cache, alias_tokens=alias)
+                            attention=mode if svc else "svc", pos_via_grid=None if own_input else self._via,
+                            pos_interp="bicubic" if own_input else "bilinear", return_tokens=tokens,
+                            keep_cache=cache, alias_tokens=alias)
+
+    def own_input(self, attention: str | None = None) -> bool:
+        """Whether the training-free path feeds ``attention`` (default ``cam.attention``) its authors' input: CLIP
+        constants (``clip-mmseg``), float64 resize, bicubic positional embedding (not for svc)."""
+        mode = self.config.cam.attention if attention is None else attention
+        return mode != "svc" and self.config.cam.attention_input == "own"
 
     def reference_attention(self, out: DenseOutput) -> Tensor:
-        """(B, L_aff, N, N) the refinement layers' patch×patch attention in the reference's scale (§3.3 step 1)."""
-        return reference_attention(out.attn, out.attn_blocks, out.svc_blocks, self.encoder.num_heads,
+        """(B, L_aff, N, N) the refinement layers' patch×patch attention in the reference's scale (§3.3 step 1),
+        the same whatever the attention mode (the calibrated blocks' scale follows ``cam.svc_last_blocks``)."""
+        return reference_attention(out.attn, out.attn_blocks, self.svc_blocks, self.encoder.num_heads,
                                    self.config.refine.head_sum_on_svc_blocks)
 
     def _autocast(self):
@@ -258,8 +274,10 @@ class ExcelModel(nn.Module):
             raise ValueError(f"input size {size[0]}x{size[1]} (scale {scale}) is smaller than the CLIP patch size "
                              f"{self.encoder.patch_size[0]}; use a larger --size or scale")
 
-    def normalization(self):
-        """``cam.normalization``; ``"weights"``: the loaded weights' own mean/std (0–1 → 0–255 space)."""
+    def normalization(self, own_input: bool = False):
+        """``cam.normalization`` (``"weights"``: the weights' mean/std, 0–255 space); ``own_input``: ``clip-mmseg``."""
+        if own_input:
+            return "clip-mmseg"
         norm = self.config.cam.normalization
         if norm == "weights":
             return tuple(255.0 * m for m in self.clip.mean), tuple(255.0 * s for s in self.clip.std)
@@ -280,15 +298,16 @@ class ExcelModel(nn.Module):
         """
         if self.heads is not None:
             return self._encode_lvc(rgbs)
-        base_size, refine = tuple(self.config.cam.size), self.config.refine.refine
+        base_size, refine, own = tuple(self.config.cam.size), self.config.refine.refine, self.own_input()
         states = [ImageState(rgb.shape[:2], None, [], None) for rgb in rgbs]
         for scale, flipped in self.cam_views():
             size = (int(base_size[0] * scale), int(base_size[1] * scale))
             self._check_size(size, scale)
-            x = torch.stack([network_input(rgb, size, self.normalization(), flipped) for rgb in rgbs]).to(self.device)
+            x = torch.stack([network_input(rgb, size, self.normalization(own), flipped, exact=own)
+                             for rgb in rgbs]).to(self.device)
             base = scale == 1.0 and not flipped
             with self._autocast():
-                out = self.dense(x, affinity=base and refine)
+                out = self.dense(x, affinity=base and refine, own_input=own)
             if out.features.dtype != torch.float32:  # mixed precision: CLIP forward only, the rest in fp32
                 out = replace(out, features=out.features.float(), attn=out.attn.float())
             for i, st in enumerate(states):
@@ -311,7 +330,7 @@ class ExcelModel(nn.Module):
         n = x.shape[0]
         out = self.dense(torch.cat([x, x.flip(-1)]), affinity=True, tokens=True, cache=True)
         fts = self.heads.eval().adapter(out.layer_tokens())
-        attn = reference_attention(out.attn[:n], out.attn_blocks, out.svc_blocks, self.encoder.num_heads,
+        attn = reference_attention(out.attn[:n], out.attn_blocks, self.svc_blocks, self.encoder.num_heads,
                                    cfg.refine.head_sum_on_svc_blocks)
         gain = cfg.heads.relation_gain
         states = []

@@ -3,7 +3,9 @@
 The reference normalises at the original size with the ImageNet/mmseg constants (0–255 space) and resizes to
 320×320 with bilinear interpolation, align_corners=False, no antialiasing, aspect ratio not kept. Bilinear
 resizing commutes with a per-channel affine normalisation, so excelseg resizes first (cheaper) and normalises the
-small tensor. Very large images are first shrunk by an integer box filter (Pillow ``reduce``) to at most
+small tensor. The training-free peers of :mod:`excelseg.calibration` (MaskCLIP, SCLIP, ClearCLIP, NACLIP) use CLIP's
+constants as their mmseg configs round them (``"clip-mmseg"``); ``exact=True`` resizes in float64 (half-pixel
+bilinear, no rounding), the input their parity goldens were made from. Very large images are first shrunk by an integer box filter (Pillow ``reduce``) to at most
 ``MAX_PRE_SIDE`` so memory stays bounded; images up to that size follow the reference exactly.
 """
 
@@ -17,11 +19,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from .config import CLIP_MEAN, CLIP_MMSEG_MEAN, CLIP_MMSEG_STD, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
 MAX_PRE_SIDE = 4096
 
-NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+NORMALIZATIONS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD),
+                  "clip-mmseg": (CLIP_MMSEG_MEAN, CLIP_MMSEG_STD)}
 
 
 Normalization = str | tuple[Sequence[float], Sequence[float]]
@@ -45,8 +48,9 @@ def normalize_pixels(x: Tensor, normalization: Normalization = "imagenet") -> Te
 
 
 def network_input(rgb: np.ndarray, size: tuple[int, int], normalization: Normalization = "imagenet",
-                  flip: bool = False) -> Tensor:
-    """(H, W, 3) uint8 RGB → (3, size[0], size[1]) float32 normalised tensor (optionally mirrored)."""
+                  flip: bool = False, exact: bool = False) -> Tensor:
+    """(H, W, 3) uint8 RGB → (3, size[0], size[1]) float32 normalised tensor (optionally mirrored); ``exact``:
+    the bilinear resize in float64, cast to float32 before the normalisation."""
     normalization_constants(normalization)  # a bad name fails before any work
     h, w = rgb.shape[:2]
     factor = int(np.ceil(max(h, w) / MAX_PRE_SIDE))
@@ -54,8 +58,10 @@ def network_input(rgb: np.ndarray, size: tuple[int, int], normalization: Normali
         rgb = np.array(Image.fromarray(rgb).reduce(factor))
     if not rgb.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
         rgb = rgb.copy()
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    x = x.double() if exact else x.float()
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    x = x.float()
     x = normalize_pixels(x, normalization)
     return x[0].flip(-1) if flip else x[0]

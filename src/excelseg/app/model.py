@@ -50,19 +50,22 @@ TYPED = "typed names"  # vocabulary choice: the typed class names (+ background 
 
 @dataclass(frozen=True)
 class Switches:
-    """The page's method switches. ``svc`` and ``refine`` change the image pass; the others only the class pass."""
+    """The page's method switches. ``svc``, ``refine`` and ``attention`` change the image pass; the others only the
+    class pass."""
 
-    svc: bool = True  # static visual calibration on the last blocks (off: plain CLIP patch features)
+    svc: bool = True  # static visual calibration on the last blocks (off: plain CLIP patch features; svc attention)
     tse: bool = True  # text semantic enrichment with the attribute bank of ``knowledge``
     refine: bool = True  # attention-affinity refinement + box mask
     par: bool = True  # pixel-adaptive refinement of the label
     segmenter: bool = False  # the trained decoder of the checkpoint instead of training-free CAMs
     knowledge: str | None = None  # "synthetic", "voc", "coco" or a knowledge JSON path; None: the CLIP's default
+    attention: str | None = None  # last-block attention (cam.attention: svc, maskclip, sclip, clearclip, naclip,
+    # none); None: the configured one. The SVC switch applies to svc only
 
     @property
     def image_key(self) -> tuple:
         """What the cached image pass depends on."""
-        return ("segmenter",) if self.segmenter else ("cam", self.svc, self.refine)
+        return ("segmenter",) if self.segmenter else ("cam", self.svc, self.refine, self.attention)
 
 
 @dataclass
@@ -221,7 +224,9 @@ class AppModel:
 
     def _config_for(self, sw: Switches, par_side: int):
         cfg = self.config
-        if not sw.svc:
+        if sw.attention is not None:  # an unknown mode is refused by the model (ValueError: a message on the page)
+            cfg = cfg.with_(cam=replace(cfg.cam, attention=sw.attention))
+        if not sw.svc and cfg.cam.attention == "svc":
             cfg = cfg.with_(cam=replace(cfg.cam, svc_last_blocks=0))
         return cfg.with_(refine=replace(cfg.refine, refine=sw.refine, use_par=sw.par, par_max_side=par_side))
 
@@ -232,7 +237,7 @@ class AppModel:
 
         knowledge = (sw.knowledge or self.default_knowledge) if sw.tse else None
         par_side = self.par_side(num_classes)
-        key = (sw.svc, sw.refine, sw.par, knowledge, par_side)
+        key = (sw.svc, sw.refine, sw.par, knowledge, par_side, sw.attention)
         if key in self._predictors:
             self._predictors.move_to_end(key)
             return self._predictors[key]

@@ -9,6 +9,7 @@ import html
 import os
 from pathlib import Path
 
+from ..config import ATTENTION_MODES
 from ..vocab import MAX_CLASSES
 from .model import TYPED, AppModel, AppResult, Switches
 
@@ -79,13 +80,15 @@ def header_markdown(model: AppModel) -> str:
 
 def build_page(model: AppModel, examples: list[tuple[Path, str]] | None = None):
     """The Gradio Blocks of the page; the segment action is also the API endpoint ``/segment``
-    (inputs: image, classes, vocabulary, knowledge, knowledge file, SVC, TSE, refinement, PAR, segmenter)."""
+    (inputs: image, classes, vocabulary, knowledge, knowledge file, SVC, TSE, refinement, PAR, segmenter,
+    attention)."""
     gr = _gradio()
 
-    def segment(image, classes, vocabulary, knowledge, knowledge_file, svc, tse, refine, par, segmenter):
+    def segment(image, classes, vocabulary, knowledge, knowledge_file, svc, tse, refine, par, segmenter,
+                attention=None):
         kb = knowledge_file if knowledge_file else knowledge
         res = model.run(image, classes, vocabulary, Switches(bool(svc), bool(tse), bool(refine), bool(par),
-                                                             bool(segmenter), kb))
+                                                             bool(segmenter), kb, attention or None))
         files = (str(res.label_png), str(res.cams_npz)) if res.ok else (None, None)
         return (res.status, res.timing, res.overlay, res.legend_html, res.heatmaps, *files)
 
@@ -111,6 +114,10 @@ def build_page(model: AppModel, examples: list[tuple[Path, str]] | None = None):
                         par = gr.Checkbox(True, label="PAR", elem_id="par")
                         segmenter = gr.Checkbox(False, label="trained segmenter", elem_id="segmenter",
                                                 visible=model.checkpoint is not None)
+                    attention = gr.Dropdown(list(ATTENTION_MODES), value=model.config.cam.attention,
+                                            label="last-block attention", elem_id="attention",
+                                            info="svc: ExCEL's calibration (the SVC switch turns it off); maskclip, "
+                                                 "sclip, clearclip, naclip: those methods' own; none: plain CLIP")
                     knowledge = gr.Dropdown(model.knowledge_choices, value=model.default_knowledge,
                                             label="knowledge base for TSE", elem_id="knowledge")
                     knowledge_file = gr.File(label="or your own knowledge base (.json)", file_types=[".json"],
@@ -129,7 +136,8 @@ def build_page(model: AppModel, examples: list[tuple[Path, str]] | None = None):
                 with gr.Row():
                     label_png = gr.File(label="palette PNG", elem_id="download-png", interactive=False)
                     cams_npz = gr.File(label="CAMs (.npz)", elem_id="download-npz", interactive=False)
-        run.click(segment, [image, classes, vocab, knowledge, knowledge_file, svc, tse, refine, par, segmenter],
+        run.click(segment, [image, classes, vocab, knowledge, knowledge_file, svc, tse, refine, par, segmenter,
+                            attention],
                   [status, timing, overlay, legend, heatmaps, label_png, cams_npz], api_name="segment")
     return page
 

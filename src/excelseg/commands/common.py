@@ -26,6 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..config import ATTENTION_MODES  # standard library only (the settings' dataclasses)
+
 DATASET_KINDS = ("voc", "coco", "folder")
 OVERRIDE_RE = re.compile(r"^(text|cam|refine|heads|segment|train)\.[a-z_]+=")
 RESOLVED_CONFIG_NAME = "excelseg_config.yaml"
@@ -201,6 +203,7 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1, checkp
                    help="also average horizontally flipped CAMs (= cam.flip; paper: off)")
     g.add_argument("--box-threshold", type=float, default=None,
                    help="τ_box of the box mask (= refine.box_threshold; paper: 0.79)")
+    add_attention_arg(g)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="CLIP forward precision (autocast): fp32 (default, parity), bf16 (CUDA or CPU), fp16 (CUDA)")
@@ -212,6 +215,18 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1, checkp
                             "refinement, the reference's infer_lam --training_free false; default: training-free. "
                             "Its settings and class list are the defaults")
     p.set_defaults(overrides=[])  # section.key=value words, collected by excelseg.cli.main
+
+
+ATTENTION_HELP = ("last-block attention of the dense forward (= cam.attention): svc (ExCEL's calibration, the "
+                  "paper's, default), maskclip, sclip, clearclip, naclip (those methods' own, with their own input "
+                  "preprocessing unless cam.attention_input=pipeline) or none (plain CLIP); refinement, TSE and "
+                  "box masks run unchanged on top (docs/attention-modes.md)")
+
+
+def add_attention_arg(p: Any, help: str = ATTENTION_HELP) -> None:
+    """``--attention MODE`` (:data:`excelseg.config.ATTENTION_MODES`)."""
+    p.add_argument("--attention", default=None, choices=ATTENTION_MODES, metavar="MODE",
+                   help=help + f"; one of {', '.join(ATTENTION_MODES)}")
 
 
 def add_dataset_args(p: argparse.ArgumentParser, purpose: str, *, workers_help: str = "processes reading files",
@@ -270,7 +285,7 @@ def load_checkpoint_arg(args: argparse.Namespace):
 
 
 CAM_FLAGS = (("size", "cam.size"), ("scales", "cam.scales"), ("flip", "cam.flip"),
-             ("box_threshold", "refine.box_threshold"))
+             ("box_threshold", "refine.box_threshold"), ("attention", "cam.attention"))
 SEGMENT_FLAGS = (("size", "cam.size"), ("scales", "segment.scales"), ("flip", "segment.flip"),
                  ("crf", "segment.crf"))
 
@@ -281,7 +296,7 @@ def config_from_args(args: argparse.Namespace, clip: Any = None, overrides: list
     ``--config`` (or the deprecated ``--preset``; default: ``base`` (a checkpoint's settings), else the
     weights' own settings, else voc) →
     ``section.key=value`` overrides → the dedicated flags, ``(attribute, section.key)`` pairs (default
-    :data:`CAM_FLAGS`: --size, --scales, --flip, --box-threshold; ``segment``: :data:`SEGMENT_FLAGS`)."""
+    :data:`CAM_FLAGS`: --size, --scales, --flip, --box-threshold, --attention; ``segment``: :data:`SEGMENT_FLAGS`)."""
     from ..config import ConfigError, apply_overrides, load_config
 
     spec = args.config

@@ -5,20 +5,31 @@ Reads the archives ``<cams>/<id>_cams.npz`` that ``excelseg cam --save-cams`` an
 only the CAMs of the classes in each image's GT image-level labels are used (``--no-gt-labels`` uses every CAM of
 the archive). Seed label per pixel = argmax over [threshold, cams…] mapped to {0} ∪ class_ids: the top class where
 its CAM is above the background threshold (a tie goes to background), background elsewhere. A range of thresholds
-is swept in one pass; the best mIoU is reported."""
+is swept in one pass; the best mIoU is reported. The attention mode the archives were made with (``cam.attention``
+of the folder's ``excelseg_config.yaml``) is reported; ``--attention MODE`` refuses a folder made with another."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
-from .common import add_dataset_args, open_dataset_args, write_metrics_json
+from .common import (
+    RESOLVED_CONFIG_NAME,
+    CliError,
+    add_attention_arg,
+    add_dataset_args,
+    open_dataset_args,
+    write_metrics_json,
+)
 
 EXAMPLES = """examples:
   excelseg eval-cams --cams out/voc_train_cams --root ~/data/VOCdevkit
   excelseg eval-cams --cams out/cams --root ~/data/VOCdevkit --split val --bg-threshold 0.45
   excelseg eval-cams --cams out/cams --root ~/data/VOCdevkit --bg-threshold 0.2:0.6:0.02 --out seeds.json
+  excelseg pseudo-label --root ~/data/VOCdevkit --attention naclip --save-cams --out-dir out/naclip
+  excelseg eval-cams --cams out/naclip --root ~/data/VOCdevkit --attention naclip
 
 Results: one mIoU per threshold, the best threshold's per-class table, and a JSON file (default
 <CAMS>/cam_metrics.json)."""
@@ -44,6 +55,22 @@ def parse_thresholds(text: str) -> list[float]:
     return values
 
 
+def recorded_attention(cams_dir: Path) -> str | None:
+    """``cam.attention`` of the settings ``cam`` / ``pseudo-label`` wrote beside the archives (``svc`` when they
+    predate the setting); ``None`` without a readable ``excelseg_config.yaml``."""
+    path = cams_dir / RESOLVED_CONFIG_NAME
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    cam = data.get("cam") if isinstance(data, dict) else None
+    return str(cam.get("attention", "svc")) if isinstance(cam, dict) else None
+
+
 def register(sub) -> None:
     p = sub.add_parser("eval-cams", help="mIoU of CAM seeds (<id>_cams.npz) over a background-threshold sweep",
                        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +81,8 @@ def register(sub) -> None:
     p.add_argument("--gt-labels", action=argparse.BooleanOptionalAction, default=True,
                    help="keep only the CAMs of each image's GT image-level classes (paper protocol; default on)")
     p.add_argument("--out", default=None, help="metrics JSON (default <CAMS>/cam_metrics.json)")
+    add_attention_arg(p, "the attention mode the archives must have been made with (cam.attention of the folder's "
+                         f"{RESOLVED_CONFIG_NAME}, written by 'excelseg cam' / 'pseudo-label --attention MODE')")
     add_dataset_args(p, "eval-cams", allow_missing=True)
     p.set_defaults(func=run)
 
@@ -64,8 +93,16 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import cams_chunk, score_folder
     from ..metrics import SegmentationMetric, format_table
 
-    ds = open_dataset_args(args, "eval-cams", need_masks=True)
     cams_dir = Path(args.cams).expanduser()
+    attention = recorded_attention(cams_dir)
+    if args.attention is not None and attention is not None and attention != args.attention:
+        raise CliError(f"the archives in {cams_dir} were made with --attention {attention}, not {args.attention} "
+                       f"(cam.attention of {cams_dir / RESOLVED_CONFIG_NAME})")
+    if args.attention is not None and attention is None:
+        print(f"warning: {cams_dir} has no {RESOLVED_CONFIG_NAME}; cannot check that the archives were made with "
+              f"--attention {args.attention}", file=sys.stderr)
+    attention = attention or args.attention
+    ds = open_dataset_args(args, "eval-cams", need_masks=True)
     thresholds = list(args.bg_threshold)
 
     def extra(chunk):  # the thresholds and, with --gt-labels, each image's GT label values
@@ -91,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(results[best]))
     print(f"best: mIoU {100 * mious[best]:.2f} at background threshold {thresholds[best]:g} over {len(items)} "
-          f"images of {ds.kind} {ds.split}" + (f"; {len(missing)} without CAMs skipped" if missing else ""))
+          f"images of {ds.kind} {ds.split}" + (f"; {len(missing)} without CAMs skipped" if missing else "")
+          + (f"; attention {attention}" if attention else ""))
     if differ:
         print(f"note: {len(differ)} archives lack the CAM of a GT class (e.g. {', '.join(differ[:5])}); "
               "those classes are never predicted there")
@@ -101,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         "mean_all_classes": [r["mean_all_classes"] for r in results],
         "best_threshold": thresholds[best], "best_miou": mious[best], "best": results[best],
         "evaluated": len(items), "missing": len(missing), "missing_ids": missing[:100],
-        "gt_labels": bool(args.gt_labels), "archives_missing_gt_classes": len(differ),
+        "gt_labels": bool(args.gt_labels), "archives_missing_gt_classes": len(differ), "attention": attention,
     }
     write_metrics_json(Path(args.out) if args.out else cams_dir / "cam_metrics.json", out, explicit=args.out is not None)
     return 0

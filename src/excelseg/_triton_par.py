@@ -29,14 +29,21 @@ from torch import Tensor
 
 __all__ = ["interpreting", "par_triton"]
 
-# pixels per program: 128 × 64 (Nn padded) = 8192 gathered values per tile on a GPU (4 warps: 64 per thread);
-# the interpreter runs whole tiles as numpy arrays, so there a larger tile means fewer (slow) program launches
-BLOCK_CUDA, BLOCK_INTERPRET_MAX = 128, 1024
+# Pixels per program and warps per program on a GPU: a 64 × 64 (Nn padded) tile over 8 warps = 16 values per thread
+# per tile-sized tensor. ptxas for sm_90 (no GPU needed): affinity 79 registers, step 64, no spills; 128 pixels on 4
+# warps needed 255 registers and spilled (affinity), 214 (step). The interpreter runs whole tiles as numpy arrays,
+# so there a larger tile means fewer (slow) program launches.
+BLOCK_CUDA, WARPS_CUDA, BLOCK_INTERPRET_MAX = 64, 8, 1024
 
 
 def interpreting() -> bool:
     """True when ``TRITON_INTERPRET`` asks Triton to interpret kernels (on CPU tensors) rather than compile them."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+# The reductions call ``tl.reduce`` with Triton's own combine functions (what ``tl.sum`` / ``tl.max`` do inside):
+# ``tl.sum`` and ``tl.max`` are themselves jitted, so when Triton was imported before ``TRITON_INTERPRET=1`` was set
+# (a test session) the interpreter cannot call them, while it maps these combine functions to numpy reductions.
 
 
 def _affinity_kernel(img_ptr, w_ptr, dy_ptr, dx_ptr, pos_ptr, H, W, w_color,
@@ -59,21 +66,21 @@ def _affinity_kernel(img_ptr, w_ptr, dy_ptr, dx_ptr, pos_ptr, H, W, w_color,
     nn_f = tl.full((BLOCK,), NN, tl.float32)
     nn1_f = tl.full((BLOCK,), NN - 1, tl.float32)
     one = tl.full((BLOCK,), 1.0, tl.float32)
-    logit = tl.zeros((NN_PAD, BLOCK), dtype=tl.float32)
+    logit = tl.full((NN_PAD, BLOCK), 0.0, tl.float32)  # (tl.zeros is jitted too)
     for c in tl.static_range(NCH):
         base = img_ptr + (b * NCH + c) * hw
         nb = tl.load(base + off, mask=m2, other=0.0)
         ctr = tl.load(base + pix, mask=pm, other=0.0)
-        mean = tl.div_rn(tl.sum(nb, axis=0), nn_f)
+        mean = tl.div_rn(tl.reduce(nb, 0, tl.standard._sum_combine), nn_f)
         d = tl.where(m2, nb - mean[None, :], 0.0)
-        std = tl.sqrt_rn(tl.div_rn(tl.sum(d * d, axis=0), nn1_f))
+        std = tl.sqrt_rn(tl.div_rn(tl.reduce(d * d, 0, tl.standard._sum_combine), nn1_f))
         inv = tl.div_rn(one, (std + 1e-8) * w_color)
         t = (nb - ctr[None, :]) * inv[None, :]
         logit += t * t
     logit = logit * (-1.0 / NCH)
     logit = tl.where(nm[:, None], logit, float("-inf"))
-    e = tl.exp(logit - tl.max(logit, axis=0)[None, :])
-    s = tl.sum(e, axis=0)
+    e = tl.exp(logit - tl.reduce(logit, 0, tl.standard._elementwise_max)[None, :])
+    s = tl.reduce(e, 0, tl.standard._sum_combine)
     pos = tl.load(pos_ptr + n, mask=nm, other=0.0)
     wgt = tl.div_rn(e, tl.broadcast_to(s[None, :], (NN_PAD, BLOCK))) + pos[:, None]
     tl.store(w_ptr + (b * NN + n[:, None]) * hw + pix[None, :], wgt, mask=m2)
@@ -100,7 +107,7 @@ def _step_kernel(src_ptr, dst_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W,
     for c in range(C):
         base = (b * C + c) * hw
         nb = tl.load(src_ptr + base + off, mask=m2, other=0.0)
-        tl.store(dst_ptr + base + pix, tl.sum(nb * wgt, axis=0), mask=pm)
+        tl.store(dst_ptr + base + pix, tl.reduce(nb * wgt, 0, tl.standard._sum_combine), mask=pm)
 
 
 @functools.cache
@@ -140,6 +147,7 @@ def par_triton(img: Tensor, masks: Tensor, offsets: Sequence[tuple[int, int]], p
     if iters <= 0 or masks.numel() == 0:
         return masks.clone()
     affinity, step = _kernels(interp)
+    launch = {} if interp else {"num_warps": WARPS_CUDA}
     dy, dx, pos = _tables(masks.device, tuple((int(a), int(b_)) for a, b_ in offsets), tuple(map(float, pos_aff)))
     nn = len(offsets)
     nn_pad = max(16, triton.next_power_of_2(nn))
@@ -150,11 +158,11 @@ def par_triton(img: Tensor, masks: Tensor, offsets: Sequence[tuple[int, int]], p
     weights = torch.empty(b, nn, h, w, dtype=torch.float32, device=masks.device)
     grid = (triton.cdiv(h * w, block), b)
     _launch(affinity, grid, img, weights, dy, dx, pos, h, w, float(w_color),
-            NCH=img.shape[1], NN=nn, NN_PAD=nn_pad, BLOCK=block)
+            NCH=img.shape[1], NN=nn, NN_PAD=nn_pad, BLOCK=block, **launch)
     bufs = [torch.empty_like(x) for _ in range(min(iters, 2))]
     src = x
     for it in range(iters):
         dst = bufs[it % 2]
-        _launch(step, grid, src, dst, weights, dy, dx, c, h, w, NN=nn, NN_PAD=nn_pad, BLOCK=block)
+        _launch(step, grid, src, dst, weights, dy, dx, c, h, w, NN=nn, NN_PAD=nn_pad, BLOCK=block, **launch)
         src = dst
     return src.to(masks.dtype)

@@ -201,13 +201,20 @@ def _par_torch(img: Tensor, masks: Tensor, offs: list[tuple[int, int, bool]], w_
     return inner[iters % 2].clone()
 
 
-def _neighbour_index(h: int, w: int, offs: list[tuple[int, int, bool]], device: torch.device) -> Tensor:
+@functools.lru_cache(maxsize=16)
+def _gather_constants(offs: tuple, w_color: float, w_pos: float, dtype: torch.dtype,
+                      device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (2, Nn) neighbour offsets (dy, dx) and the (Nn,) positional weights on ``device``, copied there once."""
+    dyx = torch.tensor([[o[0] for o in offs], [o[1] for o in offs]], dtype=torch.long).to(device)
+    pos = torch.tensor(_positional_affinity_cached(offs, w_color, w_pos, dtype), dtype=dtype).to(device)
+    return dyx, pos
+
+
+def _neighbour_index(h: int, w: int, dyx: Tensor) -> Tensor:
     """(H·W, Nn) flat index of every pixel's neighbours, coordinates clamped to the image (replicate padding)."""
-    dy = torch.tensor([o[0] for o in offs], dtype=torch.long).to(device, non_blocking=True)
-    dx = torch.tensor([o[1] for o in offs], dtype=torch.long).to(device, non_blocking=True)
-    ys = (torch.arange(h, device=device)[:, None] + dy).clamp_(0, h - 1)  # (H, Nn)
-    xs = (torch.arange(w, device=device)[:, None] + dx).clamp_(0, w - 1)  # (W, Nn)
-    return (ys.mul_(w)[:, None] + xs[None]).view(h * w, len(offs))
+    ys = (torch.arange(h, device=dyx.device)[:, None] + dyx[0]).clamp_(0, h - 1)  # (H, Nn)
+    xs = (torch.arange(w, device=dyx.device)[:, None] + dyx[1]).clamp_(0, w - 1)  # (W, Nn)
+    return (ys.mul_(w)[:, None] + xs[None]).view(h * w, dyx.shape[1])
 
 
 def _par_gather(img: Tensor, masks: Tensor, offs: list[tuple[int, int, bool]], w_color: float, w_pos: float,
@@ -222,8 +229,8 @@ def _par_gather(img: Tensor, masks: Tensor, offs: list[tuple[int, int, bool]], w
     b, c, h, w = masks.shape
     n, nn_ = h * w, len(offs)
     dev = masks.device
-    idx = _neighbour_index(h, w, offs, dev)  # (N, Nn)
-    pos_aff = torch.tensor(_positional_affinity(offs, w_color, w_pos, img.dtype), dtype=img.dtype).to(dev)
+    dyx, pos_aff = _gather_constants(tuple(offs), float(w_color), float(w_pos), img.dtype, dev)
+    idx = _neighbour_index(h, w, dyx)  # (N, Nn)
     flat_idx = idx.view(-1)
     step = max(1, GATHER_CHUNK // max(1, img.shape[1] * n * nn_))
     chunks = []

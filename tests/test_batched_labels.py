@@ -184,3 +184,32 @@ def test_par_backend_reaches_par_and_backends_agree():
         assert (sa - sb).abs().max() <= 2e-5 * sb.abs().max()
     with pytest.raises(ValueError, match="backend"):
         _stage(cams, cls, trans, images, size, "nope")
+
+
+def test_count_ops_proxy_runs_and_leaves_nothing_patched(monkeypatch, capsys):
+    """``benchmarks/gpu_suite.py --count-ops`` (in process, small): per-image kernels fall with the batch, the Triton
+    path is 1 + 20 launches per batch, and the counter's patches are undone."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    import excelseg.pseudo as pseudo_mod
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
+    spec = importlib.util.spec_from_file_location("gpu_suite_under_test", path)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    before = (pseudo_mod.box_mask, pseudo_mod.par, par_mod._softmax_band_rows)
+    rows = suite.count_ops(torch.device("cpu"), batches=(1, 4), label_size=24, predictor=False)
+    assert (pseudo_mod.box_mask, pseudo_mod.par, par_mod._softmax_band_rows) == before
+    assert "TRITON_INTERPRET" not in os.environ
+    got = {(r["path"].split(",")[0].split(" 24")[0], r["par"], r["batch"]): r for r in rows}
+    for backend in ("torch", "gather"):
+        one, four = got[("pseudo-label stage", backend, 1)], got[("pseudo-label stage", backend, 4)]
+        assert four["kernels_per_image"] < 0.75 * one["kernels_per_image"]  # fixed costs shared by 4 images
+    if ("pseudo-label stage", "triton", 1) in got:
+        assert "PAR: triton launch 21" in got[("pseudo-label stage", "triton", 1)]["top_ops"]
+        tri, gat = got[("pseudo-label stage", "triton", 4)], got[("pseudo-label stage", "gather", 4)]
+        assert tri["kernels_per_image"] < gat["kernels_per_image"]
+    assert "kernels/img" in capsys.readouterr().out

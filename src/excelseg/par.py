@@ -15,11 +15,13 @@ similarity plus a small positional term. Four implementations compute it and agr
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,7 @@ from torch import Tensor
 
 from . import _native as native
 
-__all__ = ["PAR_BACKENDS", "PAR_DILATIONS", "par", "triton_enabled"]
+__all__ = ["PAR_BACKENDS", "PAR_DILATIONS", "par", "triton_enabled", "use_backend"]
 
 _logger = logging.getLogger(__name__)
 
@@ -37,6 +39,20 @@ ENV_TRITON = "EXCELSEG_TRITON"
 # the gather formulation materialises the (B, 3, H·W, Nn) neighbour colours: images are processed in chunks of at
 # most this many gathered values (2**27 float32 = 512 MiB; a 500×375 image has 27 M)
 GATHER_CHUNK = 1 << 27
+_auto_means: contextvars.ContextVar[str] = contextvars.ContextVar("excelseg_par_auto", default="auto")
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[None]:
+    """Within the block, ``backend="auto"`` means ``backend`` (e.g. the op-count benchmark forces a torch
+    formulation through the whole pseudo-label stage); explicit backends are unaffected."""
+    if backend not in PAR_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, PAR_BACKENDS))}, got {backend!r}")
+    token = _auto_means.set(backend)
+    try:
+        yield
+    finally:
+        _auto_means.reset(token)
 
 # ----------------------------------------------------------------------------------------------------------------
 # §3.4 pixel-adaptive refinement
@@ -109,13 +125,18 @@ def _par_affinity(img: Tensor, offs: list[tuple[int, int, bool]], w_color: float
     pos_aff = _positional_affinity(offs, w_color, w_pos, img.dtype)
     # softmax over the neighbours plus the positional term, in bands of rows that fit in cache, written back over the
     # logits; one scalar add per neighbour (a broadcast (1, Nn, 1, 1) tensor add is several times slower on CPU)
-    # (one band off the CPU, where there is no cache to fit and every op is a kernel launch)
-    rows = max(1, (1 << 20) // max(1, bsz * nn_ * w)) if img.device.type == "cpu" else h
+    rows = _softmax_band_rows(img.device, bsz, nn_, h, w)
     for r in range(0, h, rows):
         band = torch.stack([wt[:, 0, r : r + rows] for wt in weights], dim=1).softmax(dim=1)
         for i, p in enumerate(pos_aff):
             torch.add(band[:, i], p, out=weights[i][:, 0, r : r + rows])
     return weights
+
+
+def _softmax_band_rows(device: torch.device, bsz: int, nn_: int, h: int, w: int) -> int:
+    """Rows per softmax band of the ``torch`` backend's affinity: ~1 M values (in cache) on the CPU; one band
+    elsewhere, where there is no cache to fit and every op is a kernel launch."""
+    return max(1, (1 << 20) // max(1, bsz * nn_ * w)) if device.type == "cpu" else h
 
 
 def par(
@@ -153,6 +174,8 @@ def par(
         raise ValueError(f"image (B,3,Hi,Wi) / masks (B,C,H,W) expected, got {image.shape} / {masks.shape}")
     if backend not in PAR_BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, PAR_BACKENDS))}, got {backend!r}")
+    if backend == "auto":
+        backend = _auto_means.get()
     h, w = masks.shape[-2:]
     if iters <= 0:
         return masks

@@ -181,3 +181,19 @@ def test_kernels_compile_for_a_cuda_gpu_without_spilling(tri, monkeypatch, tmp_p
         info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(tmp_path / f"{name}.ptx"), "-o",
                                str(tmp_path / f"{name}.cubin")], capture_output=True, text=True, check=True).stderr
         assert "0 bytes spill stores" in info, info
+
+
+def test_auto_on_cuda_falls_back_to_gather_when_the_kernels_fail(tri, monkeypatch, caplog):
+    # CUDA tensors are not available here: the choice is exercised with the module-level helpers a CUDA call uses
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(par_mod, "_triton_failure", [])
+    image, masks = _inputs(1, 2, 7, 8, seed=9, dtype=torch.float32)
+    monkeypatch.setattr(tri, "par_triton", broken)
+    with caplog.at_level("WARNING", logger="excelseg.par"):
+        par_mod._triton_failed(RuntimeError("no kernel image for this GPU"))
+    assert "gather" in caplog.text and par_mod._triton_failure
+    assert par_mod._triton_module(masks, "auto") is None  # auto no longer tries Triton in this process
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        par(image, masks, backend="triton")  # an explicit request still runs (and reports) them

@@ -7,9 +7,9 @@ similarity plus a small positional term. Four implementations compute it and agr
   order as ``torch``, so the same bits up to the exp);
 * ``triton``: fused Triton kernels (:mod:`excelseg._triton_par`) on CUDA tensors: one affinity launch and one
   launch per iteration for a whole batch;
-* ``torch``: torch ops streamed neighbour by neighbour (~1,000 small ops per call, cache-friendly on the CPU);
+* ``torch``: torch ops streamed neighbour by neighbour (~1,500 small ops per call, cache-friendly on the CPU);
 * ``gather``: torch ops as one gather per affinity and one fused gather–multiply–sum (``embedding_bag``) per
-  iteration for a whole batch (~40 ops per call, whatever the batch): the launch-light torch path for GPUs
+  iteration for a whole batch (~50 ops per call, whatever the batch): the launch-light torch path for GPUs
   without Triton.
 """
 
@@ -186,16 +186,30 @@ def par(
         pos_aff = _positional_affinity(offs, w_color, w_pos, img.dtype)
         return native.par_cpu(img, masks, [(dy, dx) for dy, dx, _ in offs], pos_aff, w_color, iters, lib)
     if backend == "auto" and masks.device.type == "cuda":
-        backend = "triton" if _triton_module(masks, "auto") is not None else "gather"
+        tri = _triton_module(masks, "auto")
+        if tri is not None:
+            try:
+                return _par_triton(tri, image, masks, offs, w_color, w_pos, iters)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a GPU or driver this Triton cannot compile for: warn once, use torch ops
+                _triton_failed(exc)
+        backend = "gather"
     if backend == "triton":
-        tri = _triton_module(masks, "triton")
-        img = F.interpolate(image.to(masks.device, torch.float32), size=(h, w), mode="bilinear", align_corners=True)
-        pos_aff = _positional_affinity(offs, w_color, w_pos, torch.float32)
-        return tri.par_triton(img, masks, [(dy, dx) for dy, dx, _ in offs], pos_aff, w_color, iters)
+        return _par_triton(_triton_module(masks, "triton"), image, masks, offs, w_color, w_pos, iters)
     img = F.interpolate(image.to(masks), size=(h, w), mode="bilinear", align_corners=True)
     if backend == "gather":
         return _par_gather(img, masks, offs, w_color, w_pos, iters)
     return _par_torch(img, masks, offs, w_color, w_pos, iters, dilations)
+
+
+def _par_triton(tri, image: Tensor, masks: Tensor, offs: list[tuple[int, int, bool]], w_color: float, w_pos: float,
+                iters: int) -> Tensor:
+    """The ``triton`` backend: the image resized in float32, then :func:`excelseg._triton_par.par_triton`."""
+    img = F.interpolate(image.to(masks.device, torch.float32), size=masks.shape[-2:], mode="bilinear",
+                        align_corners=True)
+    pos_aff = _positional_affinity(offs, w_color, w_pos, torch.float32)
+    return tri.par_triton(img, masks, [(dy, dx) for dy, dx, _ in offs], pos_aff, w_color, iters)
 
 
 def _par_torch(img: Tensor, masks: Tensor, offs: list[tuple[int, int, bool]], w_color: float, w_pos: float,
@@ -242,7 +256,7 @@ def _neighbour_index(h: int, w: int, dyx: Tensor) -> Tensor:
 
 def _par_gather(img: Tensor, masks: Tensor, offs: list[tuple[int, int, bool]], w_color: float, w_pos: float,
                 iters: int) -> Tensor:
-    """The ``gather`` backend: a whole batch in ~40 torch ops, whatever B, C or H·W.
+    """The ``gather`` backend: a whole batch in ~50 torch ops (20 of them the iterations), whatever B, C or H·W.
 
     The affinity gathers the (B, 3, H·W, Nn) neighbour colours with one ``index_select`` (in chunks of images of at
     most :data:`GATHER_CHUNK` values) and computes the weights with a handful of batched ops, pixel-major
@@ -307,10 +321,20 @@ def _import_triton_par():
     return _triton_par
 
 
+_triton_failure: list[str] = []  # why the Triton kernels failed in this process ("auto" no longer tries them)
+
+
+def _triton_failed(exc: Exception) -> None:
+    why = f"{type(exc).__name__}: {exc}"
+    _triton_failure.append(why)
+    _logger.warning("PAR: the Triton kernels failed (%s); using the 'gather' torch backend on CUDA from now on "
+                    "(set EXCELSEG_TRITON=0 to skip them)", why)
+
+
 def _triton_module(masks: Tensor, backend: str):
     """:mod:`excelseg._triton_par` for this call, or None (``backend="triton"``: or an error saying why not)."""
     why = None
-    if backend == "auto" and not triton_enabled():
+    if backend == "auto" and (_triton_failure or not triton_enabled()):
         return None
     mod = _import_triton_par()
     if isinstance(mod, str):

@@ -192,7 +192,7 @@ def par(
                 return _par_triton(tri, image, masks, offs, w_color, w_pos, iters)
             except torch.OutOfMemoryError:
                 raise
-            except Exception as exc:  # a GPU or driver this Triton cannot compile for: warn once, use torch ops
+            except Exception as exc:  # noqa: BLE001 (a GPU this Triton cannot compile for: warn once, use torch)
                 _triton_failed(exc)
         backend = "gather"
     if backend == "triton":
@@ -314,7 +314,7 @@ def _import_triton_par():
     """:mod:`excelseg._triton_par`, or the reason it cannot be imported (logged once)."""
     try:
         from . import _triton_par
-    except Exception as exc:  # ImportError, or a broken Triton install
+    except Exception as exc:  # noqa: BLE001 (ImportError, or a broken Triton install)
         why = f"Triton is not usable here ({type(exc).__name__}: {exc})"
         _logger.info("PAR: %s; CUDA tensors use the 'gather' torch backend", why)
         return why

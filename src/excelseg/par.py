@@ -200,7 +200,7 @@ def par(
     img = F.interpolate(image.to(masks), size=(h, w), mode="bilinear", align_corners=True)
     if backend == "gather":
         return _par_gather(img, masks, offs, w_color, w_pos, iters)
-    return _par_torch(img, masks, offs, w_color, w_pos, iters, dilations)
+    return _par_torch(img, masks, offs, w_color, w_pos, iters)
 
 
 def _par_triton(tri, image: Tensor, masks: Tensor, offs: list[tuple[int, int, bool]], w_color: float, w_pos: float,
@@ -213,7 +213,7 @@ def _par_triton(tri, image: Tensor, masks: Tensor, offs: list[tuple[int, int, bo
 
 
 def _par_torch(img: Tensor, masks: Tensor, offs: list[tuple[int, int, bool]], w_color: float, w_pos: float,
-               iters: int, dilations: Sequence[int]) -> Tensor:
+               iters: int) -> Tensor:
     """The ``torch`` backend: the affinity as Nn weight maps, then the iterations neighbour by neighbour."""
     h, w = masks.shape[-2:]
     weights = _par_affinity(img, offs, w_color, w_pos)  # Nn × (B, 1, H, W)

@@ -15,7 +15,7 @@ APPLICATIONS = ("train", "jobs", "app", "commands", "cli", "describe", "chat_cli
                 "data")
 CORE = ["_deprecated", "_messages", "_version", "backbone", "bank", "build", "calibration", "cam", "config", "crf",
         "devices", "features", "heads", "kmeans", "losses", "lvc", "metrics", "model", "par", "predictor", "preprocess",
-        "pseudo", "refine", "segmenter", "text", "vocab", "interop", "knowledge", "weights", "_native"]
+        "pseudo", "refine", "segmenter", "text", "vocab", "interop", "knowledge", "weights", "_native", "_triton_par"]
 IO_ALLOWED = {"io.images", "io.checkpoint", "io.files:atomic_path"}
 
 

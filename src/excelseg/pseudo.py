@@ -11,7 +11,7 @@ Shapes: B images, K classes per image (padded), ``h × w`` patch grid (N = h·w)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,7 @@ def class_scores(
     use_par: bool = True,
     par_iters: int = 20,
     par_dilations: Sequence[int] = PAR_DILATIONS,
+    par_backend: str = "auto",
 ) -> Tensor:
     """Batched scores ``[bg, classes]`` from refined CAMs (EXCEL_SPEC §3.4; the body of :func:`labels_from_cams`).
 
@@ -100,7 +101,7 @@ def class_scores(
         bg = cams.new_ones((b, 1, *size))
     scores = torch.cat([bg, cams], dim=1)
     if use_par:
-        scores = par(images.to(scores), scores, iters=par_iters, dilations=par_dilations)
+        scores = par(images.to(scores), scores, iters=par_iters, dilations=par_dilations, backend=par_backend)
     if valid is not None and k > 0:
         scores[:, 1:].masked_fill_(~valid.to(torch.bool)[:, :, None, None], float("-inf"))
     return scores
@@ -113,10 +114,11 @@ class PseudoLabels:
     labels: list[Tensor]  # per image (H_b, W_b) uint8: 0 = background, else the channel's label value
     refined: list[Tensor]  # per image (K_b, h, w) CAMs after box mask + refinement (the input CAMs without)
     scores: list[Tensor]  # per image (1 + K_b, h', w') [bg, valid classes] after PAR at the working size
+    batch: Tensor | None = field(default=None, repr=False)  # (B, H, W) labels (one output size), ``labels`` its views
 
     def stacked(self) -> Tensor:
         """(B, H, W) labels when every image has the same output size."""
-        return torch.stack(self.labels)
+        return self.batch if self.batch is not None else torch.stack(self.labels)
 
 
 def present_classes(cls_labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -149,6 +151,7 @@ def pseudo_labels(
     par_iters: int = 20,
     par_dilations: Sequence[int] = PAR_DILATIONS,
     par_max_side: int = 1024,
+    par_backend: str = "auto",
 ) -> PseudoLabels:
     """Pseudo-labels of a batch (EXCEL_SPEC §3.3 steps 3–4, §3.4).
 
@@ -163,9 +166,11 @@ def pseudo_labels(
         use_par, par_iters, par_dilations: PAR settings (``refine`` config section).
         par_max_side: outputs whose longer side exceeds it are scored at a reduced working size and the scores
             bilinearly upsampled before the argmax (memory bound; equal to the reference below it).
+        par_backend: :func:`~excelseg.par.par`'s ``backend``.
 
     Returns:
-        :class:`PseudoLabels`. Images of one output size are scored together (one PAR call per size).
+        :class:`PseudoLabels`. Images of one output size are scored together (one PAR call per size); the
+        number of device operations does not grow with B or K (one host read: the class counts).
     """
     if cams.dim() != 4:
         raise ValueError(f"cams must be (B, K, h, w), got {tuple(cams.shape)}")
@@ -173,7 +178,19 @@ def pseudo_labels(
     if values.shape != (b, k) or len(sizes) != b:
         raise ValueError(f"values must be (B, K) = {(b, k)} and sizes hold B = {b} sizes, got "
                          f"{tuple(values.shape)} and {len(sizes)}")
-    valid = torch.ones(b, k, dtype=torch.bool, device=cams.device) if valid is None else valid.to(torch.bool)
+    dev = cams.device
+    valid = torch.ones(b, k, dtype=torch.bool, device=dev) if valid is None else valid.to(torch.bool)
+    # every image's valid maps first (stable), so that its outputs are views of its first K_b + 1 channels: one
+    # permutation for the batch instead of a boolean selection (and a device sync) per image; a batch whose
+    # valid maps already come first (present_classes, label_images) is left alone
+    counts = valid.sum(dim=1)
+    in_front = valid == (torch.arange(k, device=dev) < counts[:, None])
+    stats = torch.cat([counts, in_front.all().reshape(1)]).tolist()  # the one device → host read of the stage
+    counts, in_front = stats[:b], bool(stats[b])
+    if not in_front:
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+        cams = cams.gather(1, order[:, :, None, None].expand_as(cams))
+        values, valid = values.gather(1, order), valid.gather(1, order)
     refined = cams
     if trans is not None and k > 0:
         refined = refine_cams(cams, trans, box_mask(cams, box_threshold))
@@ -184,18 +201,24 @@ def pseudo_labels(
     lut = torch.cat([values.new_zeros(b, 1), values], dim=1).to(torch.uint8)  # channel → label value
     labels: list[Tensor | None] = [None] * b
     scores: list[Tensor | None] = [None] * b
+    batch = None
     for (work, out), idx in groups.items():
-        sel = torch.tensor(idx, device=cams.device)
-        sc = class_scores(refined[sel], par_images[sel], work, valid=valid[sel], use_par=use_par,
-                          par_iters=par_iters, par_dilations=par_dilations)
+        if len(idx) == b:  # one size (training, a dataset of one size): no selection
+            g_ref, g_img, g_valid, g_lut = refined, par_images, valid, lut
+        else:
+            sel = torch.tensor(idx, device=dev)
+            g_ref, g_img, g_valid, g_lut = refined[sel], par_images[sel], valid[sel], lut[sel]
+        sc = class_scores(g_ref, g_img, work, valid=g_valid, use_par=use_par, par_iters=par_iters,
+                          par_dilations=par_dilations, par_backend=par_backend)
         if work == out:
-            lab = lut[sel].gather(1, sc.max(dim=1).indices.flatten(1)).view(len(idx), *out)
+            lab = g_lut.gather(1, sc.max(dim=1).indices.flatten(1)).view(len(idx), *out)
+            if len(idx) == b:
+                batch = lab
         else:
             lab = torch.stack([_upsample_argmax(sc[j], out, lut[i]) for j, i in enumerate(idx)])
-        keep = torch.cat([valid.new_ones(len(idx), 1), valid[sel]], dim=1)
-        for j, i in enumerate(idx):
-            labels[i], scores[i] = lab[j], sc[j][keep[j]]
-    return PseudoLabels(labels, [refined[i][valid[i]] for i in range(b)], scores)
+        for i, lab_i, sc_i in zip(idx, lab.unbind(0), sc.unbind(0)):
+            labels[i], scores[i] = lab_i, sc_i[: 1 + counts[i]]
+    return PseudoLabels(labels, [r[:c] for r, c in zip(refined.unbind(0), counts)], scores, batch)
 
 
 def par_settings(refine: object) -> Mapping[str, object]:

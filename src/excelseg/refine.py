@@ -48,7 +48,12 @@ def transition_matrix(attn: Tensor, iters: int = 3) -> Tensor:
 
 
 def _components(fg: Tensor) -> Tensor:
-    """8-connected component labels of boolean maps.
+    """8-connected component labels of boolean maps, all maps at once (EXCEL_SPEC §3.3 step 3).
+
+    Label propagation with pointer jumping: every foreground pixel starts with ``1 +`` its flat index and repeatedly
+    takes the largest label of its 3×3 neighbourhood (a max-pool, background held at 0), then the label of the
+    pixel its label points to. Six batched ops per round and one convergence test (a device sync); the number of
+    rounds depends on the components' shapes, not on the number of maps.
 
     Args:
         fg: (M, h, w) bool foreground.
@@ -60,18 +65,16 @@ def _components(fg: Tensor) -> Tensor:
     n = h * w
     # float labels for max-pooling; float32 is exact up to 2**24 pixels.
     dtype = torch.float32 if n < 2**24 else torch.float64
-    idx = torch.arange(1, n + 1, device=fg.device, dtype=dtype).view(1, 1, h, w)
-    mask = fg.view(m, 1, h, w)
-    lab = torch.where(mask, idx, torch.zeros((), device=fg.device, dtype=dtype))
+    mask = fg.reshape(m, n)
+    lab = torch.arange(1, n + 1, device=fg.device, dtype=dtype).mul(mask)  # (M, N), 0 on background
+    zero = lab.new_zeros(m, 1)
     while True:
-        new = torch.where(mask, F.max_pool2d(lab, 3, stride=1, padding=1), lab)
-        # pointer jumping: the pixel a label points to carries a label at least as large and is in the same
-        # component, so taking it only speeds up convergence.
-        flat = new.view(m, n)
-        jumped = flat.gather(1, (flat.long() - 1).clamp_(min=0))
-        new = torch.where(mask, torch.maximum(flat, jumped).view(m, 1, h, w), lab)
+        new = F.max_pool2d(lab.view(m, 1, h, w), 3, stride=1, padding=1).view(m, n).mul_(mask)
+        # pointer jumping: the pixel a label L points to (flat index L − 1) carries a label at least as large and is
+        # in the same component, so taking it only speeds up convergence; background (L = 0) reads the 0 in front
+        torch.maximum(new, torch.cat([zero, new], dim=1).gather(1, new.long()), out=new)
         if torch.equal(new, lab):
-            return lab.view(m, n).long()
+            return lab.long()
         lab = new
 
 
@@ -84,6 +87,9 @@ def box_mask(cams: Tensor, threshold: float) -> Tensor:
     with inclusive extents ``[x0..xmax] × [y0..ymax]``; the reference marks ``[y0, min(ymax+1, h−1)) ×
     [x0, min(xmax+1, w−1))``, so the last row and column are never inside a box. No foreground → empty mask.
 
+    All B·K maps are processed together (padding maps of a batch included: an all-zero map has no foreground);
+    the number of ops does not grow with B or K.
+
     Args:
         cams: (B, K, h, w) float CAMs in [0, 1]; K may be 0.
         threshold: τ_box.
@@ -94,37 +100,34 @@ def box_mask(cams: Tensor, threshold: float) -> Tensor:
     if cams.dim() != 4:
         raise ValueError(f"cams must be (B, K, h, w), got {tuple(cams.shape)}")
     b, k, h, w = cams.shape
-    out = torch.zeros(cams.shape, dtype=torch.bool, device=cams.device)
     if cams.numel() == 0:
-        return out
+        return torch.zeros(cams.shape, dtype=torch.bool, device=cams.device)
     m, n = b * k, h * w
     u = (cams.detach().to(torch.float32) * 255).clamp_(0, 255).floor_().view(m, n)
     thr = (u.amax(dim=1, keepdim=True).double() * float(threshold)).floor_()
-    fg = u.double() > thr  # (M, N)
-    labels = _components(fg.view(m, h, w))  # (M, N), 0 = background
+    labels = _components((u.double() > thr).view(m, h, w))  # (M, N), 0 = background
 
     dev = cams.device
-    rows = torch.arange(h, device=dev).repeat_interleave(w).expand(m, n)
-    cols = torch.arange(w, device=dev).repeat(h).expand(m, n)
-    # per label slot (0 = background, discarded): inclusive extents of the component
-    y0 = torch.full((m, n + 1), h, device=dev, dtype=torch.long).scatter_reduce(1, labels, rows, "amin")
-    ymax = torch.full((m, n + 1), -1, device=dev, dtype=torch.long).scatter_reduce(1, labels, rows, "amax")
-    x0 = torch.full((m, n + 1), w, device=dev, dtype=torch.long).scatter_reduce(1, labels, cols, "amin")
-    xmax = torch.full((m, n + 1), -1, device=dev, dtype=torch.long).scatter_reduce(1, labels, cols, "amax")
-    valid = ymax >= 0
+    pos = torch.arange(n, device=dev)
+    rows, cols = pos // w, pos % w
+    # per label slot (0 = background, discarded), all four extents in one scatter: max of (−row, row, −col, col)
+    # = (−y0, ymax, −x0, xmax); slots without pixels keep −(n + 1)
+    coords = torch.stack([-rows, rows, -cols, cols])[:, None].expand(4, m, n)
+    ext = torch.full((4, m, n + 1), -(n + 1), device=dev, dtype=torch.long)
+    ext.scatter_reduce_(2, labels.expand(4, m, n), coords, "amax")
+    valid = ext[1] >= 0
     valid[:, 0] = False
-    y0, x0 = y0.clamp(max=h - 1), x0.clamp(max=w - 1)
-    y1 = (ymax + 1).clamp(max=h - 1).clamp(min=0)
-    x1 = (xmax + 1).clamp(max=w - 1).clamp(min=0)
+    y0, x0 = ext[0].neg().clamp_(max=h - 1), ext[2].neg().clamp_(max=w - 1)
+    y1 = (ext[1] + 1).clamp_(0, h - 1)
+    x1 = (ext[3] + 1).clamp_(0, w - 1)
 
     # rasterise all boxes at once with a 2-D difference array: +1/−1 at the corners, then 2-D prefix sums.
     one = valid.to(torch.int32)
     wd = w + 1
-    diff = torch.zeros(m, (h + 1) * wd, device=dev, dtype=torch.int32)
-    diff.scatter_add_(1, y0 * wd + x0, one)
-    diff.scatter_add_(1, y0 * wd + x1, -one)
-    diff.scatter_add_(1, y1 * wd + x0, -one)
-    diff.scatter_add_(1, y1 * wd + x1, one)
+    y0, y1 = y0 * wd, y1 * wd
+    corners = torch.cat([y0 + x0, y0 + x1, y1 + x0, y1 + x1], dim=1)
+    signs = torch.cat([one, -one, -one, one], dim=1)
+    diff = torch.zeros(m, (h + 1) * wd, device=dev, dtype=torch.int32).scatter_add_(1, corners, signs)
     cover = diff.view(m, h + 1, wd).cumsum(1).cumsum(2)[:, :h, :w]
     return (cover > 0).view(b, k, h, w)
 

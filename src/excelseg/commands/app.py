@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CliError, config_from_args, load_checkpoint_arg
+from .common import CliError, config_from_args, load_checkpoint_arg, ranged
 
 EXAMPLES = """examples:
   excelseg app                                   # http://127.0.0.1:7860 (synthetic CLIP when offline)
@@ -52,7 +52,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="CLIP forward precision (autocast): fp32 (default), bf16 (CUDA or CPU), fp16 (CUDA)")
-    p.add_argument("--max-side", type=int, default=None,
+    p.add_argument("--max-side", type=ranged(int, 64, 16384), default=None,
                    help="uploads are reduced to this longer side in pixels (default 2048)")
     p.set_defaults(func=run, overrides=[])
 

@@ -73,6 +73,49 @@ workers_arg = _int_at_least(0, "--workers")
 batch_size_arg = _int_at_least(1, "--batch-size")
 
 
+def ranged(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False):
+    """An argparse type: a ``kind`` (int or float) within the bounds (as :class:`excelseg.config.Range`); a value
+    outside is a usage error naming the valid range (argparse adds the option's name)."""
+    from ..config import Range
+
+    valid = Range(low, high, low_open, high_open)
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun}, got {text!r}") from None
+        if kind is float and value != value:  # NaN
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
+        if value not in valid:
+            how = "lie in" if low is not None and high is not None else "be"
+            raise argparse.ArgumentTypeError(f"must {how} {valid.text}, got {text}")
+        return value
+
+    return parse
+
+
+def setting_arg(key: str, parse=float):
+    """An argparse type for a flag that sets ``section.key`` (``--box-threshold`` = ``refine.box_threshold``):
+    ``parse(text)`` checked against the setting's range (:func:`excelseg.config.check_setting`)."""
+
+    def check(text: str):
+        from ..config import ConfigError, check_setting
+
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        try:
+            return check_setting(*key.split("."), value)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return check
+
+
 def size_arg(text: str) -> tuple[int, int]:
     """``N`` or ``HxW`` (also ``H,W``), sides ≥ 16."""
     parts = text.lower().replace("x", ",").split(",")
@@ -194,12 +237,12 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1, checkp
                    help="attribute clusters B for --knowledge: N or auto (default 112 voc, 224 coco, else auto)")
     add_config_arg(g)
     g.add_argument("--preset", default=None, choices=["paper", "paper-voc", "paper-coco"], help=argparse.SUPPRESS)
-    g.add_argument("--size", type=size_arg, default=None, help="network input N or HxW (= cam.size; paper: 320)")
-    g.add_argument("--scales", type=scales_arg, default=None,
+    g.add_argument("--size", type=setting_arg("cam.size", size_arg), default=None, help="network input N or HxW (= cam.size; paper: 320)")
+    g.add_argument("--scales", type=setting_arg("cam.scales", scales_arg), default=None,
                    help="CAM scales, e.g. 1,0.75,1.25 (= cam.scales; paper: 1)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="also average horizontally flipped CAMs (= cam.flip; paper: off)")
-    g.add_argument("--box-threshold", type=float, default=None,
+    g.add_argument("--box-threshold", type=setting_arg("refine.box_threshold"), default=None,
                    help="τ_box of the box mask (= refine.box_threshold; paper: 0.79)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],

@@ -15,6 +15,8 @@ from .common import (
     clusters_arg,
     config_from_args,
     out_dir_arg,
+    ranged,
+    setting_arg,
     write_resolved_config,
 )
 
@@ -57,8 +59,8 @@ def register(sub) -> None:
                    help="continue from a checkpoint: the run folder's latest.json (no value), a run folder, "
                         "latest.json or a checkpoint .safetensors")
     p.add_argument("--force", action="store_true", help="resume even if the config changed (differences logged)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (= train.seed; default 0)")
-    p.add_argument("--iterations", type=int, default=None,
+    p.add_argument("--seed", type=setting_arg("train.seed", int), default=None, help="random seed (= train.seed; default 0)")
+    p.add_argument("--iterations", type=ranged(int, 1), default=None,
                    help="stop after this many iterations in total (the schedule keeps train.iterations)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, overrides=[])

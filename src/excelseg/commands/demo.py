@@ -18,10 +18,10 @@ from .common import (
     add_model_args,
     add_out_dir,
     check_writable,
+    commit_run_folder,
     config_from_args,
     out_dir_arg,
     ranged,
-    write_resolved_config,
 )
 
 if TYPE_CHECKING:
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     predictor = CamPredictor(clip, bank=args.bank, knowledge=args.knowledge, clusters=args.clusters,
                              config=config_from_args(args, clip), device=device,
                              precision=args.precision)
-    write_resolved_config(out_dir, predictor.config, clip=clip.identity, command="demo")
     photos = sample_photos()
+    _commit(out_dir, predictor.config, clip.identity, "demo")
     print(f"CLIP: {predictor.clip.name} ({predictor.clip.source})")
     for path, classes in photos:
         rgb = to_rgb_array(read_image(path))
@@ -118,7 +118,7 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     size = clip.image_size
     vocab = synthetic_vocabulary()
     full = load_config(clip.default_config)  # the settings these weights were made for (configs/synthetic.yaml)
-    write_resolved_config(out_dir, full, clip=clip.identity, command="demo --synthetic")
+    _commit(out_dir, full, clip.identity, "demo --synthetic", scenes=args.scenes)
     bank = synthetic_bank(clip, template=full.text.template)
     plain = full.with_(cam=replace(full.cam, svc_last_blocks=0))
     excel = CamPredictor(clip, bank=bank, config=full, device=clip.device)
@@ -149,6 +149,14 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     print(f"{SYNTHETIC_SHOWN} scenes side by side (labels over grey-scale copies): {path.resolve()} "
           f"({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def _commit(out_dir: Path, cfg, clip_identity: str, command: str, **fields) -> None:
+    """The demo redoes everything on every run: its folder gets this run's manifest and settings."""
+    from ..jobs.manifest import make_manifest
+
+    commit_run_folder(out_dir, make_manifest(command, cfg, clip=clip_identity, **fields), cfg, False,
+                      clip=clip_identity, command=command)
 
 
 SYNTHETIC_SHOWN = 4  # held-out scenes drawn side by side

@@ -87,14 +87,14 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("the web page needs Gradio: pip install 'excelseg[app]'") from None
     if args.max_side is not None and args.max_side < 64:
         raise CliError(f"--max-side must be at least 64, got {args.max_side}")
-    busy = port_free(args.host, args.port)  # before any model is loaded
-    if busy:
-        raise CliError(busy)
     ckpt = load_checkpoint_arg(args)
     base = ckpt.config if ckpt is not None else None
     config_from_args(args, overrides=args.overrides, base=base)  # bad settings fail before any model is loaded
-    device = resolve_device(args.device)
     spec = clip_spec_arg(args, ckpt)  # with a checkpoint: the CLIP the heads were trained with
+    busy = port_free(args.host, args.port)  # a port in use fails before any model is loaded, too
+    if busy:
+        raise CliError(busy)
+    device = resolve_device(args.device)
     try:
         clip = load_clip(spec, device=device)
     except WeightsNotFoundError as exc:
@@ -113,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             page = launch(model, args.host, args.port, examples=examples, block=False, quiet=True)
         except OSError as exc:  # the port was taken since the check, or the address cannot be bound
-            raise CliError(port_free(args.host, args.port) or f"cannot serve on {args.host}:{args.port} "
-                           f"({' '.join(str(exc).split())[:200]})") from None
+            why = " ".join(str(exc).split()).split(". ")[0]  # not Gradio's advice (launch(), GRADIO_SERVER_PORT)
+            raise CliError(port_free(args.host, args.port) or f"cannot serve on {args.host}:{args.port} ({why})") \
+                from None
         print(f"excelseg app: CLIP {clip.name} ({clip.source}) on {device}; serving http://{args.host}:{args.port} "
               "(Ctrl-C stops)", flush=True)
         try:

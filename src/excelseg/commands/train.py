@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..jobs.labels import dataset_vocabulary
     from ..jobs.manifest import make_manifest, tse_identity
-    from ..train import Trainer, TrainingError
+    from ..train import Trainer, TrainingError, latest_checkpoint
     from ..train.dist import DistInfo, device_for_rank, init_distributed
     from ..weights import load_clip
 
@@ -96,6 +96,11 @@ def run(args: argparse.Namespace) -> int:
         check_writable(out_dir)
         if args.resume is None:
             _check_fresh(out_dir, args.overwrite)
+    if args.resume is not None:  # something to resume, before anything is loaded
+        try:
+            latest_checkpoint(args.resume or out_dir)
+        except (TrainingError, ValueError, OSError) as exc:
+            raise CliError(str(exc)) from None
     kind = args.dataset or t.dataset
     if kind != SYNTHETIC and args.root is None and args.index is None:
         raise CliError("give --root (the prepared dataset) or --index")

@@ -60,6 +60,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
     """
 
     kind = "synthetic"
+    every_image_labelled = True  # a scene always keeps its first object (SceneGenerator.scene)
 
     def __init__(self, split: str = "val", transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  with_mask: bool = True, size: int = SCENE_SIZE, n: int | None = None) -> None:

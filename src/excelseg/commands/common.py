@@ -477,7 +477,8 @@ def check_run_folder(out_dir: Path, manifest: dict, *, overwrite: bool, done: in
             raise CliError(f"{out_dir} holds the results of a run with other settings ({describe_differences(diffs)})"
                            f": use the same settings to resume it, {redo}")
         print(f"note: --overwrite: {out_dir} held results of other settings ({describe_differences(diffs)}); its "
-              f"run manifest is replaced and every {what} of this run is redone")
+              f"run manifest is replaced and every {what} of this run is redone (outputs of other {what}s that the "
+              "earlier run left stay as they were)")
         return False
     if stored.get("excelseg_version") != __version__:
         print(f"note: {out_dir} was started by excelseg {stored.get('excelseg_version')}; this is {__version__} "

@@ -96,8 +96,27 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     Prints the mIoU table (plain CLIP seeds, ExCEL training-free seeds, the trained segmenter) on ``--scenes``
     held-out scenes and writes ``synthetic_demo.png``: for the first :data:`SYNTHETIC_SHOWN` scenes, the image,
     its ground truth, the training-free pseudo-label and the trained segmenter's prediction side by side, labels
-    drawn over grey-scale copies in :func:`synthetic_palette` colours.
+    drawn over grey-scale copies in :func:`synthetic_palette` colours. Runs on one torch thread (unless
+    ``OMP_NUM_THREADS`` says otherwise).
     """
+    import os
+
+    import torch
+
+    if args.scenes < 1:
+        raise CliError(f"--scenes must be >= 1, got {args.scenes}")
+    threads = torch.get_num_threads()
+    if not os.environ.get("OMP_NUM_THREADS"):
+        # the small CLIP's matrices are too small to gain from threads; on a busy machine they fight for the cores
+        # and one scene took 9 s with 2 threads against 0.3 s with one
+        torch.set_num_threads(1)
+    try:
+        return _run_synthetic(args, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     import time
     from dataclasses import replace
 
@@ -111,8 +130,6 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     from ..viz import comparison_sheet
     from ..weights import load_clip
 
-    if args.scenes < 1:
-        raise CliError(f"--scenes must be >= 1, got {args.scenes}")
     start = time.perf_counter()
     clip = load_clip("synthetic", device="cpu" if args.device == "auto" else args.device)
     size = clip.image_size
@@ -127,7 +144,8 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     except FileNotFoundError as exc:
         raise CliError(f"{exc} (this installation lacks the shipped synthetic heads)") from None
     print(f"synthetic CLIP ({clip.source}), {len(vocab.names)} classes, {args.scenes} held-out scenes "
-          f"at {size[0]}x{size[1]}")
+          f"at {size[0]}x{size[1]}: each scored by three models, the segmenter at 4 scales with flips (about "
+          f"{DEMO_SECONDS_PER_SCENE * args.scenes:.0f} s on one free core; --scenes 20 for a quicker look)", flush=True)
 
     def samples():
         return held_out_samples(args.scenes, size[0])
@@ -137,7 +155,9 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
             ("ExCEL training-free (SVC + TSE)", "CAM-seed", lambda: seed_miou(excel, samples(), vocab)),
             ("ExCEL trained segmenter", "segmentation", lambda: segmenter_miou(segmenter, samples(), vocab))]
     for name, kind, score in rows:
-        print(f"  {name:34s} {kind:>12s} mIoU {100 * score()['miou']:5.1f}%")
+        tic = time.perf_counter()
+        miou = score()["miou"]
+        print(f"  {name:34s} {kind:>12s} mIoU {100 * miou:5.1f}%  ({time.perf_counter() - tic:.0f} s)", flush=True)
     shown = []
     for image, mask, labels in held_out_samples(SYNTHETIC_SHOWN, size[0]):
         seed = excel.set_image(image).predict([vocab.names[j] for j in labels], vocabulary=vocab).pseudo_label
@@ -160,6 +180,7 @@ def _commit(out_dir: Path, cfg, clip_identity: str, command: str, **fields) -> N
 
 
 SYNTHETIC_SHOWN = 4  # held-out scenes drawn side by side
+DEMO_SECONDS_PER_SCENE = 0.4  # measured: 100 scenes in ~40 s on one core of a busy 2-core CPU (docs/synthetic.md)
 #: Label colours of the demo: 18 well-separated colours; :func:`synthetic_palette` gives each class one far from
 #: its object colour.
 LABEL_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),

@@ -255,7 +255,9 @@ def test_trained_segmenter_switch(clip, tmp_path, capsys):
     ckpt = save_checkpoint(tmp_path / "heads.safetensors", heads.state_dict(), class_names=classes,
                            clip_identity=clip.identity, config=cfg)
     if __import__("importlib").util.find_spec("gradio") is not None:  # the command names the weights to give
-        assert main(["app", "--checkpoint", str(ckpt)]) == 2
+        other = save_checkpoint(tmp_path / "other.safetensors", heads.state_dict(), class_names=classes,
+                                clip_identity="sha256:" + "0" * 64, config=cfg)
+        assert main(["app", "--checkpoint", str(other)]) == 2
         assert "made with the CLIP weight file sha256:" in capsys.readouterr().err
     m = AppModel(clip, checkpoint=ckpt, device="cpu", work_dir=tmp_path / "work")
     path, _ = scene_file(tmp_path)
@@ -307,7 +309,7 @@ def test_app_command_usage_errors(capsys):
         assert "pip install 'excelseg[app]'" in capsys.readouterr().err
     else:
         assert main(["app", "--clip", "synthetic", "--max-side", "10"]) == 2
-        assert "--max-side must be at least 64" in capsys.readouterr().err
+        assert "--max-side: must lie in [64, 16384]" in capsys.readouterr().err
         assert main(["app", "--clip", "synthetic", "cam.bogus=1"]) == 2
         assert "unknown setting cam.bogus" in capsys.readouterr().err
 

@@ -79,7 +79,9 @@ def test_globs_and_duplicate_stems(weights, photos, tmp_path):
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(other / "img0.png")
     out = tmp_path / "out"
     assert cam(weights, f"{photos}/*.jpg", other / "img0.png", "--classes", "cat", "--out-dir", out) == 0
-    assert {p.name for p in out.glob("*.png")} == {"photos_img0.png", "img1.png", "more_img0.png"}
+    # the two img0 keep their folders (relative to the inputs' common folder): out/photos/, out/more/
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*.png")} == {"photos/img0.png", "img1.png",
+                                                                             "more/img0.png"}
 
 
 @pytest.mark.parametrize("args,message", [

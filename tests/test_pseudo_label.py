@@ -219,7 +219,8 @@ def test_killed_run_resumes_cleanly(tmp_path):
     assert len([p for p in out.glob("*.png") if not p.name.startswith(".")]) == 2  # the third was being renamed when the process died
     assert len(hidden_files(out)) == 1  # its complete temporary file
     assert main(args) == 0  # the same command, in-process
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{i}.png" for i in ids] + ["excelseg_config.yaml"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{i}.png" for i in ids] + ["excelseg_config.yaml",
+                                                                                         "excelseg_run.json"])
     resolved = load_config(out / "excelseg_config.yaml")  # the settings the run used, written next to its outputs
     assert resolved.cam.size == (64, 64) and resolved.refine == load_config("voc").refine
     assert not hidden_files(out)

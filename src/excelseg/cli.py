@@ -69,6 +69,9 @@ def _legacy_argv(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 some inputs failed, 2 usage or setup error)."""
+    from .commands.common import WARNED
+
+    WARNED.clear()
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(_legacy_argv(list(sys.argv[1:] if argv is None else argv)))

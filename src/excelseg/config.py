@@ -252,7 +252,7 @@ def config_from_dict(data: dict[str, Any] | None, base: PipelineConfig = PAPER_V
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section} must map keys to values")
-        changes = {k: _coerce(section, k, v) for k, v in values.items()}
+        changes = {k: check_setting(section, k, _coerce(section, k, v)) for k, v in values.items()}
         cfg = replace(cfg, **{section: replace(getattr(cfg, section), **changes)})
     return cfg
 
@@ -323,3 +323,103 @@ def dump_config(cfg: PipelineConfig, **extra: Any) -> str:
     head = "".join(f"# {k}: {v}\n" for k, v in extra.items())
     return head + yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, allow_unicode=True,
                             default_flow_style=False)
+
+
+# ---- valid ranges (one table; every path in — YAML, overrides, the CLI's flags — is checked against it) ----------
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: ``low``/``high`` bounds (``None`` = unbounded), each inclusive
+    unless ``*_open``; ``text`` is how messages write it (``[0, 1]``, ``>= 1``, ``(0, 8]``)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
+            return False
+        return not (self.high is not None and (v > self.high or (self.high_open and v == self.high)))
+
+    @property
+    def text(self) -> str:
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        if self.low is not None and self.high is not None:
+            return (f"{'(' if self.low_open else '['}{num(self.low)}, {num(self.high)}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {num(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {num(self.high)}"
+        return "any value"
+
+
+UNIT = Range(0.0, 1.0)  # probabilities, thresholds, ratios
+POSITIVE = Range(0.0, None, low_open=True)
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+SIDE = Range(16, 4096)  # network input / crop sides in pixels
+SCALE = Range(0.0, 8.0, low_open=True)  # multiples of cam.size
+
+#: section → key → a :class:`Range` (numbers; for lists: every element), or a tuple of the valid strings.
+#: Settings not listed take any value of their type.
+RANGES: dict[str, dict[str, Range | tuple[str, ...]]] = {
+    "text": {"keep_ratio": Range(0.0, 1.0, low_open=True), "temperature": POSITIVE, "weight": AT_LEAST_0},
+    "cam": {"size": SIDE, "svc_last_blocks": Range(0, 64), "normalization": ("imagenet", "clip", "weights"),
+            "feature_norm": ("tokens", "channels"), "cls_weight_scale": AT_LEAST_0, "scales": SCALE},
+    "refine": {"affinity_layers": Range(1, 64), "sinkhorn_iters": Range(0, 1000), "box_threshold": UNIT,
+               "par_iters": Range(0, 1000), "par_dilations": Range(1, 256), "par_max_side": Range(16, 16384)},
+    "heads": {"dim": Range(1, 8192), "decoder_depth": Range(1, 64), "decoder_heads": Range(1, 256),
+              "dropout": Range(0.0, 1.0, high_open=True), "relation_gain": POSITIVE, "train_box_threshold": UNIT,
+              "val_box_threshold": UNIT},
+    "segment": {"scales": SCALE, "logits_scale": Range(0.0, 1.0, low_open=True)},
+    "train": {"dataset": ("voc", "coco", "folder", "synthetic"), "iterations": AT_LEAST_1, "batch_size": AT_LEAST_1,
+              "accumulation": AT_LEAST_1, "crop_size": SIDE, "scale_range": SCALE, "flip_prob": UNIT,
+              "lr": POSITIVE, "heads_lr_mult": POSITIVE, "weight_decay": AT_LEAST_0,
+              "betas": Range(0.0, 1.0, high_open=True), "eps": POSITIVE, "warmup_iters": AT_LEAST_0,
+              "warmup_ratio": UNIT, "poly_power": AT_LEAST_0, "lvc_switch_iter": AT_LEAST_0,
+              "self_affinity_iter": Range(-1), "div_weight": AT_LEAST_0, "aff_radius": Range(1, 64),
+              "seed": Range(0, 2**32 - 1), "amp": ("auto", "off", "bf16", "fp16"), "val_every": AT_LEAST_0,
+              "val_limit": AT_LEAST_0, "checkpoint_every": AT_LEAST_0, "keep_checkpoints": AT_LEAST_1,
+              "log_every": AT_LEAST_1},
+}
+#: list settings of a fixed length
+LENGTHS: dict[tuple[str, str], int] = {("cam", "size"): 2, ("train", "scale_range"): 2, ("train", "betas"): 2}
+
+
+def valid_range(key: str) -> Range | tuple[str, ...] | None:
+    """The valid values of ``section.key`` (:data:`RANGES`), ``None`` when any value of its type is valid."""
+    section, _, name = key.partition(".")
+    return RANGES.get(section, {}).get(name)
+
+
+def check_setting(section: str, key: str, value: Any) -> Any:
+    """``value`` if it is a valid ``section.key`` (:data:`RANGES`, :data:`LENGTHS`, templates with ``{}``),
+    else a :class:`ConfigError` naming the valid range."""
+    where = f"{section}.{key}"
+    if section == "text" and key == "template" and "{}" not in str(value):
+        raise ConfigError(f"{where} must contain '{{}}' where the class name goes, got {value!r}")
+    length = LENGTHS.get((section, key))
+    if length is not None and len(value) != length:
+        raise ConfigError(f"{where} must hold {length} values, got {list(value)}")
+    if (section, key) == ("train", "scale_range") and value[0] > value[1]:
+        raise ConfigError(f"{where} must be [low, high] with low <= high, got {list(value)}")
+    valid = RANGES.get(section, {}).get(key)
+    if valid is None:
+        return value
+    if isinstance(valid, tuple):
+        if value not in valid:
+            raise ConfigError(f"{where} must be one of {', '.join(valid)}, got {value!r}")
+        return value
+    values = value if isinstance(value, tuple) else (value,)
+    bad = [v for v in values if v not in valid]
+    if bad:
+        shown = list(value) if isinstance(value, tuple) else value
+        each = "every value of " if isinstance(value, tuple) else ""
+        raise ConfigError(f"{each}{where} must lie in {valid.text}, got {shown!r}" if valid.low is not None
+                          and valid.high is not None else f"{each}{where} must be {valid.text}, got {shown!r}")
+    return value

@@ -30,10 +30,11 @@ def find_inputs(ds, folder: Path, suffix: str, what: str, allow_missing: bool) -
     if not folder.is_dir():
         raise EvalInputError(f"{what} folder not found: {folder}")
     items, missing = [], []
+    gt_of = getattr(ds, "mask_source", None)  # generated scenes: their masks are drawn, not read
     for name in ds.ids:
         path = folder / f"{name}{suffix}"
         if path.is_file():
-            items.append((name, str(path), str(ds.mask_path(name))))
+            items.append((name, str(path), gt_of(name) if gt_of is not None else str(ds.mask_path(name))))
         else:
             missing.append(name)
     if missing and (not allow_missing or not items):
@@ -51,8 +52,9 @@ def check_values(arr: np.ndarray, num_classes: int, path: str, what: str, allow_
         raise EvalInputError(f"{what} {path} has label values {', '.join(map(str, bad))} outside {allowed}")
 
 
-def read_gt(path: str, num_classes: int) -> np.ndarray:
-    gt = read_label_png(path)
+def read_gt(path: Any, num_classes: int) -> np.ndarray:
+    """A ground-truth mask: a PNG file, or an object whose ``load()`` draws it (generated scenes)."""
+    gt = path.load() if hasattr(path, "load") else read_label_png(path)
     check_values(gt, num_classes, path, "ground truth", allow_ignore=True)
     return gt
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CliError, config_from_args, load_checkpoint_arg
+from .common import CliError, clip_spec_arg, config_from_args, load_checkpoint_arg, ranged
 
 EXAMPLES = """examples:
   excelseg app                                   # http://127.0.0.1:7860 (synthetic CLIP when offline)
@@ -52,9 +52,28 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="CLIP forward precision (autocast): fp32 (default), bf16 (CUDA or CPU), fp16 (CUDA)")
-    p.add_argument("--max-side", type=int, default=None,
+    p.add_argument("--max-side", type=ranged(int, 64, 16384), default=None,
                    help="uploads are reduced to this longer side in pixels (default 2048)")
     p.set_defaults(func=run, overrides=[])
+
+
+def port_free(host: str, port: int) -> str | None:
+    """``None`` when ``host:port`` can be bound now, else why not (one line)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot resolve --host {host} ({exc.strerror or exc})"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+                return f"port {port} on {host} is in use (another excelseg app?); choose another with --port"
+            return f"cannot listen on {host}:{port} ({exc.strerror or exc})"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,13 +90,11 @@ def run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint_arg(args)
     base = ckpt.config if ckpt is not None else None
     config_from_args(args, overrides=args.overrides, base=base)  # bad settings fail before any model is loaded
+    spec = clip_spec_arg(args, ckpt)  # with a checkpoint: the CLIP the heads were trained with
+    busy = port_free(args.host, args.port)  # a port in use fails before any model is loaded, too
+    if busy:
+        raise CliError(busy)
     device = resolve_device(args.device)
-    spec = args.clip
-    if spec is None and ckpt is not None:  # the CLIP the heads were trained with
-        if ckpt.clip_identity.startswith("sha256:"):
-            raise CliError(f"{args.checkpoint} was made with the CLIP weight file {ckpt.clip_identity}; give that "
-                           "file with --clip")
-        spec = ckpt.clip_identity
     try:
         clip = load_clip(spec, device=device)
     except WeightsNotFoundError as exc:
@@ -86,14 +103,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {exc}\n\nNo real CLIP weights here: the page runs on the shipped synthetic CLIP, which only "
               "knows the synthetic shapes of its example scenes.\n")
         clip = load_clip("synthetic", device=device)
+    except OSError as exc:
+        raise CliError(f"cannot read the CLIP weights {spec} ({exc.strerror or exc})") from None
     cfg = config_from_args(args, clip, args.overrides, base)
     model = AppModel(clip, config=cfg, checkpoint=ckpt, device=device, precision=args.precision,
                      max_side=args.max_side or MAX_SIDE)
     try:
         examples = model.examples()
+        try:
+            page = launch(model, args.host, args.port, examples=examples, block=False, quiet=True)
+        except OSError as exc:  # the port was taken since the check, or the address cannot be bound
+            why = " ".join(str(exc).split()).split(". ")[0]  # not Gradio's advice (launch(), GRADIO_SERVER_PORT)
+            raise CliError(port_free(args.host, args.port) or f"cannot serve on {args.host}:{args.port} ({why})") \
+                from None
         print(f"excelseg app: CLIP {clip.name} ({clip.source}) on {device}; serving http://{args.host}:{args.port} "
-              "(Ctrl-C stops)")
-        launch(model, args.host, args.port, examples=examples)
+              "(Ctrl-C stops)", flush=True)
+        try:
+            page.block_thread()
+        finally:
+            page.close()
     finally:
         model.close()
     return 0

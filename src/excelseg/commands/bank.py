@@ -14,7 +14,15 @@ import json
 import time
 from pathlib import Path
 
-from .common import CliError, add_clip_arg, add_config_arg, batch_size_arg, clusters_arg, config_from_args
+from .common import (
+    CliError,
+    add_clip_arg,
+    add_config_arg,
+    batch_size_arg,
+    clusters_arg,
+    config_from_args,
+    ranged,
+)
 
 EXAMPLES = """examples:
   excelseg bank build --knowledge voc --clusters 112 --out voc_bank.safetensors
@@ -46,7 +54,7 @@ def register(sub) -> None:
                         "default: the paper's 112 for voc, 224 for coco")
     b.add_argument("--out", required=True, help="output .safetensors file (written atomically)")
     add_clip_arg(b)
-    b.add_argument("--seed", type=int, default=0, help="K-means seed (default 0)")
+    b.add_argument("--seed", type=ranged(int, 0, 2**32 - 1), default=0, help="K-means seed (default 0)")
     add_config_arg(b, "pipeline settings whose text.template prefixes every description (default: those the "
                       "CLIP was made for, else voc: the paper's 'a clean origami {}.')")
     b.add_argument("--template", default=None,

@@ -11,13 +11,16 @@ from .common import (
     add_out_dir,
     add_vocabulary_arg,
     cam_predictor,
+    check_run_folder,
     check_writable,
+    clip_spec_arg,
+    commit_run_folder,
     config_from_args,
     load_checkpoint_arg,
     out_dir_arg,
     split_overrides,
     unique_stems,
-    write_resolved_config,
+    warn_unknown_classes,
 )
 
 EXAMPLES = """examples:
@@ -60,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from ..io.cams import parse_cam_size
     from ..io.images import collect_images
     from ..jobs.labels import label_batch
+    from ..jobs.manifest import file_identity, make_manifest, tse_identity, vocabulary_record
     from ..jobs.outputs import is_done, write_result
     from ..jobs.runner import ImageJob, pending
     from ..vocab import Vocabulary, parse_class_list
@@ -92,16 +96,24 @@ def run(args: argparse.Namespace) -> int:
     out_dir = out_dir_arg(args)
     check_writable(out_dir)
     stems = unique_stems(paths)
-    todo, skipped = pending(paths, stems, out_dir, lambda s: is_done(out_dir, s, args.save_cams, overlay=True),
-                            args.overwrite)
+    device = resolve_device(args.device)
+    clip = load_clip(clip_spec_arg(args, ckpt), device=device)
+    cfg = config_from_args(args, clip, overrides, base)  # default: the checkpoint's / these weights' settings
+    manifest = make_manifest(
+        "cam", cfg, classes=classes, vocabulary=vocabulary_record(vocab), clip=clip.identity,
+        checkpoint=file_identity(args.checkpoint) if ckpt is not None else None,
+        tse=tse_identity(args.bank, args.knowledge, args.clusters), precision=args.precision,
+        outputs={"overlay": True, "save_cams": args.save_cams, "cam_size": args.cam_size if args.save_cams else None})
+    finished = (lambda s: is_done(out_dir, s, args.save_cams, overlay=True))
+    done = sum(map(finished, stems)) if out_dir.is_dir() else 0
+    resumed = check_run_folder(out_dir, manifest, overwrite=args.overwrite, done=done, total=len(stems))
+    todo, skipped = pending(paths, stems, out_dir, finished, args.overwrite or not resumed)
     if not todo:
         return 0
-    device = resolve_device(args.device)
-    clip = load_clip(args.clip, device=device)
-    cfg = config_from_args(args, clip, overrides, base)  # default: the checkpoint's / these weights' settings
+    warn_unknown_classes(clip, classes if classes is not None else vocab.names)
     predictor = cam_predictor(args, clip, vocab, cfg, device, ckpt)
-    write_resolved_config(out_dir, cfg, clip=clip.identity, command="cam",
-                          **({"checkpoint": str(args.checkpoint)} if ckpt is not None else {}))
+    commit_run_folder(out_dir, manifest, cfg, resumed, clip=clip.identity, command="cam",
+                      **({"checkpoint": str(args.checkpoint)} if ckpt is not None else {}))
     job = ImageJob(len(todo), "cam", out_dir, skipped, overlap=not args.no_overlap)
     for batch in job.batches(todo, args.batch_size):
         for (path, stem, rgb), out in zip(batch, label_batch(predictor, batch, lambda _: classes)):

@@ -18,11 +18,11 @@ Option vocabulary (one meaning each, in every command):
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,49 @@ workers_arg = _int_at_least(0, "--workers")
 batch_size_arg = _int_at_least(1, "--batch-size")
 
 
+def ranged(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False):
+    """An argparse type: a ``kind`` (int or float) within the bounds (as :class:`excelseg.config.Range`); a value
+    outside is a usage error naming the valid range (argparse adds the option's name)."""
+    from ..config import Range
+
+    valid = Range(low, high, low_open, high_open)
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun}, got {text!r}") from None
+        if kind is float and math.isnan(value):
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
+        if value not in valid:
+            how = "lie in" if low is not None and high is not None else "be"
+            raise argparse.ArgumentTypeError(f"must {how} {valid.text}, got {text}")
+        return value
+
+    return parse
+
+
+def setting_arg(key: str, parse=float):
+    """An argparse type for a flag that sets ``section.key`` (``--box-threshold`` = ``refine.box_threshold``):
+    ``parse(text)`` checked against the setting's range (:func:`excelseg.config.check_setting`)."""
+
+    def check(text: str):
+        from ..config import ConfigError, check_setting
+
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        try:
+            return check_setting(*key.split("."), value)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return check
+
+
 def size_arg(text: str) -> tuple[int, int]:
     """``N`` or ``HxW`` (also ``H,W``), sides ≥ 16."""
     parts = text.lower().replace("x", ",").split(",")
@@ -118,8 +161,13 @@ def clusters_arg(text: str | None) -> int | str | None:
 def deprecated(old: str, new: str) -> None:
     """Warn once on stderr that ``old`` is deprecated (kept for one release) in favour of ``new``."""
     message = f"{old} is deprecated and will be removed in the next release; use {new}"
-    warnings.warn(message, FutureWarning, stacklevel=3)
-    print(f"warning: {message}", file=sys.stderr)
+    if message in WARNED:  # e.g. --preset, read by each resolution of the settings
+        return
+    WARNED.add(message)
+    print(f"warning: {message}", file=sys.stderr)  # only this line: a FutureWarning as well would say it twice
+
+
+WARNED: set[str] = set()  # deprecation messages printed by this command (excelseg.cli.main clears it)
 
 
 class DeprecatedAlias(argparse.Action):
@@ -196,12 +244,12 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1, checkp
                    help="attribute clusters B for --knowledge: N or auto (default 112 voc, 224 coco, else auto)")
     add_config_arg(g)
     g.add_argument("--preset", default=None, choices=["paper", "paper-voc", "paper-coco"], help=argparse.SUPPRESS)
-    g.add_argument("--size", type=size_arg, default=None, help="network input N or HxW (= cam.size; paper: 320)")
-    g.add_argument("--scales", type=scales_arg, default=None,
+    g.add_argument("--size", type=setting_arg("cam.size", size_arg), default=None, help="network input N or HxW (= cam.size; paper: 320)")
+    g.add_argument("--scales", type=setting_arg("cam.scales", scales_arg), default=None,
                    help="CAM scales, e.g. 1,0.75,1.25 (= cam.scales; paper: 1)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="also average horizontally flipped CAMs (= cam.flip; paper: off)")
-    g.add_argument("--box-threshold", type=float, default=None,
+    g.add_argument("--box-threshold", type=setting_arg("refine.box_threshold"), default=None,
                    help="τ_box of the box mask (= refine.box_threshold; paper: 0.79)")
     add_attention_arg(g)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
@@ -231,11 +279,13 @@ def add_attention_arg(p: Any, help: str = ATTENTION_HELP) -> None:
 
 def add_dataset_args(p: argparse.ArgumentParser, purpose: str, *, workers_help: str = "processes reading files",
                      allow_missing: bool = False, extra_kinds: tuple[str, ...] = (), default_kind: str | None = "voc",
-                     kind_help: str = "dataset kind (default voc)") -> argparse._ArgumentGroup:
+                     kind_help: str = "dataset kind (default voc; synthetic: the generated scenes, no --root)"
+                     ) -> argparse._ArgumentGroup:
     """``--dataset --root --index --split --workers`` (default split: :func:`default_split`); with
     ``allow_missing`` also ``--allow-missing`` (scoring commands); ``extra_kinds``: more ``--dataset`` choices."""
     g = p.add_argument_group("dataset")
-    g.add_argument("--dataset", choices=DATASET_KINDS + tuple(extra_kinds), default=default_kind, help=kind_help)
+    kinds = tuple(dict.fromkeys((*DATASET_KINDS, "synthetic", *extra_kinds)))  # synthetic: generated scenes
+    g.add_argument("--dataset", choices=kinds, default=default_kind, help=kind_help)
     g.add_argument("--root", default=None,
                    help="dataset root as given to 'excelseg prepare' (finds <ROOT>/excelseg_index.json)")
     g.add_argument("--index", default=None, help="index JSON written by 'excelseg prepare' (instead of --root)")
@@ -253,7 +303,7 @@ def open_dataset_args(args: argparse.Namespace, purpose: str, *, need_masks: boo
     """The dataset of ``--dataset/--root/--index/--split``, with one-line errors."""
     from ..data import open_dataset
 
-    if args.root is None and args.index is None:
+    if args.dataset != "synthetic" and args.root is None and args.index is None:
         raise CliError("give --root (the prepared dataset) or --index")
     split = args.split or default_split(args.dataset, purpose)
     ds = open_dataset(args.dataset, root=args.root, split=split, index=args.index, **kw)
@@ -282,6 +332,43 @@ def load_checkpoint_arg(args: argparse.Namespace):
         return load_checkpoint(args.checkpoint)
     except (CheckpointError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot read the checkpoint {args.checkpoint} ({exc.strerror or exc})") from None
+
+
+def clip_spec_arg(args: argparse.Namespace, ckpt: Any = None) -> str | None:
+    """``--clip``; without it and with a checkpoint, the CLIP the checkpoint was made with (the shipped
+    ``synthetic`` one by name, an open_clip tag as recorded); ``None``: the default resolution
+    ($EXCELSEG_CLIP, then ViT-B-16)."""
+    if getattr(args, "clip", None) is not None or ckpt is None:
+        return getattr(args, "clip", None)
+    from ..io.checkpoint import clip_spec_of
+
+    spec = clip_spec_of(ckpt.clip_identity)
+    if spec is None and not os.environ.get("EXCELSEG_CLIP", "").strip():
+        raise CliError(f"{args.checkpoint} was made with the CLIP weight file {ckpt.clip_identity}; give that file "
+                       "with --clip")
+    return spec
+
+
+def warn_unknown_classes(clip: Any, names: Any) -> None:
+    """On the shipped synthetic CLIP, warn (stderr) about class names it was never taught: their masks are
+    meaningless (what the web page says on that CLIP)."""
+    from ..io.checkpoint import named_clips
+
+    if named_clips().get(clip.identity) != "synthetic" or names is None:
+        return
+    from ..synthetic import CLASS_NAMES
+    from ..vocab import normalize_name
+
+    known = {normalize_name(n) for n in CLASS_NAMES}
+    unknown = [n for n in names if normalize_name(n) not in known]
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        print(f"warning: the shipped synthetic CLIP only knows its {len(CLASS_NAMES)} synthetic shapes (e.g. "
+              f"{CLASS_NAMES[0]!r}, {CLASS_NAMES[1]!r}); {shown} {'is' if len(unknown) == 1 else 'are'} not among "
+              "them, so their masks are meaningless: for real images use real CLIP weights (--clip ViT-B-16 or a "
+              "weight file)", file=sys.stderr)
 
 
 CAM_FLAGS = (("size", "cam.size"), ("scales", "cam.scales"), ("flip", "cam.flip"),
@@ -342,23 +429,88 @@ def cam_predictor(args: argparse.Namespace, clip: Any, vocab: Any, cfg: Any, dev
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
-    """Output stems of input images; inputs sharing a file stem get their parent folder names prefixed."""
-    stems = [p.stem for p in paths]
-    dupes = {s for s in stems if stems.count(s) > 1}
-    return [f"{p.parent.name}_{p.stem}" if p.stem in dupes else p.stem for p in paths]
+    """Output names of input images, unique per input (:func:`excelseg.jobs.outputs.output_names`)."""
+    from ..jobs.outputs import output_names
+
+    return output_names(paths)
 
 
 # ---- files ----------------------------------------------------------------------------------------------------
 
 
 def check_writable(out_dir: Path) -> None:
-    """Create ``out_dir`` and prove a file can be written there, or raise a one-line CliError."""
+    """Prove that ``out_dir`` can be written — or created, by writing into its nearest existing parent — creating
+    nothing (a command that is refused later leaves no empty folder behind), or raise a one-line CliError.
+    :func:`make_out_dir` creates it once the command is about to write."""
+    out_dir = Path(out_dir)
+    probe = out_dir
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CliError(f"output directory {out_dir} is not writable ({probe} is not a directory)")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
             pass
     except OSError as exc:
         raise CliError(f"output directory {out_dir} is not writable ({exc.strerror or exc})") from None
+
+
+def make_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` (after every check has passed), or raise a one-line CliError."""
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot create the output directory {out_dir} ({exc.strerror or exc})") from None
+
+
+# ---- run manifests: outputs that know what made them ------------------------------------------------------------
+
+
+def check_run_folder(out_dir: Path, manifest: dict, *, overwrite: bool, done: int = 0, total: int = 0,
+                     what: str = "image") -> bool:
+    """Compare the run ``manifest`` with the one stored in ``out_dir`` (:mod:`excelseg.jobs.manifest`) before
+    anything is written. Returns True when the folder continues the same run (finished outputs may be skipped),
+    False when the manifest is to be (re)written. Refuses (CliError, exit 2) a folder made by other settings,
+    or holding ``done`` finished outputs of this run's inputs without a manifest, unless ``overwrite``."""
+    from .._version import __version__
+    from ..jobs.manifest import MANIFEST_NAME, describe_differences, differences, read_manifest
+
+    redo = f"add --overwrite to redo every {what}, or choose another --out-dir"
+    try:
+        stored = read_manifest(out_dir)
+    except ValueError as exc:
+        if overwrite:
+            return False
+        raise CliError(f"{exc}: {redo}") from None
+    if stored is None:
+        if done and not overwrite:
+            raise CliError(f"{out_dir} holds the outputs of {done} of these {total} {what}s but no run manifest "
+                           f"({MANIFEST_NAME}; made by an older excelseg?), so what made them is unknown: {redo}")
+        return False
+    diffs = differences(stored, manifest)
+    if diffs:
+        if not overwrite:
+            raise CliError(f"{out_dir} holds the results of a run with other settings ({describe_differences(diffs)})"
+                           f": use the same settings to resume it, {redo}")
+        print(f"note: --overwrite: {out_dir} held results of other settings ({describe_differences(diffs)}); its "
+              f"run manifest is replaced and every {what} of this run is redone (outputs of other {what}s that the "
+              "earlier run left stay as they were)")
+        return False
+    if stored.get("excelseg_version") != __version__:
+        print(f"note: {out_dir} was started by excelseg {stored.get('excelseg_version')}; this is {__version__} "
+              "(same settings: resuming; --overwrite redoes everything with this version)")
+    return not overwrite
+
+
+def commit_run_folder(out_dir: Path, manifest: dict, cfg: Any, resumed: bool, **config_extra: Any) -> None:
+    """Create ``out_dir`` and, unless the run is ``resumed`` (same manifest), write the run manifest and the
+    resolved settings (:func:`write_resolved_config`) before the first output."""
+    from ..jobs.manifest import write_manifest
+
+    make_out_dir(out_dir)
+    if not resumed:
+        write_manifest(out_dir, manifest)
+        write_resolved_config(out_dir, cfg, **config_extra)
 
 
 def check_out_file(out: Path, example: str = "out.json") -> None:

@@ -18,9 +18,10 @@ from .common import (
     add_model_args,
     add_out_dir,
     check_writable,
+    commit_run_folder,
     config_from_args,
     out_dir_arg,
-    write_resolved_config,
+    ranged,
 )
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ def register(sub) -> None:
     add_out_dir(p, "demo_out", "folder for the overlays")
     p.add_argument("--synthetic", action="store_true",
                    help="run the offline synthetic-scene demo even when real CLIP weights are available")
-    p.add_argument("--scenes", type=int, default=100, help="held-out scenes scored by the synthetic demo")
+    p.add_argument("--scenes", type=ranged(int, 1, 100000), default=100, help="held-out scenes scored by the synthetic demo")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -75,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     predictor = CamPredictor(clip, bank=args.bank, knowledge=args.knowledge, clusters=args.clusters,
                              config=config_from_args(args, clip), device=device,
                              precision=args.precision)
-    write_resolved_config(out_dir, predictor.config, clip=clip.identity, command="demo")
     photos = sample_photos()
+    _commit(out_dir, predictor.config, clip.identity, "demo")
     print(f"CLIP: {predictor.clip.name} ({predictor.clip.source})")
     for path, classes in photos:
         rgb = to_rgb_array(read_image(path))
@@ -95,8 +96,27 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     Prints the mIoU table (plain CLIP seeds, ExCEL training-free seeds, the trained segmenter) on ``--scenes``
     held-out scenes and writes ``synthetic_demo.png``: for the first :data:`SYNTHETIC_SHOWN` scenes, the image,
     its ground truth, the training-free pseudo-label and the trained segmenter's prediction side by side, labels
-    drawn over grey-scale copies in :func:`synthetic_palette` colours.
+    drawn over grey-scale copies in :func:`synthetic_palette` colours. Runs on one torch thread (unless
+    ``OMP_NUM_THREADS`` says otherwise).
     """
+    import os
+
+    import torch
+
+    if args.scenes < 1:
+        raise CliError(f"--scenes must be >= 1, got {args.scenes}")
+    threads = torch.get_num_threads()
+    if not os.environ.get("OMP_NUM_THREADS"):
+        # the small CLIP's matrices are too small to gain from threads; on a busy machine they fight for the cores
+        # and one scene took 9 s with 2 threads against 0.3 s with one
+        torch.set_num_threads(1)
+    try:
+        return _run_synthetic(args, out_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     import time
     from dataclasses import replace
 
@@ -110,14 +130,12 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     from ..viz import comparison_sheet
     from ..weights import load_clip
 
-    if args.scenes < 1:
-        raise CliError(f"--scenes must be >= 1, got {args.scenes}")
     start = time.perf_counter()
     clip = load_clip("synthetic", device="cpu" if args.device == "auto" else args.device)
     size = clip.image_size
     vocab = synthetic_vocabulary()
     full = load_config(clip.default_config)  # the settings these weights were made for (configs/synthetic.yaml)
-    write_resolved_config(out_dir, full, clip=clip.identity, command="demo --synthetic")
+    _commit(out_dir, full, clip.identity, "demo --synthetic", scenes=args.scenes)
     bank = synthetic_bank(clip, template=full.text.template)
     plain = full.with_(cam=replace(full.cam, svc_last_blocks=0))
     excel = CamPredictor(clip, bank=bank, config=full, device=clip.device)
@@ -126,7 +144,8 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     except FileNotFoundError as exc:
         raise CliError(f"{exc} (this installation lacks the shipped synthetic heads)") from None
     print(f"synthetic CLIP ({clip.source}), {len(vocab.names)} classes, {args.scenes} held-out scenes "
-          f"at {size[0]}x{size[1]}")
+          f"at {size[0]}x{size[1]}: each scored by three models, the segmenter at 4 scales with flips (about "
+          f"{DEMO_SECONDS_PER_SCENE * args.scenes:.0f} s on one free core; --scenes 20 for a quicker look)", flush=True)
 
     def samples():
         return held_out_samples(args.scenes, size[0])
@@ -136,7 +155,9 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
             ("ExCEL training-free (SVC + TSE)", "CAM-seed", lambda: seed_miou(excel, samples(), vocab)),
             ("ExCEL trained segmenter", "segmentation", lambda: segmenter_miou(segmenter, samples(), vocab))]
     for name, kind, score in rows:
-        print(f"  {name:34s} {kind:>12s} mIoU {100 * score()['miou']:5.1f}%")
+        tic = time.perf_counter()
+        miou = score()["miou"]
+        print(f"  {name:34s} {kind:>12s} mIoU {100 * miou:5.1f}%  ({time.perf_counter() - tic:.0f} s)", flush=True)
     shown = []
     for image, mask, labels in held_out_samples(SYNTHETIC_SHOWN, size[0]):
         seed = excel.set_image(image).predict([vocab.names[j] for j in labels], vocabulary=vocab).pseudo_label
@@ -150,7 +171,16 @@ def run_synthetic(args: argparse.Namespace, out_dir: Path) -> int:
     return 0
 
 
+def _commit(out_dir: Path, cfg, clip_identity: str, command: str, **fields) -> None:
+    """The demo redoes everything on every run: its folder gets this run's manifest and settings."""
+    from ..jobs.manifest import make_manifest
+
+    commit_run_folder(out_dir, make_manifest(command, cfg, clip=clip_identity, **fields), cfg, False,
+                      clip=clip_identity, command=command)
+
+
 SYNTHETIC_SHOWN = 4  # held-out scenes drawn side by side
+DEMO_SECONDS_PER_SCENE = 0.4  # measured: 100 scenes in ~40 s on one core of a busy 2-core CPU (docs/synthetic.md)
 #: Label colours of the demo: 18 well-separated colours; :func:`synthetic_palette` gives each class one far from
 #: its object colour.
 LABEL_COLOURS = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),

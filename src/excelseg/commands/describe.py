@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from .common import CliError, check_out_file
+from .common import CliError, check_out_file, ranged
 
 EXAMPLES = """examples:
   ollama pull llama3 && excelseg describe --classes "forklift,pallet" \\
@@ -45,17 +45,17 @@ def register(sub) -> None:
                    help="OpenAI-compatible API base URL ending in /v1, e.g. http://localhost:11434/v1")
     p.add_argument("--model", required=True, help="model name as the server knows it, e.g. llama3")
     p.add_argument("--out", required=True, help="knowledge-base JSON to write (resumed when it exists)")
-    p.add_argument("--n", type=int, default=20, help="descriptions per class (default 20)")
+    p.add_argument("--n", type=ranged(int, 1, 1000), default=20, help="descriptions per class (default 20)")
     p.add_argument("--api-key-env", default=None, metavar="VAR",
                    help=f"environment variable holding the API key (default {DEFAULT_KEY_ENV}; "
                         "no key is sent when it is unset)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per connect/read of a request (default 60)")
-    p.add_argument("--retries", type=int, default=5,
+    p.add_argument("--timeout", type=ranged(float, 0, 3600, low_open=True), default=60.0, help="seconds per connect/read of a request (default 60)")
+    p.add_argument("--retries", type=ranged(int, 0, 100), default=5,
                    help="extra requests per class for errors and missing descriptions (default 5)")
-    p.add_argument("--backoff", type=float, default=1.0,
+    p.add_argument("--backoff", type=ranged(float, 0, 60), default=1.0,
                    help="first retry wait in seconds, doubled each time, at most 60 (default 1)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="max tokens per answer (default 1024)")
+    p.add_argument("--temperature", type=ranged(float, 0, 2), default=0.7, help="sampling temperature (default 0.7)")
+    p.add_argument("--max-tokens", type=ranged(int, 1, 1000000), default=1024, help="max tokens per answer (default 1024)")
     p.add_argument("--overwrite", action="store_true", help="re-ask classes already in --out")
     p.set_defaults(func=run)
 

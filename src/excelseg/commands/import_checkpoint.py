@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import CliError, add_clip_arg, add_config_arg, add_vocabulary_arg
+from .common import CliError, add_clip_arg, add_config_arg, add_vocabulary_arg, ranged
 
 EXAMPLES = """examples:
   excelseg import-checkpoint checkpoints/model_iter_30000.pth --out voc_heads.safetensors
@@ -31,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("file", help="reference checkpoint: .pth/.pt state dict (DDP 'module.' prefixes allowed) or "
                                 ".safetensors")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("--num-classes", type=ranged(int, 1, 100000), default=None,
                    help="expected foreground classes (20 VOC, 80 COCO); default: whatever the file has")
     add_vocabulary_arg(p, "the classes the heads were trained for: voc, coco, a comma list or a file "
                           "(default: voc for 20 classes, coco for 80)")

@@ -16,12 +16,15 @@ from .common import (
     add_model_args,
     add_out_dir,
     cam_predictor,
+    check_run_folder,
     check_writable,
+    clip_spec_arg,
+    commit_run_folder,
     config_from_args,
     load_checkpoint_arg,
     open_dataset_args,
     out_dir_arg,
-    write_resolved_config,
+    warn_unknown_classes,
 )
 
 EXAMPLES = """examples:
@@ -81,6 +84,8 @@ def register(sub) -> None:
 def _check_labels(ds, all_classes: bool) -> None:
     from ..data.index import examples
 
+    if not hasattr(ds, "index"):  # generated scenes: every scene knows its classes
+        return
     known = ds.index.get("labels") or {}
     unlabeled = [name for name in ds.ids if name not in known]
     if unlabeled and not all_classes:
@@ -94,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..io.cams import cam_archive, parse_cam_size
     from ..jobs.labels import label_batch
+    from ..jobs.manifest import file_identity, make_manifest, tse_identity, vocabulary_record
     from ..jobs.outputs import is_done, stale_temps_of, write_outputs
     from ..jobs.runner import ImageJob, Shard
     from ..train.dist import device_for_rank
@@ -101,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     from ..weights import load_clip
 
     overrides = args.overrides  # section.key=value words
-    config_from_args(args, overrides=overrides)  # bad settings fail here, before any model is loaded
+    ckpt = load_checkpoint_arg(args)
+    base = ckpt.config if ckpt is not None else None
+    config_from_args(args, overrides=overrides, base=base)  # bad settings fail here, before any model is loaded
     try:
         cam_size = parse_cam_size(args.cam_size)
         shard = Shard.parse(args.shard) if args.shard is not None else (Shard.from_env() or Shard())
@@ -120,10 +128,22 @@ def run(args: argparse.Namespace) -> int:
 
     names = shard.select(ds.ids)
     where = f" (shard {shard}: {len(names)} of {len(ds.ids)})" if shard.world > 1 else ""
+    device = resolve_device(device_for_rank(args.device))
+    clip = load_clip(clip_spec_arg(args, ckpt), device=device)
+    cfg = config_from_args(args, clip, overrides, base)
+    manifest = make_manifest(
+        "pseudo-label", cfg, dataset={"kind": ds.kind, "split": ds.split}, classes=list(ds.class_names),
+        all_classes=args.all_classes, vocabulary=vocabulary_record(vocab), clip=clip.identity,
+        checkpoint=file_identity(args.checkpoint) if ckpt is not None else None,
+        tse=tse_identity(args.bank, args.knowledge, args.clusters), precision=args.precision, crf=args.crf,
+        outputs={"save_cams": args.save_cams, "cam_size": args.cam_size if args.save_cams else None})
+    done = sum(is_done(out_dir, n, args.save_cams) for n in names) if out_dir.is_dir() else 0
+    resumed = check_run_folder(out_dir, manifest, overwrite=args.overwrite, done=done, total=len(names))
     stale = stale_temps_of(out_dir, names)
     if stale:
         print(f"removed {stale} temporary files left by an interrupted run")
-    todo = [n for n in names if args.overwrite or not is_done(out_dir, n, args.save_cams)]
+    redo = args.overwrite or not resumed
+    todo = [n for n in names if redo or not is_done(out_dir, n, args.save_cams)]
     skipped = len(names) - len(todo)
     print(f"{ds.kind} {ds.split}: {len(names)} images{where}; {skipped} already done in {out_dir}"
           + (" (--overwrite redoes them)" if skipped else ""))
@@ -136,13 +156,10 @@ def run(args: argparse.Namespace) -> int:
             return None
         return [vocab.names[v - 1] for v in ds.class_ids(name)]
 
-    device = resolve_device(device_for_rank(args.device))
-    clip = load_clip(args.clip, device=device)
-    ckpt = load_checkpoint_arg(args)
-    cfg = config_from_args(args, clip, overrides, ckpt.config if ckpt is not None else None)
+    warn_unknown_classes(clip, vocab.names)
     predictor = cam_predictor(args, clip, vocab, cfg, device, ckpt)
-    write_resolved_config(out_dir, cfg, clip=clip.identity, command="pseudo-label", dataset=ds.kind,
-                          split=ds.split)
+    commit_run_folder(out_dir, manifest, cfg, resumed, clip=clip.identity, command="pseudo-label", dataset=ds.kind,
+                      split=ds.split)
     job = ImageJob(len(todo), "pseudo-label" + (f" {shard}" if shard.world > 1 else ""), out_dir, skipped,
                    overlap=not args.no_overlap)
     crf = REFERENCE_CRF if args.crf else None

@@ -13,9 +13,11 @@ from .common import (
     add_out_dir,
     check_writable,
     clusters_arg,
+    commit_run_folder,
     config_from_args,
     out_dir_arg,
-    write_resolved_config,
+    ranged,
+    setting_arg,
 )
 
 SYNTHETIC = "synthetic"  # = excelseg.data.SYNTHETIC, not imported here: commands load at CLI start, data needs torch
@@ -57,8 +59,10 @@ def register(sub) -> None:
                    help="continue from a checkpoint: the run folder's latest.json (no value), a run folder, "
                         "latest.json or a checkpoint .safetensors")
     p.add_argument("--force", action="store_true", help="resume even if the config changed (differences logged)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (= train.seed; default 0)")
-    p.add_argument("--iterations", type=int, default=None,
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds a run (its checkpoints, log and events are deleted)")
+    p.add_argument("--seed", type=setting_arg("train.seed", int), default=None, help="random seed (= train.seed; default 0)")
+    p.add_argument("--iterations", type=ranged(int, 1), default=None,
                    help="stop after this many iterations in total (the schedule keeps train.iterations)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, overrides=[])
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from ..config import ConfigError
     from ..data import GENERATED_KINDS, open_dataset
     from ..devices import resolve_device
-    from ..train import Trainer, TrainingError
+    from ..jobs.manifest import make_manifest, tse_identity
+    from ..train import Trainer, TrainingError, latest_checkpoint
     from ..train.dist import DistInfo, device_for_rank, init_distributed
     from ..vocab import dataset_vocabulary
     from ..weights import load_clip
@@ -84,9 +89,18 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, overrides=pairs)  # bad settings fail before anything is loaded
     t = cfg.train
     out_dir = out_dir_arg(args)
+    if args.overwrite and args.resume is not None:
+        raise CliError("--resume continues a run and --overwrite starts it over: give one of them")
     dist = DistInfo.from_env()
     if dist.main:
         check_writable(out_dir)
+        if args.resume is None:
+            _check_fresh(out_dir, args.overwrite)
+    if args.resume is not None:  # something to resume, before anything is loaded
+        try:
+            latest_checkpoint(args.resume or out_dir)
+        except (TrainingError, ValueError, OSError) as exc:
+            raise CliError(str(exc)) from None
     kind = args.dataset or t.dataset
     if kind not in GENERATED_KINDS and args.root is None and args.index is None:
         raise CliError("give --root (the prepared dataset) or --index")
@@ -117,14 +131,21 @@ def run(args: argparse.Namespace) -> int:
     model.own_text_features()  # the class features, computed before training starts
     meta = {"clip": clip.identity, "dataset": train_ds.kind, "class_names": list(train_ds.class_names),
             "bank": str(args.bank) if args.bank else None, "knowledge": knowledge}
+    tse = tse_identity(args.bank, knowledge, args.clusters)
+    manifest = make_manifest("train", cfg, classes=list(train_ds.class_names), clip=clip.identity,
+                             dataset={"kind": train_ds.kind, "split": train_ds.split}, tse=tse)
     try:
         trainer = Trainer(model, cfg, train_ds, out_dir, val_ds=val_ds, device=device, workers=args.workers,
                           dist=dist, metadata=meta, progress=False if args.no_progress else None)
+        if args.resume is not None:  # every check first: a refused resume writes nothing
+            source = args.resume or out_dir
+            _check_resume(source, manifest, args.force)
+            trainer.resume(source, force=args.force)
+        elif args.overwrite and dist.main:
+            _clear_run(out_dir)
         if dist.main:
-            write_resolved_config(out_dir, cfg, clip=clip.identity, command="train", dataset=train_ds.kind,
-                                  split=train_ds.split)
-        if args.resume is not None:
-            trainer.resume(args.resume or out_dir, force=args.force)
+            commit_run_folder(out_dir, manifest, cfg, False, clip=clip.identity, command="train",
+                              dataset=train_ds.kind, split=train_ds.split)
         last = trainer.fit(args.iterations)
     except TrainingError as exc:
         raise CliError(str(exc)) from None
@@ -134,6 +155,65 @@ def run(args: argparse.Namespace) -> int:
     if dist.main:
         print(f"done: {trainer.iteration} iterations; checkpoint {last}")
     return 0
+
+
+RUN_FILES = ("latest.json", "train.log")
+RUN_FOLDERS = ("checkpoints", "tb")
+
+
+def _check_fresh(out_dir, overwrite: bool) -> None:
+    """A new run (no --resume) into a folder that holds one is refused unless --overwrite."""
+    from ..jobs.manifest import MANIFEST_NAME
+
+    held = [n for n in (*RUN_FILES, MANIFEST_NAME) if (out_dir / n).is_file()]
+    held += [n for n in RUN_FOLDERS if (out_dir / n).is_dir() and any((out_dir / n).iterdir())]
+    if held and not overwrite:
+        raise CliError(f"{out_dir} holds a training run ({', '.join(held)}): --resume continues it, --overwrite "
+                       "starts it over (its checkpoints are deleted), or choose another --out-dir")
+
+
+def _clear_run(out_dir) -> None:
+    """--overwrite: remove the previous run's checkpoints, pointer, log and TensorBoard events."""
+    import shutil
+
+    for name in RUN_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        if (out_dir / name).is_dir():
+            shutil.rmtree(out_dir / name)
+
+
+def _check_resume(source, manifest: dict, force: bool) -> None:
+    """Before anything is written: the checkpoint to resume must have been made with the same CLIP and classes,
+    and (unless --force) the run folder's manifest must agree on the dataset and the TSE bank. The settings are
+    compared by the trainer (:meth:`~excelseg.train.Trainer.resume`)."""
+    from pathlib import Path
+
+    from ..io.checkpoint import CheckpointError, load_checkpoint, same_clip
+    from ..jobs.manifest import describe_differences, differences, read_manifest
+    from ..train import TrainingError, latest_checkpoint
+
+    try:
+        ck = latest_checkpoint(source)
+        heads = load_checkpoint(ck["heads"])
+    except (TrainingError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        raise CliError(f"cannot resume: {exc}") from None
+    if not same_clip(heads.clip_identity, manifest["clip"]):
+        raise CliError(f"cannot resume: {ck['heads']} was trained with CLIP {heads.clip_identity}, this run loads "
+                       f"{manifest['clip']} (give the same --clip)")
+    if list(heads.class_names) != list(manifest["classes"]):
+        raise CliError(f"cannot resume: {ck['heads']} was trained for the classes {', '.join(heads.class_names[:5])}"
+                       f"…, this run's dataset has {', '.join(manifest['classes'][:5])}… (give the same dataset)")
+    try:
+        stored = read_manifest(Path(ck["heads"]).parent.parent)
+    except ValueError:
+        stored = None
+    if stored is None:
+        return
+    diffs = [d for d in differences(stored, manifest) if not d[0].startswith("settings.")]
+    if diffs and not force:
+        raise CliError(f"cannot resume: the run was made with {describe_differences(diffs)} (give the same "
+                       "options, or --force to resume anyway)")
 
 
 __all__ = ["register", "run"]

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .common import CliError, DeprecatedAlias, deprecated
+from .common import CliError, DeprecatedAlias, deprecated, ranged
 
 EXAMPLES = """examples:
   excelseg train-clip --out synthetic_clip.safetensors --minutes 25 --batch-size 64 --seed 0 --threads 1
@@ -30,37 +30,37 @@ def register(sub) -> None:
                        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)  # deprecated: always synthetic
     p.add_argument("--out", default="synthetic_clip.safetensors", help="output .safetensors file")
-    p.add_argument("--minutes", type=float, default=25.0, help="wall-clock limit in minutes (default 25)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--minutes", type=ranged(float, 0, None, low_open=True), default=25.0, help="wall-clock limit in minutes (default 25)")
+    p.add_argument("--steps", type=ranged(int, 1), default=None,
                    help="number of steps (default: until --minutes; --minutes, default 25, still applies)")
-    p.add_argument("--schedule-steps", type=int, default=None, metavar="N",
+    p.add_argument("--schedule-steps", type=ranged(int, 1), default=None, metavar="N",
                    help="learning-rate schedule length in steps (default --steps); with --steps M < N the run "
                         "stops after M steps of an N-step schedule (re-makes a run that --minutes stopped early)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=64,
+    p.add_argument("--batch-size", dest="batch_size", type=ranged(int, 2), default=64,
                    help="scene/caption pairs per step (default 64)")
-    p.add_argument("--batch", dest="batch_size", type=int, action=DeprecatedAlias, new="--batch-size",
+    p.add_argument("--batch", dest="batch_size", type=ranged(int, 2), action=DeprecatedAlias, new="--batch-size",
                    help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help="initialisation and training-scene seed (default 0)")
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--seed", type=ranged(int, 0, 2**32 - 1), default=0, help="initialisation and training-scene seed (default 0)")
+    p.add_argument("--threads", type=ranged(int, 1, 1024), default=2,
                    help="torch CPU threads (default 2; on a machine shared with other jobs 1 can be much faster)")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
-    p.add_argument("--log-every", type=int, default=10, help="log the loss every N steps (default 10)")
-    p.add_argument("--eval-every", type=int, default=100,
+    p.add_argument("--lr", type=ranged(float, 0, None, low_open=True), default=5e-4, help="peak learning rate (default 5e-4)")
+    p.add_argument("--log-every", type=ranged(int, 1), default=10, help="log the loss every N steps (default 10)")
+    p.add_argument("--eval-every", type=ranged(int, 0), default=100,
                    help="held-out zero-shot accuracy every N steps (default 100; 0: only at the end)")
     p.add_argument("--captions", choices=("full", "mixed"), default="full",
                    help="caption wording: full (every attribute, the default) or mixed (also bare class names, "
                         "counts, spatial relations, single attributes)")
-    p.add_argument("--hard-negatives", type=float, default=0.0, metavar="P",
+    p.add_argument("--hard-negatives", type=ranged(float, 0, 1), default=0.0, metavar="P",
                    help="chance per pair of an extra negative caption with one object swapped for a class "
                         "sharing its colour or shape (default 0)")
     p.add_argument("--init", default=None, metavar="WEIGHTS",
                    help="continue from these weights (a train-clip file, or 'synthetic'); its architecture, "
                         "sha256 and training record are kept in the output json")
     g = p.add_argument_group("image tower (default: the shipped architecture; not with --init)")
-    g.add_argument("--image-size", type=int, default=None, help="input side in pixels")
-    g.add_argument("--patch-size", type=int, default=None, help="ViT patch side in pixels")
-    g.add_argument("--width", type=int, default=None, help="ViT width (a multiple of 64)")
-    g.add_argument("--layers", type=int, default=None, help="ViT blocks")
+    g.add_argument("--image-size", type=ranged(int, 8, 4096), default=None, help="input side in pixels")
+    g.add_argument("--patch-size", type=ranged(int, 1, 256), default=None, help="ViT patch side in pixels")
+    g.add_argument("--width", type=ranged(int, 64, 8192), default=None, help="ViT width (a multiple of 64)")
+    g.add_argument("--layers", type=ranged(int, 1, 64), default=None, help="ViT blocks")
     p.add_argument("--fp32", action="store_true", help="store fp32 instead of fp16 (twice the size)")
     p.set_defaults(func=run)
 

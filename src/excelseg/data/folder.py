@@ -13,7 +13,8 @@ Labels file, one of:
 * JSON ``{"beach.jpg": ["dog", "person"], "kitchen/0001.png": "cat;bottle"}``.
 
 The class list is inferred (sorted unique tags) or given: a list of names, ``"voc"``, ``"coco"``, a comma list or
-a ``.txt`` / ``.json`` file; tags are matched case-insensitively (for ``voc`` / ``coco`` the prompt names such as
+a ``.txt`` / ``.json`` file. An image listed without an extension (``"00000"``, as the ``labels.json`` that
+``python -m excelseg.synthetic`` writes) is the one image file ``00000.<ext>`` in its folder. Tags are matched case-insensitively (for ``voc`` / ``coco`` the prompt names such as
 ``"bird avian"`` are accepted too) and unknown tags are an error naming each one with its line. Image ids are the
 paths without their suffix; masks, when given, are ``<masks>/<id>.png`` with 0 = background, ``i + 1`` = the
 i-th class, 255 = ignore. Images are read with their EXIF orientation applied, as ``excelseg cam`` reads them.
@@ -22,6 +23,7 @@ i-th class, 255 = ignore. Images are read with their EXIF orientation applied, a
 from __future__ import annotations
 
 import csv
+import glob
 import io as _io
 import json
 import os
@@ -30,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from ..io.images import IMAGE_EXTENSIONS
 from ..vocab import Vocabulary, normalize_name, parse_class_list
 from . import index as idx
 from .dataset import Sample, SegDataset
@@ -131,6 +134,12 @@ def build_folder_index(
     rows = read_labels_file(labels_file)
     if not rows:
         raise ValueError(f"{labels_file}: no images listed")
+    notes: list[str] = []
+    if classes is None:  # the generator's own output: its class table gives the mask values
+        classes = _generator_classes(Path(labels_file))
+        if classes is not None:
+            notes.append(f"class list: the {len(classes)} classes of the synthetic generator's dataset.json, in its "
+                         "order (its masks' values)")
     names, lookup = _class_list(classes, rows)
     unknown = [f"{t!r} (line {line})" for _, tags, line in rows for t in tags if normalize_name(t) not in lookup]
     if unknown:
@@ -138,11 +147,11 @@ def build_folder_index(
                          f"{', '.join(names[:30])}{', …' if len(names) > 30 else ''}")
 
     problems: list[Problem] = []
-    notes: list[str] = []
     image_files: dict[str, str] = {}
     labels: dict[str, list[int]] = {}
     first_line: dict[str, int] = {}
     dupes: list[str] = []
+    ambiguous: dict[str, list[str]] = {}
     for image, tags, line in rows:
         rel = PurePosixPath(image.replace("\\", "/"))
         name = str(rel.with_suffix(""))
@@ -150,12 +159,18 @@ def build_folder_index(
             dupes.append(f"{image} (lines {first_line[name]} and {line})")
             continue
         first_line[name] = line
-        image_files[name] = str(rel)
+        image_files[name] = _with_extension(images_dir, rel, ambiguous, name)
         labels[name] = sorted({lookup[normalize_name(t)] for t in tags})
     if dupes:
         raise ValueError(f"{labels_file}: images listed twice (ids are paths without suffix): {examples(dupes)}")
     excluded: dict[str, str] = {}
-    missing = [n for n, rel in image_files.items() if not (images_dir / rel).is_file()]
+    for name, found in ambiguous.items():
+        excluded[name] = f"ambiguous: {', '.join(found)}"
+    if ambiguous:
+        problems.append(Problem(f"{len(ambiguous)} images of {labels_file} are listed without an extension and match "
+                                f"several files (give the file name): {examples(list(ambiguous))}",
+                                list(ambiguous)))
+    missing = [n for n, rel in image_files.items() if n not in excluded and not (images_dir / rel).is_file()]
     if missing:
         for n in missing:
             excluded[n] = "image missing"
@@ -202,6 +217,36 @@ def build_folder_index(
         excluded=excluded, info={"labels_file": str(Path(labels_file).resolve())}, exif_transpose=True,
         image_files={n: image_files[n] for n in ids})
     return PrepareResult(index, problems, notes)
+
+
+def _generator_classes(labels_file: Path) -> list[str] | None:
+    """The class names of ``dataset.json`` next to ``labels_file`` when ``python -m excelseg.synthetic`` wrote
+    both (format ``excelseg-synthetic/1``), else None."""
+    meta = labels_file.parent / "dataset.json"
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+        if data.get("format") == "excelseg-synthetic/1":
+            return [str(c["name"]) for c in data["classes"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def _with_extension(images_dir: Path, rel: PurePosixPath, ambiguous: dict[str, list[str]], name: str) -> str:
+    """``rel`` as listed; for a listed name without an image extension that is no file (e.g. ``00000`` in the
+    ``labels.json`` of ``python -m excelseg.synthetic``), the one image file ``<rel>.<extension>`` there is.
+    Several such files: recorded in ``ambiguous`` under ``name`` (the image is then left out, reported)."""
+    if rel.suffix.lower() in IMAGE_EXTENSIONS or (images_dir / rel).is_file():
+        return str(rel)
+    folder = images_dir / rel.parent
+    found = sorted(p.name for p in folder.glob(f"{glob.escape(rel.name)}.*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.stem == rel.name and p.is_file()) \
+        if folder.is_dir() else []
+    if len(found) == 1:
+        return str(rel.parent / found[0]) if str(rel.parent) != "." else found[0]
+    if len(found) > 1:
+        ambiguous[name] = found
+    return str(rel)
 
 
 def _check_one(task: tuple[str, str, str | None]) -> tuple[str, Any, Any, str | None]:

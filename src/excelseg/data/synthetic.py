@@ -22,7 +22,9 @@ heads are trained on other scenes than they are scored on. Images are :data:`SCE
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,6 +60,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
     """
 
     kind = "synthetic"
+    every_image_labelled = True  # a scene always keeps its first object (SceneGenerator.scene)
 
     def __init__(self, split: str = "val", transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  with_mask: bool = True, size: int = SCENE_SIZE, n: int | None = None) -> None:
@@ -95,6 +98,18 @@ class SyntheticDataset(torch.utils.data.Dataset):
         """Image-level label values (1 … C) of scene ``name``."""
         return [c + 1 for c in self.generator.scene(self._position[name]).labels]
 
+    def load_image(self, name: str) -> np.ndarray:
+        """The (S, S, 3) uint8 image of scene ``name`` (what ``segment`` / ``pseudo-label`` read)."""
+        return self.generator.scene(self._position[name]).image
+
+    def load_mask(self, name: str) -> np.ndarray:
+        """The (S, S) uint8 ground truth of scene ``name``."""
+        return self.generator.scene(self._position[name]).mask
+
+    def mask_source(self, name: str) -> SyntheticMask:
+        """A picklable reference to the ground truth of ``name`` for the scoring workers (``eval``)."""
+        return SyntheticMask(self.split, self._position[name], self.generator.size, name)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         scene = self.generator.scene(i)
         label = np.zeros(self.num_classes, dtype=np.float32)
@@ -106,3 +121,24 @@ class SyntheticDataset(torch.utils.data.Dataset):
         if self.transform is not None:
             sample = self.transform(sample)
         return sample
+
+
+@dataclass(frozen=True)
+class SyntheticMask:
+    """The ground truth of one generated scene, drawn again where it is needed (``load()``)."""
+
+    split: str
+    position: int
+    size: int
+    name: str
+
+    def load(self) -> np.ndarray:
+        return _generator(self.split, self.size).scene(self.position).mask
+
+    def __str__(self) -> str:
+        return f"synthetic {self.split} scene {self.name}"
+
+
+@functools.lru_cache(maxsize=8)
+def _generator(split: str, size: int) -> SceneGenerator:
+    return SceneGenerator(size=size, seed=SPLITS[split][0])

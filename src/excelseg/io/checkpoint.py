@@ -60,6 +60,9 @@ def load_heads(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, st
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (excelseg checkpoints are .safetensors "
+                              "files, e.g. a run's checkpoints/iter_NNNNNN.safetensors)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -83,6 +86,26 @@ def _openai_equivalents() -> dict[str, str]:
     from ..weights import KNOWN_FILES
 
     return {f"sha256:{sha}": f"{name.removesuffix('.pt')}:openai" for name, sha in KNOWN_FILES.items()}
+
+
+def named_clips() -> dict[str, str]:
+    """Identities (``sha256:<hex>``) of the CLIP weights shipped with excelseg → their ``--clip`` name."""
+    from pathlib import Path as _Path
+
+    from ..weights import base
+
+    root = _Path(base.__file__).resolve().parents[1]
+    return {f"sha256:{base.file_sha256(root / rel)}": name for name, rel in base.NAMED_WEIGHTS.items()
+            if (root / rel).is_file()}
+
+
+def clip_spec_of(identity: str) -> str | None:
+    """The ``--clip`` value that loads the CLIP of ``identity``: a shipped name (``synthetic``), an open_clip tag
+    as recorded; ``None`` for other weight files (only their sha256 is known)."""
+    named = named_clips().get(identity)
+    if named is not None:
+        return named
+    return None if identity.startswith("sha256:") else identity
 
 
 def same_clip(a: str, b: str) -> bool:
@@ -175,8 +198,14 @@ def check_checkpoint(ckpt: HeadsCheckpoint, clip_identity: str | None = None, cl
     """
     where = ckpt.path or "checkpoint"
     if clip_identity is not None and not same_clip(ckpt.clip_identity, clip_identity):
+        named = named_clips()
+        if ckpt.clip_identity in named:
+            raise CheckpointError(f"{where}: these heads were made with the shipped {named[ckpt.clip_identity]} "
+                                  f"CLIP: add --clip {named[ckpt.clip_identity]} (the CLIP in use is "
+                                  f"{named.get(clip_identity, clip_identity)})")
         raise CheckpointError(f"{where} was made with CLIP {ckpt.clip_identity}, but the CLIP in use is "
-                              f"{clip_identity}; load the CLIP it was trained with (--clip)")
+                              f"{named.get(clip_identity, clip_identity)}; load the CLIP it was trained with "
+                              "(--clip)")
     if class_names is not None:
         ours, theirs = [str(n) for n in class_names], ckpt.class_names
         if ours != theirs:

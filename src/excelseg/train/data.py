@@ -40,7 +40,10 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 
 def labelled_indices(ds) -> tuple[list[int], int]:
-    """Indices of the images with at least one image-level class, and how many have none."""
+    """Indices of the images with at least one image-level class, and how many have none (a dataset whose
+    ``every_image_labelled`` is true, such as the generated scenes, is not asked image by image)."""
+    if getattr(ds, "every_image_labelled", False):
+        return list(range(len(ds.ids))), 0
     keep = [i for i, name in enumerate(ds.ids) if ds.class_ids(name)]
     return keep, len(ds.ids) - len(keep)
 

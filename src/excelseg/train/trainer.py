@@ -418,8 +418,11 @@ def _install_sigint(trainer: Trainer):
 
     if threading.current_thread() is not threading.main_thread():
         return None
+    owner = os.getpid()
 
     def handler(signum, frame):
+        if os.getpid() != owner:  # a forked DataLoader worker inherited this handler: the trainer answers, once
+            return
         if trainer.stop_requested:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt

@@ -41,7 +41,7 @@ def _downloads(download: bool | None) -> tuple[bool, str]:
         if _env_flag(var):
             return False, f"{var}={os.environ[var]} is set"
     if not _hub_resolvable():
-        return False, f"no network: {HUB_HOST} cannot be resolved (pass download=True to try anyway)"
+        return False, f"no network: {HUB_HOST} cannot be resolved"
     return True, "no offline switch is set"
 
 
@@ -205,16 +205,20 @@ def _load_tag(spec: str, looked: list[str], *, device: str | torch.device, cache
 
 
 def _not_found_message(arch: str, tag: str, looked: list[str], cache: Path, openai_name: str | None) -> str:
-    how = (f"Allow the download (unset {ENV_OFFLINE}/{ENV_HF_OFFLINE} or pass download=True), "
-           f"or pass a local file with --clip PATH / {ENV_CLIP}=PATH.")
+    how = (f"Allow the download (go online and unset {ENV_OFFLINE}/{ENV_HF_OFFLINE}; in Python also "
+           f"load_clip(..., download=True)), or pass a local file with --clip PATH / {ENV_CLIP}=PATH.")
     if openai_name is not None:
         sha = base.KNOWN_FILES.get(openai_name)
         url = open_clip.get_pretrained_url(arch, "openai")
         how = (f"Download {openai_name} from OpenAI's CLIP release ({url or 'github.com/openai/CLIP'}"
                f"{f', sha256 {sha}' if sha else ''}) and put it in {cache / 'clip'}{os.sep}, or pass "
-               f"--clip PATH / set {ENV_CLIP}=PATH, or allow open_clip to download it (unset "
-               f"{ENV_OFFLINE}/{ENV_HF_OFFLINE} or pass download=True).")
-    return f"CLIP weights {arch}:{tag} not found. Looked at: {'; '.join(looked)}. {how}"
+               f"--clip PATH / set {ENV_CLIP}=PATH, or let open_clip download it (go online and unset "
+               f"{ENV_OFFLINE}/{ENV_HF_OFFLINE}; in Python also load_clip(..., download=True)).")
+    return f"CLIP weights {arch}:{tag} not found. Looked at: {'; '.join(looked)}. {how} {OFFLINE_HINT}"
+
+
+OFFLINE_HINT = ("Offline, the shipped small CLIP runs anywhere: --clip synthetic (it only knows excelseg's synthetic "
+                "shapes).")
 
 
 def _load_hub(spec: str, looked: list[str], *, device: str | torch.device, download: bool | None,
@@ -237,9 +241,10 @@ def _load_hub(spec: str, looked: list[str], *, device: str | torch.device, downl
             looked.append(f"open_clip download of hf-hub:{repo_id} (disabled: {why})")
             raise WeightsNotFoundError(
                 f"CLIP weights hf-hub:{repo_id} not found. Looked at: {'; '.join(looked)}. Allow the download "
-                f"(unset {ENV_OFFLINE}/{ENV_HF_OFFLINE} or pass download=True), or download the repository's "
-                f"open_clip_model.safetensors and open_clip_config.json and pass the .safetensors file with "
-                f"--clip PATH / {ENV_CLIP}=PATH."
+                f"(go online and unset {ENV_OFFLINE}/{ENV_HF_OFFLINE}; in Python also load_clip(..., "
+                f"download=True)), or download the repository's open_clip_model.safetensors and "
+                f"open_clip_config.json and pass the .safetensors file with --clip PATH / {ENV_CLIP}=PATH. "
+                f"{OFFLINE_HINT}"
             )
         model_name, source = f"hf-hub:{repo_id}", f"Hugging Face Hub {repo_id}"
     try:
@@ -332,6 +337,9 @@ def load_clip(
                           source=f"{shipped} (shipped weights {text.lower()!r}, from {origin})",
                           defaults=base.NAMED_DEFAULTS.get(text.lower()))
     tag_text = text
+    if path.is_dir():
+        raise WeightsNotFoundError(f"not a weight file: {path} is a folder (from {origin}); pass a "
+                                   ".pt/.pth/.bin/.safetensors file")
     if _looks_like_path(text):
         arch_part = _split_tag(text.replace("/", "-"))[0]
         if path.exists():

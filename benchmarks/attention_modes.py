@@ -1,6 +1,6 @@
 """Training-free dense CLIP methods as WSSS seed generators under one protocol, in the synthetic world (issue 23).
 
-    python benchmarks/attention_modes.py [--scenes 500] [--threads 2] [--rounds 15] [--vit-rounds 5]
+    python benchmarks/attention_modes.py [--scenes 500] [--threads 1] [--rounds 15] [--vit-rounds 5]
 
 Every last-block attention of ``cam.attention`` — ExCEL's SVC (the paper's), MaskCLIP, SCLIP, ClearCLIP, NACLIP
 and plain CLIP (``none``) — on the same held-out synthetic scenes (the first ``--scenes`` of ``HELD_OUT_SEED``)
@@ -90,7 +90,7 @@ def vit_b16_ratios(size: int, rounds: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scenes", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds on the synthetic CLIP")
     ap.add_argument("--vit-rounds", type=int, default=5, help="interleaved timing rounds on ViT-B/16 (0: skip)")
     ap.add_argument("--vit-size", type=int, default=448)

@@ -11,7 +11,7 @@ labels, pooled mIoU over present classes):
 * ``CAM``: the mode's CAMs → labels directly (``refine.refine=false``: no affinity, box mask or PAR);
 * ``+ refine``: the same CAMs through ExCEL's refinement (attention affinity, box mask, PAR), as ``excelseg cam``.
 
-For the four peers each with ``cam.attention_input=own`` (their authors' input: CLIP's constants as their mmseg
+For the four peers and plain CLIP each with ``cam.attention_input=own`` (their authors' input: CLIP's constants as their mmseg
 configs round them, float64 resize, bicubic positional embedding; the default) and ``pipeline`` (ExCEL's input:
 the weights' ImageNet constants and bilinear positional embedding, which this CLIP was trained with).
 
@@ -41,7 +41,7 @@ from excelseg.synthetic.knowledge import synthetic_bank
 from excelseg.synthetic.seeds import seed_miou
 from excelseg.weights import load_clip
 
-PEERS = [m for m in ATTENTION_MODES if m not in ("svc", "none")]
+PEERS = [m for m in ATTENTION_MODES if m != "svc"]  # the modes with an input of their own (``none`` included)
 
 
 def forward_ratios(model: ExcelModel, x: torch.Tensor, rounds: int) -> dict:

@@ -1,6 +1,6 @@
 """Training-free dense CLIP methods as WSSS seed generators under one protocol, in the synthetic world (issue 23).
 
-    python benchmarks/attention_modes.py [--scenes 500] [--threads 2] [--rounds 15] [--vit-rounds 5]
+    python benchmarks/attention_modes.py [--scenes 500] [--threads 1] [--rounds 15] [--vit-rounds 5]
 
 Every last-block attention of ``cam.attention`` — ExCEL's SVC (the paper's), MaskCLIP, SCLIP, ClearCLIP, NACLIP
 and plain CLIP (``none``) — on the same held-out synthetic scenes (the first ``--scenes`` of ``HELD_OUT_SEED``)
@@ -11,7 +11,7 @@ labels, pooled mIoU over present classes):
 * ``CAM``: the mode's CAMs → labels directly (``refine.refine=false``: no affinity, box mask or PAR);
 * ``+ refine``: the same CAMs through ExCEL's refinement (attention affinity, box mask, PAR), as ``excelseg cam``.
 
-For the four peers each with ``cam.attention_input=own`` (their authors' input: CLIP's constants as their mmseg
+For the four peers and plain CLIP each with ``cam.attention_input=own`` (their authors' input: CLIP's constants as their mmseg
 configs round them, float64 resize, bicubic positional embedding; the default) and ``pipeline`` (ExCEL's input:
 the weights' ImageNet constants and bilinear positional embedding, which this CLIP was trained with).
 
@@ -41,7 +41,7 @@ from excelseg.synthetic.knowledge import synthetic_bank
 from excelseg.synthetic.seeds import seed_miou
 from excelseg.weights import load_clip
 
-PEERS = [m for m in ATTENTION_MODES if m not in ("svc", "none")]
+PEERS = [m for m in ATTENTION_MODES if m != "svc"]  # the modes with an input of their own (``none`` included)
 
 
 def forward_ratios(model: ExcelModel, x: torch.Tensor, rounds: int) -> dict:
@@ -90,7 +90,7 @@ def vit_b16_ratios(size: int, rounds: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scenes", type=int, default=500)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds on the synthetic CLIP")
     ap.add_argument("--vit-rounds", type=int, default=5, help="interleaved timing rounds on ViT-B/16 (0: skip)")
     ap.add_argument("--vit-size", type=int, default=448)

@@ -14,7 +14,15 @@ import json
 import time
 from pathlib import Path
 
-from .common import CliError, add_clip_arg, add_config_arg, batch_size_arg, clusters_arg, config_from_args, ranged
+from .common import (
+    CliError,
+    add_clip_arg,
+    add_config_arg,
+    batch_size_arg,
+    clusters_arg,
+    config_from_args,
+    ranged,
+)
 
 EXAMPLES = """examples:
   excelseg bank build --knowledge voc --clusters 112 --out voc_bank.safetensors

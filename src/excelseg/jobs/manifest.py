@@ -29,8 +29,16 @@ from typing import Any
 from .._version import __version__
 from ..io.files import save_json
 
-__all__ = ["FORMAT", "MANIFEST_NAME", "differences", "file_identity", "make_manifest", "read_manifest",
-           "describe_differences", "write_manifest"]
+__all__ = [
+    "FORMAT",
+    "MANIFEST_NAME",
+    "describe_differences",
+    "differences",
+    "file_identity",
+    "make_manifest",
+    "read_manifest",
+    "write_manifest",
+]
 
 MANIFEST_NAME = "excelseg_run.json"
 FORMAT = "excelseg-run/1"

@@ -58,7 +58,7 @@ def output_names(paths: Sequence[PathLike]) -> list[str]:
         common = Path(os.path.commonpath([str(f.parent) for f in full]))
         return [f.relative_to(common) for f in full]
 
-    for stem, idx in groups.items():
+    for idx in groups.values():
         if len(idx) < 2:
             continue
         rel = relative(idx)

@@ -242,7 +242,8 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1, checkp
                    help="attribute clusters B for --knowledge: N or auto (default 112 voc, 224 coco, else auto)")
     add_config_arg(g)
     g.add_argument("--preset", default=None, choices=["paper", "paper-voc", "paper-coco"], help=argparse.SUPPRESS)
-    g.add_argument("--size", type=setting_arg("cam.size", size_arg), default=None, help="network input N or HxW (= cam.size; paper: 320)")
+    g.add_argument("--size", type=setting_arg("cam.size", size_arg), default=None,
+                   help="network input N or HxW (= cam.size; paper: 320)")
     g.add_argument("--scales", type=setting_arg("cam.scales", scales_arg), default=None,
                    help="CAM scales, e.g. 1,0.75,1.25 (= cam.scales; paper: 1)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,

@@ -32,10 +32,18 @@ def command_modules() -> list[str]:
     return sorted(names, key=lambda n: (COMMAND_ORDER.index(n) if n in COMMAND_ORDER else 99, n))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, like every other excelseg error (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="excelseg",
         description="ExCEL (CVPR 2025): pixel-level segmentation from image-level labels with CLIP. "
                     "Training-free CAMs and pseudo-labels for any images and class names.",

@@ -14,6 +14,7 @@ out keeps the paper value, unknown sections or keys are refused with the list of
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -339,6 +340,8 @@ class Range:
     high_open: bool = False
 
     def __contains__(self, v: float) -> bool:
+        if math.isnan(v):
+            return False
         if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
             return False
         return not (self.high is not None and (v > self.high or (self.high_open and v == self.high)))

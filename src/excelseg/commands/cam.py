@@ -32,8 +32,10 @@ EXAMPLES = """examples:
   excelseg cam img.jpg --classes "cat,sofa" --checkpoint voc_heads.safetensors --bank voc_bank.pth --out-dir out/
 
 Outputs per image: <stem>.png (palette pseudo-label: 0 = background, i = i-th class of the vocabulary),
-<stem>_overlay.jpg (label overlay with legend + one heat-map per class), and with --save-cams <stem>_cams.npz.
-Finished images are skipped on a re-run (--overwrite redoes them); files are written atomically.
+<stem>_overlay.jpg (label overlay with legend + heat-maps, at most 24: present classes first), and with
+--save-cams <stem>_cams.npz. <stem>: the file stem; inputs sharing one keep their relative path (and extension).
+The folder's excelseg_run.json records what made the outputs: a re-run of the same run skips finished images, one
+with other settings is refused (--overwrite redoes everything); files are written atomically.
 Exit status: 0 all done, 1 some images failed (listed at the end), 2 usage/setup error."""
 
 

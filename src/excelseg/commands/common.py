@@ -18,7 +18,6 @@ Option vocabulary (one meaning each, in every command):
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -49,9 +48,12 @@ def default_split(kind: str, purpose: str) -> str:
     """The split a dataset command uses without ``--split``.
 
     ``purpose``: ``"pseudo-label"`` / ``"eval-cams"`` (the paper scores CAM seeds and makes pseudo-labels on
-    train) or ``"eval"`` (predictions are scored on val). Folder datasets have one split, ``all``."""
+    train) or ``"eval"`` (predictions are scored on val). Folder datasets have one split, ``all``; the generated
+    scenes (``synthetic``) default to their 100 held-out ``val`` scenes for every purpose."""
     if kind == "folder":
         return "all"
+    if kind == "synthetic":
+        return "val"
     return "val" if purpose == "eval" else "train"
 
 
@@ -89,8 +91,6 @@ def ranged(kind: type, low: float | None = None, high: float | None = None, *, l
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {noun}, got {text!r}") from None
-        if kind is float and math.isnan(value):
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}")
         if value not in valid:
             how = "lie in" if low is not None and high is not None else "be"
             raise argparse.ArgumentTypeError(f"must {how} {valid.text}, got {text}")
@@ -244,7 +244,8 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1, checkp
                    help="attribute clusters B for --knowledge: N or auto (default 112 voc, 224 coco, else auto)")
     add_config_arg(g)
     g.add_argument("--preset", default=None, choices=["paper", "paper-voc", "paper-coco"], help=argparse.SUPPRESS)
-    g.add_argument("--size", type=setting_arg("cam.size", size_arg), default=None, help="network input N or HxW (= cam.size; paper: 320)")
+    g.add_argument("--size", type=setting_arg("cam.size", size_arg), default=None,
+                   help="network input N or HxW (= cam.size; paper: 320)")
     g.add_argument("--scales", type=setting_arg("cam.scales", scales_arg), default=None,
                    help="CAM scales, e.g. 1,0.75,1.25 (= cam.scales; paper: 1)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
@@ -514,13 +515,18 @@ def commit_run_folder(out_dir: Path, manifest: dict, cfg: Any, resumed: bool, **
 
 
 def check_out_file(out: Path, example: str = "out.json") -> None:
-    """``--out`` names a file that can be written (its folder is created), or a one-line CliError."""
+    """``--out`` names a file that can be written — its folder, or the nearest existing parent of it, is
+    writable — or a one-line CliError. Nothing is created (the writer creates the folder)."""
     out = Path(out)
     if out.is_dir():
         raise CliError(f"--out {out} is a directory; give a file name such as {out / example}")
+    probe = out.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=".write-test-"):
+        if not probe.is_dir():
+            raise NotADirectoryError(20, f"{probe} is not a directory")
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
             pass
     except OSError as exc:
         raise CliError(f"cannot write {out} ({exc.strerror or exc})") from None

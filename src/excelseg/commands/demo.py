@@ -34,7 +34,8 @@ def register(sub) -> None:
     add_out_dir(p, "demo_out", "folder for the overlays")
     p.add_argument("--synthetic", action="store_true",
                    help="run the offline synthetic-scene demo even when real CLIP weights are available")
-    p.add_argument("--scenes", type=ranged(int, 1, 100000), default=100, help="held-out scenes scored by the synthetic demo")
+    p.add_argument("--scenes", type=ranged(int, 1, 100000), default=100,
+                   help="held-out scenes scored by the synthetic demo")
     add_model_args(p)
     p.set_defaults(func=run)
 

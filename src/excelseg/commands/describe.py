@@ -49,13 +49,15 @@ def register(sub) -> None:
     p.add_argument("--api-key-env", default=None, metavar="VAR",
                    help=f"environment variable holding the API key (default {DEFAULT_KEY_ENV}; "
                         "no key is sent when it is unset)")
-    p.add_argument("--timeout", type=ranged(float, 0, 3600, low_open=True), default=60.0, help="seconds per connect/read of a request (default 60)")
+    p.add_argument("--timeout", type=ranged(float, 0, 3600, low_open=True), default=60.0,
+                   help="seconds per connect/read of a request (default 60)")
     p.add_argument("--retries", type=ranged(int, 0, 100), default=5,
                    help="extra requests per class for errors and missing descriptions (default 5)")
     p.add_argument("--backoff", type=ranged(float, 0, 60), default=1.0,
                    help="first retry wait in seconds, doubled each time, at most 60 (default 1)")
     p.add_argument("--temperature", type=ranged(float, 0, 2), default=0.7, help="sampling temperature (default 0.7)")
-    p.add_argument("--max-tokens", type=ranged(int, 1, 1000000), default=1024, help="max tokens per answer (default 1024)")
+    p.add_argument("--max-tokens", type=ranged(int, 1, 1000000), default=1024,
+                   help="max tokens per answer (default 1024)")
     p.add_argument("--overwrite", action="store_true", help="re-ask classes already in --out")
     p.set_defaults(func=run)
 

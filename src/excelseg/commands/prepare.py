@@ -54,7 +54,8 @@ def register(sub) -> None:
     c.add_argument("--annotations", action="append", default=None, metavar="JSON",
                    help="instances_train2014.json / instances_val2014.json (repeat for both; required for coco)")
     c.add_argument("--out-masks", default=None, help="mask folder (default <ROOT>/SegmentationClass)")
-    c.add_argument("--val-part", type=ranged(int, 0), default=5000, help="size of val_part (first ids of val; default 5000)")
+    c.add_argument("--val-part", type=ranged(int, 0), default=5000,
+                   help="size of val_part (first ids of val; default 5000)")
     c.add_argument("--overwrite", action="store_true", help="redo masks that already exist")
     f = p.add_argument_group("folder only")
     f.add_argument("--masks", default=None, help="folder of <id>.png index masks (optional)")

@@ -48,8 +48,10 @@ Sharding: with torchrun (RANK / WORLD_SIZE set) or --shard i/n, each process tak
 (disjoint, nothing missing; no process group is created) and, on CUDA, the GPU cuda:LOCAL_RANK. All shards write to
 the same --out-dir; score the union with 'excelseg eval' once every process has finished.
 
-Resume: images whose outputs exist are skipped before any decoding (--overwrite redoes them); every file is
-written atomically and temporary files a killed run left behind are removed. Exit status: 0 all done, 1 some
+Resume: the folder's run manifest (excelseg_run.json) records the dataset, split, classes, CLIP, bank and
+settings; a re-run of the same run skips images whose outputs exist before any decoding, one with other settings
+is refused (--overwrite redoes them); every file is written atomically and temporary files a killed run left
+behind are removed. Exit status: 0 all done, 1 some
 images failed (unreadable or missing files; listed at the end), 2 usage/setup error (e.g. a split without
 image-level labels, such as VOC test, unless --all-classes).
 

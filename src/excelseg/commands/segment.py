@@ -82,7 +82,8 @@ def register(sub) -> None:
     add_clip_arg(g, "CLIP weights the heads were trained with (default: the open_clip tag the checkpoint "
                     "records; a weight file must be given)")
     add_config_arg(g, "settings (default: those stored in the checkpoint); section.key=value words override")
-    g.add_argument("--size", type=setting_arg("cam.size", size_arg), default=None, help="base input N or HxW (= cam.size; paper: 320)")
+    g.add_argument("--size", type=setting_arg("cam.size", size_arg), default=None,
+                   help="base input N or HxW (= cam.size; paper: 320)")
     g.add_argument("--scales", type=setting_arg("segment.scales", scales_arg), default=None,
                    help="scales × --size (= segment.scales; paper: 1,0.7,1.2,1.5)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,

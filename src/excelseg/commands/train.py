@@ -61,7 +61,8 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="resume even if the config changed (differences logged)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a run folder that holds a run (its checkpoints, log and events are deleted)")
-    p.add_argument("--seed", type=setting_arg("train.seed", int), default=None, help="random seed (= train.seed; default 0)")
+    p.add_argument("--seed", type=setting_arg("train.seed", int), default=None,
+                   help="random seed (= train.seed; default 0)")
     p.add_argument("--iterations", type=ranged(int, 1), default=None,
                    help="stop after this many iterations in total (the schedule keeps train.iterations)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -30,7 +30,8 @@ def register(sub) -> None:
                        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)  # deprecated: always synthetic
     p.add_argument("--out", default="synthetic_clip.safetensors", help="output .safetensors file")
-    p.add_argument("--minutes", type=ranged(float, 0, None, low_open=True), default=25.0, help="wall-clock limit in minutes (default 25)")
+    p.add_argument("--minutes", type=ranged(float, 0, None, low_open=True), default=25.0,
+                   help="wall-clock limit in minutes (default 25)")
     p.add_argument("--steps", type=ranged(int, 1), default=None,
                    help="number of steps (default: until --minutes; --minutes, default 25, still applies)")
     p.add_argument("--schedule-steps", type=ranged(int, 1), default=None, metavar="N",
@@ -40,10 +41,12 @@ def register(sub) -> None:
                    help="scene/caption pairs per step (default 64)")
     p.add_argument("--batch", dest="batch_size", type=ranged(int, 2), action=DeprecatedAlias, new="--batch-size",
                    help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=ranged(int, 0, 2**32 - 1), default=0, help="initialisation and training-scene seed (default 0)")
+    p.add_argument("--seed", type=ranged(int, 0, 2**32 - 1), default=0,
+                   help="initialisation and training-scene seed (default 0)")
     p.add_argument("--threads", type=ranged(int, 1, 1024), default=2,
                    help="torch CPU threads (default 2; on a machine shared with other jobs 1 can be much faster)")
-    p.add_argument("--lr", type=ranged(float, 0, None, low_open=True), default=5e-4, help="peak learning rate (default 5e-4)")
+    p.add_argument("--lr", type=ranged(float, 0, None, low_open=True), default=5e-4,
+                   help="peak learning rate (default 5e-4)")
     p.add_argument("--log-every", type=ranged(int, 1), default=10, help="log the loss every N steps (default 10)")
     p.add_argument("--eval-every", type=ranged(int, 0), default=100,
                    help="held-out zero-shot accuracy every N steps (default 100; 0: only at the end)")

@@ -122,7 +122,7 @@ def test_cli_seed_also_seeds_the_initial_heads(folder, tmp_path):
         torch.manual_seed(1000 + len(name))  # whatever the process did before must not matter
         assert main(["train", "--dataset", "folder", "--index", str(folder), "--split", "all", "--clip", "synthetic", "--config",
                      "synthetic", "--out-dir", str(out), "--seed", str(seed), "--iterations", "1", "--workers", "0",
-                     "--no-progress", "--device", "cpu", "--val-split", "none", "train.lr=1e-12", *SMALL]) == 0
+                     "--no-progress", "--device", "cpu", "--val-split", "none", "train.lr=0.000000000001", *SMALL]) == 0
         (ckpt,) = sorted((out / "checkpoints").glob("*.safetensors"))
         return load_file(ckpt)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 from collections.abc import Sequence
 
 import torch
@@ -46,23 +47,30 @@ def interpreting() -> bool:
 # (a test session) the interpreter cannot call them, while it maps these combine functions to numpy reductions.
 
 
-def _affinity_kernel(img_ptr, w_ptr, dy_ptr, dx_ptr, pos_ptr, H, W, w_color,
-                     NCH: tl.constexpr, NN: tl.constexpr, NN_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    hw = H * W
-    pix = pid * BLOCK + tl.arange(0, BLOCK)
-    pm = pix < hw
+def _neighbourhood(dy_ptr, dx_ptr, H, W, NN: tl.constexpr, NN_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """The tile of this program (``BLOCK`` pixels of an H × W image) and its neighbours, for both kernels.
+
+    Returns ``pix`` (BLOCK,) flat pixel indices, ``pm`` their in-image mask, ``n`` / ``nm`` (NN_PAD,) neighbour
+    indices and their mask (< NN), ``off`` (NN_PAD, BLOCK) flat indices of the neighbours with coordinates clamped
+    to the image (= replicate padding) and ``m2`` (NN_PAD, BLOCK) the mask of the valid (neighbour, pixel) pairs."""
+    pix = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    pm = pix < H * W
     y = pix // W
     x = pix % W
     n = tl.arange(0, NN_PAD)
     nm = n < NN
     dy = tl.load(dy_ptr + n, mask=nm, other=0)
     dx = tl.load(dx_ptr + n, mask=nm, other=0)
-    yy = tl.minimum(tl.maximum(y[None, :] + dy[:, None], 0), H - 1)  # replicate padding = clamped coordinates
+    yy = tl.minimum(tl.maximum(y[None, :] + dy[:, None], 0), H - 1)
     xx = tl.minimum(tl.maximum(x[None, :] + dx[:, None], 0), W - 1)
-    off = yy * W + xx
-    m2 = nm[:, None] & pm[None, :]
+    return pix, pm, n, nm, yy * W + xx, nm[:, None] & pm[None, :]
+
+
+def _affinity_kernel(img_ptr, w_ptr, dy_ptr, dx_ptr, pos_ptr, H, W, w_color,
+                     NCH: tl.constexpr, NN: tl.constexpr, NN_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    hw = H * W
+    pix, pm, n, nm, off, m2 = _neighbourhood(dy_ptr, dx_ptr, H, W, NN, NN_PAD, BLOCK)
     nn_f = tl.full((BLOCK,), NN, tl.float32)
     nn1_f = tl.full((BLOCK,), NN - 1, tl.float32)
     one = tl.full((BLOCK,), 1.0, tl.float32)
@@ -88,21 +96,9 @@ def _affinity_kernel(img_ptr, w_ptr, dy_ptr, dx_ptr, pos_ptr, H, W, w_color,
 
 def _step_kernel(src_ptr, dst_ptr, w_ptr, dy_ptr, dx_ptr, C, H, W,
                  NN: tl.constexpr, NN_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     hw = H * W
-    pix = pid * BLOCK + tl.arange(0, BLOCK)
-    pm = pix < hw
-    y = pix // W
-    x = pix % W
-    n = tl.arange(0, NN_PAD)
-    nm = n < NN
-    dy = tl.load(dy_ptr + n, mask=nm, other=0)
-    dx = tl.load(dx_ptr + n, mask=nm, other=0)
-    yy = tl.minimum(tl.maximum(y[None, :] + dy[:, None], 0), H - 1)
-    xx = tl.minimum(tl.maximum(x[None, :] + dx[:, None], 0), W - 1)
-    off = yy * W + xx
-    m2 = nm[:, None] & pm[None, :]
+    pix, pm, n, _nm, off, m2 = _neighbourhood(dy_ptr, dx_ptr, H, W, NN, NN_PAD, BLOCK)
     wgt = tl.load(w_ptr + (b * NN + n[:, None]) * hw + pix[None, :], mask=m2, other=0.0)
     for c in range(C):
         base = (b * C + c) * hw
@@ -115,7 +111,12 @@ def _kernels(interpret: bool) -> tuple:
     """The jitted kernels; ``triton.jit`` reads ``TRITON_INTERPRET`` when it wraps a function, so each mode gets its
     own wrappers (a test can switch the interpreter on after this module was imported)."""
     del interpret  # the cache key
-    return triton.jit(_affinity_kernel), triton.jit(_step_kernel)
+    # The kernels call ``_neighbourhood``, which must be jitted in the same mode. Each mode's kernels are copies of
+    # the functions over their own globals, whose ``_neighbourhood`` is that mode's (Triton resolves a kernel's
+    # names in ``fn.__globals__``; one module-level name rebound per mode would invalidate compiled kernels).
+    scope = dict(globals(), _neighbourhood=triton.jit(_neighbourhood))
+    return tuple(triton.jit(types.FunctionType(fn.__code__, scope, fn.__name__)) for fn in (_affinity_kernel,
+                                                                                              _step_kernel))
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from .commands.common import OVERRIDE_RE, CliError
 
 COMMAND_ORDER = ("cam", "pseudo_label", "segment", "prepare", "bank", "describe", "train", "eval", "eval_cams",
                  "import_checkpoint", "demo", "app", "train_clip")
-HELPER_MODULES = ("common", "jobs")  # modules of excelseg.commands that are not subcommands
+HELPER_MODULES = ("common", "run_folder")  # modules of excelseg.commands that are not subcommands
 
 
 def command_modules() -> list[str]:

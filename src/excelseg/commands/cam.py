@@ -11,17 +11,14 @@ from .common import (
     add_out_dir,
     add_vocabulary_arg,
     cam_predictor,
-    check_run_folder,
-    check_writable,
     clip_spec_arg,
-    commit_run_folder,
     config_from_args,
     load_checkpoint_arg,
     out_dir_arg,
     split_overrides,
-    unique_stems,
     warn_unknown_classes,
 )
+from .run_folder import check_run_folder, check_writable, commit_run_folder, unique_stems
 
 EXAMPLES = """examples:
   excelseg cam photos/ --classes "cat,dog,sofa" --out-dir out/

@@ -1,7 +1,8 @@
 """What every subcommand shares: one error type, one vocabulary of options, one place for defaults.
 
 Loaded whenever the ``excelseg`` parser is built, so it imports only the standard library at module level
-(``excelseg --help`` must not import torch). Commands import from here, never from each other.
+(``excelseg --help`` must not import torch). Commands import from here and from :mod:`.run_folder` (where
+outputs go), never from each other.
 
 Option vocabulary (one meaning each, in every command):
 
@@ -21,7 +22,6 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ from ..config import ATTENTION_MODES  # standard library only (the settings' dat
 
 DATASET_KINDS = ("voc", "coco", "folder")
 OVERRIDE_RE = re.compile(r"^(text|cam|refine|heads|segment|train)\.[a-z_]+=")
-RESOLVED_CONFIG_NAME = "excelseg_config.yaml"
 
 
 class CliError(Exception):
@@ -229,6 +228,14 @@ def add_vocabulary_arg(p: Any, help: str) -> None:
     p.add_argument("--vocabulary", default=None, help=help)
 
 
+def add_view_args(g: Any, section: str, *, size: str, scales: str, flip: str) -> None:
+    """``--size`` (= ``cam.size``), ``--scales`` and ``--flip`` (= ``<section>.scales`` / ``<section>.flip``: the
+    CAM views for ``cam``, the segmentation views for ``segment``), with these help texts."""
+    g.add_argument("--size", type=setting_arg("cam.size", size_arg), default=None, help=size)
+    g.add_argument("--scales", type=setting_arg(f"{section}.scales", scales_arg), default=None, help=scales)
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help=flip)
+
+
 def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1, checkpoint: bool = False) -> None:
     """Options of every command that runs the training-free pipeline; ``checkpoint``: also ``--checkpoint``
     (trained heads for LVC CAMs / pseudo-labels: cam, pseudo-label)."""
@@ -244,12 +251,9 @@ def add_model_args(p: argparse.ArgumentParser, *, batch_default: int = 1, checkp
                    help="attribute clusters B for --knowledge: N or auto (default 112 voc, 224 coco, else auto)")
     add_config_arg(g)
     g.add_argument("--preset", default=None, choices=["paper", "paper-voc", "paper-coco"], help=argparse.SUPPRESS)
-    g.add_argument("--size", type=setting_arg("cam.size", size_arg), default=None,
-                   help="network input N or HxW (= cam.size; paper: 320)")
-    g.add_argument("--scales", type=setting_arg("cam.scales", scales_arg), default=None,
-                   help="CAM scales, e.g. 1,0.75,1.25 (= cam.scales; paper: 1)")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="also average horizontally flipped CAMs (= cam.flip; paper: off)")
+    add_view_args(g, "cam", size="network input N or HxW (= cam.size; paper: 320)",
+                  scales="CAM scales, e.g. 1,0.75,1.25 (= cam.scales; paper: 1)",
+                  flip="also average horizontally flipped CAMs (= cam.flip; paper: off)")
     g.add_argument("--box-threshold", type=setting_arg("refine.box_threshold"), default=None,
                    help="τ_box of the box mask (= refine.box_threshold; paper: 0.79)")
     add_attention_arg(g)
@@ -404,15 +408,6 @@ def config_from_args(args: argparse.Namespace, clip: Any = None, overrides: list
         raise CliError(str(exc)) from None
 
 
-def write_resolved_config(out_dir: Path, cfg, **extra: Any) -> Path:
-    """Write the resolved settings next to a command's outputs (``excelseg_config.yaml``), atomically."""
-    from ..config import dump_config
-    from ..io.files import atomic_write
-
-    text = dump_config(cfg, **extra)
-    return atomic_write(Path(out_dir) / RESOLVED_CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-
-
 # ---- running the pipeline -------------------------------------------------------------------------------------
 
 
@@ -427,122 +422,6 @@ def cam_predictor(args: argparse.Namespace, clip: Any, vocab: Any, cfg: Any, dev
                             config=cfg, device=device, checkpoint=checkpoint, precision=args.precision)
     except CheckpointError as exc:
         raise CliError(str(exc)) from None
-
-
-def unique_stems(paths: list[Path]) -> list[str]:
-    """Output names of input images, unique per input (:func:`excelseg.jobs.outputs.output_names`)."""
-    from ..jobs.outputs import output_names
-
-    return output_names(paths)
-
-
-# ---- files ----------------------------------------------------------------------------------------------------
-
-
-def check_writable(out_dir: Path) -> None:
-    """Prove that ``out_dir`` can be written — or created, by writing into its nearest existing parent — creating
-    nothing (a command that is refused later leaves no empty folder behind), or raise a one-line CliError.
-    :func:`make_out_dir` creates it once the command is about to write."""
-    out_dir = Path(out_dir)
-    probe = out_dir
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CliError(f"output directory {out_dir} is not writable ({probe} is not a directory)")
-    try:
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise CliError(f"output directory {out_dir} is not writable ({exc.strerror or exc})") from None
-
-
-def make_out_dir(out_dir: Path) -> None:
-    """Create ``out_dir`` (after every check has passed), or raise a one-line CliError."""
-    try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CliError(f"cannot create the output directory {out_dir} ({exc.strerror or exc})") from None
-
-
-# ---- run manifests: outputs that know what made them ------------------------------------------------------------
-
-
-def check_run_folder(out_dir: Path, manifest: dict, *, overwrite: bool, done: int = 0, total: int = 0,
-                     what: str = "image") -> bool:
-    """Compare the run ``manifest`` with the one stored in ``out_dir`` (:mod:`excelseg.jobs.manifest`) before
-    anything is written. Returns True when the folder continues the same run (finished outputs may be skipped),
-    False when the manifest is to be (re)written. Refuses (CliError, exit 2) a folder made by other settings,
-    or holding ``done`` finished outputs of this run's inputs without a manifest, unless ``overwrite``."""
-    from .._version import __version__
-    from ..jobs.manifest import MANIFEST_NAME, describe_differences, differences, read_manifest
-
-    redo = f"add --overwrite to redo every {what}, or choose another --out-dir"
-    try:
-        stored = read_manifest(out_dir)
-    except ValueError as exc:
-        if overwrite:
-            return False
-        raise CliError(f"{exc}: {redo}") from None
-    if stored is None:
-        if done and not overwrite:
-            raise CliError(f"{out_dir} holds the outputs of {done} of these {total} {what}s but no run manifest "
-                           f"({MANIFEST_NAME}; made by an older excelseg?), so what made them is unknown: {redo}")
-        return False
-    diffs = differences(stored, manifest)
-    if diffs:
-        if not overwrite:
-            raise CliError(f"{out_dir} holds the results of a run with other settings ({describe_differences(diffs)})"
-                           f": use the same settings to resume it, {redo}")
-        print(f"note: --overwrite: {out_dir} held results of other settings ({describe_differences(diffs)}); its "
-              f"run manifest is replaced and every {what} of this run is redone (outputs of other {what}s that the "
-              "earlier run left stay as they were)")
-        return False
-    if stored.get("excelseg_version") != __version__:
-        print(f"note: {out_dir} was started by excelseg {stored.get('excelseg_version')}; this is {__version__} "
-              "(same settings: resuming; --overwrite redoes everything with this version)")
-    return not overwrite
-
-
-def commit_run_folder(out_dir: Path, manifest: dict, cfg: Any, resumed: bool, **config_extra: Any) -> None:
-    """Create ``out_dir`` and, unless the run is ``resumed`` (same manifest), write the run manifest and the
-    resolved settings (:func:`write_resolved_config`) before the first output."""
-    from ..jobs.manifest import write_manifest
-
-    make_out_dir(out_dir)
-    if not resumed:
-        write_manifest(out_dir, manifest)
-        write_resolved_config(out_dir, cfg, **config_extra)
-
-
-def check_out_file(out: Path, example: str = "out.json") -> None:
-    """``--out`` names a file that can be written — its folder, or the nearest existing parent of it, is
-    writable — or a one-line CliError. Nothing is created (the writer creates the folder)."""
-    out = Path(out)
-    if out.is_dir():
-        raise CliError(f"--out {out} is a directory; give a file name such as {out / example}")
-    probe = out.parent
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(20, f"{probe} is not a directory")
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise CliError(f"cannot write {out} ({exc.strerror or exc})") from None
-
-
-def write_metrics_json(path: Path, obj: dict[str, Any], explicit: bool) -> None:
-    """Write a metrics JSON; a failure is an error when the user named the file, else a warning."""
-    from ..io.files import save_json
-
-    try:
-        save_json(path, obj)
-        print(f"metrics written to {path}")
-    except OSError as exc:
-        if explicit:
-            raise CliError(f"cannot write {path} ({exc.strerror or exc})") from None
-        print(f"warning: cannot write {path} ({exc.strerror or exc}); use --out", file=sys.stderr)
 
 
 def progress(desc: str | None = None, unit: str = "img"):

@@ -13,16 +13,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import (
-    CliError,
-    add_model_args,
-    add_out_dir,
-    check_writable,
-    commit_run_folder,
-    config_from_args,
-    out_dir_arg,
-    ranged,
-)
+from .common import CliError, add_model_args, add_out_dir, config_from_args, out_dir_arg, ranged
+from .run_folder import check_writable, commit_run_folder
 
 if TYPE_CHECKING:
     import numpy as np

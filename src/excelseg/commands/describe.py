@@ -17,7 +17,8 @@ import re
 import sys
 from pathlib import Path
 
-from .common import CliError, check_out_file, ranged
+from .common import CliError, ranged
+from .run_folder import check_out_file
 
 EXAMPLES = """examples:
   ollama pull llama3 && excelseg describe --classes "forklift,pallet" \\

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_dataset_args, open_dataset_args, write_metrics_json
+from .common import add_dataset_args, open_dataset_args
+from .run_folder import write_metrics_json
 
 EXAMPLES = """examples:
   excelseg eval --pred out/val_preds --dataset voc --root ~/data/VOCdevkit --split val

@@ -15,14 +15,8 @@ import math
 import sys
 from pathlib import Path
 
-from .common import (
-    RESOLVED_CONFIG_NAME,
-    CliError,
-    add_attention_arg,
-    add_dataset_args,
-    open_dataset_args,
-    write_metrics_json,
-)
+from .common import CliError, add_attention_arg, add_dataset_args, open_dataset_args
+from .run_folder import RESOLVED_CONFIG_NAME, write_metrics_json
 
 EXAMPLES = """examples:
   excelseg eval-cams --cams out/voc_train_cams --root ~/data/VOCdevkit

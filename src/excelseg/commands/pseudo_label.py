@@ -16,16 +16,14 @@ from .common import (
     add_model_args,
     add_out_dir,
     cam_predictor,
-    check_run_folder,
-    check_writable,
     clip_spec_arg,
-    commit_run_folder,
     config_from_args,
     load_checkpoint_arg,
     open_dataset_args,
     out_dir_arg,
     warn_unknown_classes,
 )
+from .run_folder import check_run_folder, check_writable, commit_run_folder
 
 EXAMPLES = """examples:
   excelseg prepare --dataset voc --root ~/data/VOCdevkit

@@ -19,20 +19,15 @@ from .common import (
     add_dataset_args,
     add_job_args,
     add_out_dir,
+    add_view_args,
     batch_size_arg,
-    check_run_folder,
-    check_writable,
     clip_spec_arg,
-    commit_run_folder,
     config_from_args,
     open_dataset_args,
     out_dir_arg,
-    scales_arg,
-    setting_arg,
-    size_arg,
     split_overrides,
-    unique_stems,
 )
+from .run_folder import check_run_folder, check_writable, commit_run_folder, unique_stems
 
 EXAMPLES = """examples:
   excelseg segment photos/ --checkpoint voc_heads.safetensors --out-dir seg/
@@ -82,12 +77,9 @@ def register(sub) -> None:
     add_clip_arg(g, "CLIP weights the heads were trained with (default: the open_clip tag the checkpoint "
                     "records; a weight file must be given)")
     add_config_arg(g, "settings (default: those stored in the checkpoint); section.key=value words override")
-    g.add_argument("--size", type=setting_arg("cam.size", size_arg), default=None,
-                   help="base input N or HxW (= cam.size; paper: 320)")
-    g.add_argument("--scales", type=setting_arg("segment.scales", scales_arg), default=None,
-                   help="scales × --size (= segment.scales; paper: 1,0.7,1.2,1.5)")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="average flipped logits (= segment.flip; paper: on)")
+    add_view_args(g, "segment", size="base input N or HxW (= cam.size; paper: 320)",
+                  scales="scales × --size (= segment.scales; paper: 1,0.7,1.2,1.5)",
+                  flip="average flipped logits (= segment.flip; paper: on)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     g.add_argument("--batch-size", type=batch_size_arg, default=1, help="images per forward (default 1)")
     add_dataset_args(p, "eval", workers_help="DataLoader processes decoding images")

@@ -11,14 +11,13 @@ from .common import (
     CliError,
     add_dataset_args,
     add_out_dir,
-    check_writable,
     clusters_arg,
-    commit_run_folder,
     config_from_args,
     out_dir_arg,
     ranged,
     setting_arg,
 )
+from .run_folder import check_writable, commit_run_folder
 
 SYNTHETIC = "synthetic"  # = excelseg.data.SYNTHETIC, not imported here: commands load at CLI start, data needs torch
 

@@ -1,10 +1,13 @@
 """The trainer (excelseg.train, ``excelseg train``) on tiny random CLIPs and the miniature VOC tree:
 gradient flow, one step lowers the loss, bit-identical resume, Ctrl-C, NaN stop, atomic checkpoints on a full
-disk, changed-config resume, bad inputs, batched pseudo-labels, a CLI run end to end (train → predict → eval) and
-a 2-process gloo torchrun run."""
+disk, changed-config resume, bad inputs, batched pseudo-labels, a CLI run end to end (train → predict → eval), 2
+forked gloo processes (averaged gradients, disjoint images, a failed checkpoint stops both) and a 2-process gloo
+torchrun run. More resume promises (across an epoch boundary, fp16 scaler, read-only folder):
+tests/test_promises_resume.py."""
 
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import os
@@ -40,12 +43,11 @@ CFG = PAPER_VOC.with_(cam=replace(CamConfig(), size=(32, 32), svc_last_blocks=2)
                       heads=HeadsConfig(dim=16, decoder_heads=2, decoder_depth=1), train=TRAIN)
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def _one_thread():
-    n = torch.get_num_threads()
+    """One torch thread in each test (after conftest's per-test reset, which a module-scoped fixture would not
+    survive): these tiny ops run many times slower on two threads of a shared machine. conftest restores it."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_excel(num_classes: int = 20, seed: int = 0, cfg=CFG) -> ExcelModel:
@@ -407,24 +409,68 @@ def test_cli_end_to_end_train_predict_eval(voc, tmp_path, capsys):
 DDP = EXACT.with_(train=replace(EXACT.train, lvc_switch_iter=-1))
 
 
+def _fork_ranks(worker, *args, timeout: float = 120) -> None:
+    """``worker(rank, 2, *args)`` in 2 forked processes (as DataLoader workers are: a spawned child re-imports
+    torch and open_clip, ~10 s each); a rank's exception fails the test with its traceback."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=(2, *args), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):  # raises with the rank's traceback if one fails
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the 2 processes did not finish in {timeout:.0f} s")
+
+
+def _join_gloo(rank: int, world: int, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=30))
+
+
 def _ddp_worker(rank: int, world: int, voc: str, out: str) -> None:
-    """One rank of :func:`test_ddp_two_processes_average_the_gradients` (a forked child)."""
+    """One rank of :func:`ddp_ranks` (a forked child): 2 iterations in float64; saves its heads and gradients
+    (``rankR.pt``), the image ids it read (``TrainSet.__getitem__`` wrapped) and the ids its trainer's sampler
+    gives for epochs 0 and 1 (``rankR.json``)."""
     import excelseg.train.trainer as train_mod
     from excelseg.train import DistInfo
+    from excelseg.train.data import TrainSet
 
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+    read: list[str] = []
+    real = TrainSet.__getitem__
+
+    def recording(self, i):
+        read.append(self.base.ids[self.indices[i]])
+        return real(self, i)
+
+    TrainSet.__getitem__ = recording  # this forked process only
+    _join_gloo(rank, world, out)
     try:
         train_mod.training_losses = float64_step(training_losses, [])
         trainer = Trainer(tiny_excel(cfg=DDP).double(), DDP, train_ds(voc), Path(out) / "run",
                           dist=DistInfo(rank, world, rank), log=lambda s: None, progress=False)
         trainer.fit(2)
         torch.save(trained_heads(trainer), Path(out) / f"rank{rank}.pt")
+        orders = []
+        for epoch in (0, 1):
+            trainer.sampler.set_epoch(epoch)
+            orders.append([trainer.train_set.base.ids[trainer.train_set.indices[i]] for i in trainer.sampler])
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps({"read": read, "orders": orders}))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_processes_average_the_gradients(voc, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def ddp_ranks(voc, tmp_path_factory) -> list[dict]:
+    """2 gloo processes × 1 image, 2 iterations (:func:`_ddp_worker`): per rank "state", "grad", "read", "orders"."""
+    out = tmp_path_factory.mktemp("ddp")
+    _fork_ranks(_ddp_worker, str(voc), str(out))
+    return [{**torch.load(out / f"rank{r}.pt", weights_only=True), **json.loads((out / f"rank{r}.json").read_text())}
+            for r in (0, 1)]
+
+
+def test_ddp_two_processes_average_the_gradients(ddp_ranks, voc, tmp_path, monkeypatch):
     """2 gloo processes with one image each vs one process with both as 2 micro-batches (train.accumulation=2):
     the same gradients and heads after 2 optimiser steps, on both ranks. Each process's loss is that of its own
     micro-batch (per-batch normalisers and R mean), exactly what accumulation computes, so this needs no fixed
@@ -432,20 +478,7 @@ def test_ddp_two_processes_average_the_gradients(voc, tmp_path, monkeypatch):
     the two differ only by how the two float64 gradients are added ((g0 + g1)/2 all-reduced vs g0/2 + g1/2).
     Static CAMs only: the LVC branch cannot run a float64 model (``ExcelModel.forward`` casts the SVC cache to
     float32 when it is not float32, and the calibrated re-run then mixes dtypes)."""
-    import torch.multiprocessing as mp
-
     import excelseg.train.trainer as train_mod
-
-    # forked (as DataLoader workers are): a spawned child re-imports torch and open_clip, ~10 s each
-    ctx = mp.start_processes(_ddp_worker, args=(2, str(voc), str(tmp_path)), nprocs=2, join=False,
-                             start_method="fork")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):  # raises with the rank's traceback if one fails
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("the 2 DDP processes did not finish in 120 s")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
     monkeypatch.setattr(train_mod, "training_losses", float64_step(training_losses, seen := []))
     cfg = DDP.with_(train=replace(DDP.train, accumulation=2))
@@ -455,7 +488,7 @@ def test_ddp_two_processes_average_the_gradients(voc, tmp_path, monkeypatch):
     single.fit(2)
     ref = trained_heads(single)
     assert len(seen) == 4 and all(x.shape[0] == 1 for x in seen)
-    for rank in ranks:
+    for rank in ddp_ranks:
         assert rank["grad"].keys() == ref["grad"].keys() and rank["state"].keys() == ref["state"].keys()
         for name, g in ref["grad"].items():
             assert float(g.abs().max()) > 0, name
@@ -465,6 +498,61 @@ def test_ddp_two_processes_average_the_gradients(voc, tmp_path, monkeypatch):
                 assert_rel_close(rank["state"][name] - init[name], after - init[name], F32_REL, f"steps of {name}")
             else:
                 assert torch.equal(rank["state"][name], after), name
+
+
+def test_ddp_ranks_read_disjoint_images_in_every_epoch(ddp_ranks, voc):
+    """Issue 24 item 2: the processes of a run read different images. Each rank's sampler is the one its
+    :class:`Trainer` built (rank, world = 2, the run's seed); the 10 ids split 5 + 5 with nothing in common and
+    nothing left out in epochs 0 and 1 (10 is a multiple of 2: ``DistributedSampler`` pads or drops only
+    otherwise; epoch 1 is asked of the sampler here, that the trainer reaches ``set_epoch`` is
+    tests/test_promises_resume.py), each rank's epoch 1 is another order than its epoch 0, and the images each
+    trainer really read in its 2 iterations are the head of its epoch-0 share."""
+    ids = sorted(train_ds(voc).ids)
+    assert len(ids) == 10
+    for rank in ddp_ranks:
+        assert rank["read"] == rank["orders"][0][:2]
+        assert rank["orders"][0] != rank["orders"][1], "a rank replayed epoch 0's order"
+    for epoch in (0, 1):
+        a, b = (rank["orders"][epoch] for rank in ddp_ranks)
+        assert len(a) == len(set(a)) == len(b) == len(set(b)) == 5
+        assert not set(a) & set(b), f"epoch {epoch}: both processes read {sorted(set(a) & set(b))}"
+        assert sorted(a + b) == ids
+
+
+def _full_disk_worker(rank: int, world: int, voc: str, out: str) -> None:
+    """One rank of :func:`test_ddp_a_failed_checkpoint_stops_every_rank`: rank 0's disk is full; each rank writes
+    what its ``fit`` ended with to ``rankR.txt``."""
+    from excelseg.train import DistInfo
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    _join_gloo(rank, world, out)
+    try:
+        if rank == 0:
+            torch.save = full  # this forked process only
+        trainer = Trainer(tiny_excel(cfg=DDP), DDP, train_ds(voc), Path(out) / "run", dist=DistInfo(rank, world, rank),
+                          log=lambda s: None, progress=False)
+        try:
+            trainer.fit(2)
+            outcome = "finished"
+        except TrainingError as exc:
+            outcome = str(exc)
+        (Path(out) / f"rank{rank}.txt").write_text(outcome)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_a_failed_checkpoint_stops_every_rank(voc, tmp_path):
+    """Rank 0 cannot write the checkpoint (full disk): both processes stop with a TrainingError saying so (rank 1
+    is told by rank 0; before, rank 0 left alone and rank 1 died at the next collective with gloo's "Connection
+    closed by peer", or would wait for the NCCL timeout), and no half checkpoint is left."""
+    _fork_ranks(_full_disk_worker, str(voc), str(tmp_path), timeout=90)
+    r0, r1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    folder = tmp_path / "run" / "checkpoints"
+    assert r0 == f"cannot write the checkpoint of iteration 2 to {folder} (No space left on device)"
+    assert r1 == f"cannot write the checkpoint of iteration 2 to {folder} (rank 0 could not write it: see its message)"
+    assert not list(folder.iterdir()) and not (tmp_path / "run" / "latest.json").exists()
 
 
 def test_torchrun_two_processes_gloo(voc, tmp_path):

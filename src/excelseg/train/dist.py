@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["DistInfo", "all_max", "barrier", "device_for_rank", "init_distributed", "launched"]
+__all__ = ["DistInfo", "all_max", "device_for_rank", "init_distributed", "launched"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +62,9 @@ def init_distributed(dist: DistInfo, device: torch.device) -> None:
 
 
 def all_max(values: list[float], device: torch.device) -> list[float]:
+    """Each value's maximum over the processes (a collective: every rank calls it; one process: unchanged)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t.tolist()
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()

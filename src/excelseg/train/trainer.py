@@ -14,12 +14,14 @@ Reproducibility and resume:
 * a checkpoint holds the heads (``iter_NNNNNN.safetensors``, the :func:`~excelseg.io.checkpoint.save_heads` format that
   ``Segmenter``/``CamPredictor`` read) and the training state (``iter_NNNNNN.state.pt``: optimiser, AMP scaler,
   RNG states, iteration, data position, resolved config), both written atomically, then ``latest.json`` names
-  the pair. A failed write (disk full, unwritable) leaves the previous pair and pointer intact.
+  the pair. A failed write (disk full, read-only) stops every process and leaves the previous pair and pointer
+  intact.
   ``--resume`` continues bit-identically (CPU) — same weights as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,7 +39,7 @@ from ..io.checkpoint import load_heads, save_checkpoint
 from ..io.files import atomic_write
 from ..model import ExcelModel
 from .data import ResumableSampler, TrainSet, collate, labelled_indices, normalize_batch
-from .dist import DistInfo, all_max, barrier
+from .dist import DistInfo, all_max
 from .optim import build_optimizer, set_lrs
 from .step import check_batch, training_losses, uses_lvc
 from .validate import validate, validation_tables
@@ -202,11 +204,13 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write heads + training state of the current iteration atomically (rank 0), then ``latest.json``.
 
-        On a write error (disk full, permissions) raises :class:`TrainingError`; the previous checkpoint and
-        pointer stay as they were."""
+        On a write error (disk full, read-only, permissions) every process raises :class:`TrainingError`: rank 0
+        tells the others through a collective, instead of leaving them at one (where they would fail with a
+        broken connection, or wait for the NCCL timeout). The previous checkpoint and pointer stay as they were."""
         folder = self.out_dir / CKPT_DIR
         name = f"iter_{self.iteration:06d}"
         heads_path, state_path = folder / f"{name}.safetensors", folder / f"{name}.state.pt"
+        error = None
         if self.dist.main:
             extra = {k: v for k, v in self.metadata.items() if k not in ("clip", "class_names")}
             try:  # the checkpoint format of excelseg.io.checkpoint: Segmenter / CamPredictor / segment read it directly
@@ -220,14 +224,17 @@ class Trainer:
                            "iteration": self.iteration}
                 atomic_write(self.out_dir / LATEST, lambda tmp: Path(tmp).write_text(json.dumps(pointer)))
             except OSError as exc:
-                if heads_path != self.last_checkpoint:  # no half pair left behind
+                if heads_path != self.last_checkpoint:  # no half pair left behind (none to delete when read-only)
                     for p in (heads_path, state_path):
-                        p.unlink(missing_ok=True)
-                kept = f"; the previous checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint else ""
-                raise TrainingError(f"cannot write the checkpoint of iteration {self.iteration} to {folder} "
-                                    f"({exc.strerror or exc}){kept}") from None
-            self._prune(folder)
-        barrier()
+                        with contextlib.suppress(OSError):
+                            p.unlink(missing_ok=True)
+                error = f"({exc.strerror or exc})"
+            else:
+                self._prune(folder)
+        if all_max([1.0 if error else 0.0], self.device)[0]:
+            kept = f"; the previous checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint else ""
+            raise TrainingError(f"cannot write the checkpoint of iteration {self.iteration} to {folder} "
+                                f"{error or '(rank 0 could not write it: see its message)'}{kept}")
         self.last_checkpoint = heads_path
         return heads_path
 
@@ -299,7 +306,7 @@ class Trainer:
             labels = batch["label"].to(self.device)
             check_batch(images, labels, self.model)
             sync = ddp is None or m == t.accumulation - 1
-            ctx = ddp.no_sync() if not sync else _nullcontext()
+            ctx = ddp.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
@@ -402,14 +409,6 @@ class Trainer:
             self.writer.add_scalar("val/pseudo_miou", pseudo_m.compute()["miou"], self.iteration)
             self.writer.add_scalar("val/seg_miou", seg_m.compute()["miou"], self.iteration)
         return pseudo_m, seg_m
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _install_sigint(trainer: Trainer):

@@ -17,11 +17,11 @@ $(VENV)/.installed-%: pyproject.toml
 # Tests run in a shuffled order (pytest-randomly) with a fixed seed, so a failure reproduces: `make test SEED=7`.
 # They run in JOBS worker processes (pytest-xdist: tests are handed out one by one, except the modules marked
 # xdist_group, which stay on one worker; torch threads are split between the workers by tests/conftest.py);
-# `make test JOBS=0` runs them in this process.
+# `make test JOBS=0` runs them in this process. The 15 slowest tests are listed at the end (where the time goes).
 SEED ?= 20251129
 JOBS ?= auto
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest tests -q -p randomly --randomly-seed=$(SEED) -n $(JOBS) --maxprocesses 4 --dist loadgroup
+	$(PY) -m pytest tests -q -p randomly --randomly-seed=$(SEED) -n $(JOBS) --maxprocesses 4 --dist loadgroup --durations=15
 
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/excelseg demo

@@ -144,6 +144,25 @@ def test_hub_id_follows_its_config(quick, configured, tmp_path, monkeypatch):
     _assert_activation(load_clip("hf-hub:org/clip", quick_gelu=not expected).model, not expected, configured)
 
 
+@pytest.mark.parametrize("quick", [None, False, True])
+def test_a_hub_repository_downloaded_by_hand_loads_as_its_hub_id(quick, configured, tmp_path):
+    """The files the hf-hub "not found" message names (``open_clip_model.safetensors`` + ``open_clip_config.json`` in
+    one folder) build what the ``hf-hub:`` id builds: GELU unless the config sets ``quick_gelu: true``; any other
+    config without the key (``<file>.json``) still means QuickGELU (OpenAI)."""
+    cfg = dict(CFG) if quick is None else dict(CFG, quick_gelu=quick)
+    expected = bool(quick)
+    save_file({k: v.clone() for k, v in configured[expected].state_dict().items()},
+              str(tmp_path / "open_clip_model.safetensors"))
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    _assert_activation(load_clip(tmp_path / "open_clip_model.safetensors").model, expected, configured)
+    if quick is None:  # the same config as <file>.json: the local-file default
+        other = tmp_path / "other"
+        other.mkdir()
+        torch.save({k: v.clone() for k, v in configured[True].state_dict().items()}, other / "w.pt")
+        (other / "w.pt.json").write_text(json.dumps(cfg))
+        _assert_activation(load_clip(other / "w.pt").model, True, configured)
+
+
 # ---- timm image towers ------------------------------------------------------------------------------------------
 
 TIMM_VISION = {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "token",

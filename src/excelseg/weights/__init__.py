@@ -41,7 +41,7 @@ model config stored in the safetensors metadata (key ``open_clip_config`` or ``c
 (``<file>.json``, ``<stem>.json`` or ``open_clip_config.json``); else it is inferred from the state dict (OpenAI
 key layout: widths, depths, patch size, grid, context length and vocabulary from the tensor shapes; attention
 heads = width // 64, at least 1 — ship a config for other head counts). Files default to QuickGELU (OpenAI
-style) unless ``quick_gelu`` or the config says otherwise. Loading is strict: missing or unexpected keys and
+style) unless ``quick_gelu`` or the config says otherwise (a Hub ``open_clip_config.json`` without the key: GELU). Loading is strict: missing or unexpected keys and
 shape mismatches raise :class:`WeightsMismatchError`.
 
 Only ViT image towers are supported (:func:`check_supported`): an open_clip ``VisionTransformer`` with standard

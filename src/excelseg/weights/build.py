@@ -18,7 +18,7 @@ from torch import nn
 
 from . import base
 from .base import LoadedClip, UnsupportedModelError, WeightsFormatError
-from .formats import _find_config, _read_safetensors, _read_torch_file, _strip_text_prefix
+from .formats import HUB_CONFIG_NAME, _find_config, _read_safetensors, _read_torch_file, _strip_text_prefix
 
 _logger = logging.getLogger(__name__)
 
@@ -227,12 +227,14 @@ def _load_file(path: Path, *, device: str | torch.device, arch: str | None, quic
     else:
         sd = _read_torch_file(path)
     preprocess: dict[str, Any] = {}
+    hub_layout = False  # the config is a Hugging Face repository's open_clip_config.json
     if arch is not None:
         cfg, arch_desc = _arch_config(arch), arch
     else:
         found = _find_config(path, meta)
         if found is not None:
             cfg, preprocess, where = found
+            hub_layout = Path(where).name == HUB_CONFIG_NAME
             arch_desc = f"the open_clip config in {where}"
         else:
             sd = _strip_text_prefix(sd)
@@ -243,7 +245,9 @@ def _load_file(path: Path, *, device: str | torch.device, arch: str | None, quic
                          f"{t['layers']} layers)")
             _logger.debug("inferred open_clip config for %s: %s", path, cfg)
     if quick_gelu is None:
-        quick_gelu = bool(cfg.get("quick_gelu", True))
+        # open_clip's configs leave the key out for GELU models (LAION): the Hub's layout (the file the hf-hub
+        # loader reads, downloaded by hand) follows that rule as an hf-hub: id does; other files default to OpenAI's
+        quick_gelu = bool(cfg.get("quick_gelu", not hub_layout))
     model = _build(cfg, quick_gelu, str(path))
     if isinstance(model, CustomTextCLIP):  # text tower under `text.`
         sd = open_clip.model.convert_to_custom_text_state_dict(sd)

@@ -19,6 +19,8 @@ from .base import _CONFIG_METADATA_KEYS, _MAX_LISTED, _OPENAI_INT_KEYS, WeightsF
 
 _logger = logging.getLogger(__name__)
 
+HUB_CONFIG_NAME = "open_clip_config.json"  # a Hugging Face repository's open_clip config (also read as a sibling)
+
 
 # ------------------------------------------------------------------------------------------- file reading
 
@@ -127,7 +129,7 @@ def _find_config(path: Path, meta: Mapping[str, str]) -> tuple[dict, dict, str] 
             if parsed is not None:
                 return (*parsed, f"metadata {key!r}")
     for sibling in (path.with_name(path.name + ".json"), path.with_suffix(".json"),
-                    path.with_name("open_clip_config.json")):
+                    path.with_name(HUB_CONFIG_NAME)):
         if sibling.is_file():
             try:
                 raw = json.loads(sibling.read_text(encoding="utf-8"))

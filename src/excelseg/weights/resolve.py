@@ -18,6 +18,7 @@ from .._native import default_cache_dir
 from . import base
 from .base import ENV_CLIP, ENV_HF_OFFLINE, ENV_OFFLINE, LoadedClip, WeightsNotFoundError
 from .build import _arch_config, _finish, _load_file, _unknown_arch
+from .formats import HUB_CONFIG_NAME
 
 _logger = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def _load_hub(spec: str, looked: list[str], *, device: str | torch.device, downl
     if quick_gelu is not None:
         kwargs = {"force_quick_gelu": True} if quick_gelu else {"quick_gelu": False}
 
-    config = _hf_cached(repo_id, ("open_clip_config.json",), None)
+    config = _hf_cached(repo_id, (HUB_CONFIG_NAME,), None)
     weights = _hf_cached(repo_id, _HF_WEIGHT_NAMES, None) if config is not None else None
     if config is not None and weights is not None and weights.parent == config.parent:
         model_name, source = f"local-dir:{config.parent}", f"huggingface_hub cache {config.parent}"
@@ -243,7 +244,7 @@ def _load_hub(spec: str, looked: list[str], *, device: str | torch.device, downl
                 f"CLIP weights hf-hub:{repo_id} not found. Looked at: {'; '.join(looked)}. Allow the download "
                 f"(go online and unset {ENV_OFFLINE}/{ENV_HF_OFFLINE}; in Python also load_clip(..., "
                 f"download=True)), or download the repository's open_clip_model.safetensors and "
-                f"open_clip_config.json and pass the .safetensors file with --clip PATH / {ENV_CLIP}=PATH. "
+                f"{HUB_CONFIG_NAME} into one folder and pass the .safetensors file with --clip PATH / {ENV_CLIP}=PATH. "
                 f"{OFFLINE_HINT}"
             )
         model_name, source = f"hf-hub:{repo_id}", f"Hugging Face Hub {repo_id}"
@@ -299,8 +300,9 @@ def load_clip(
             or ``HF_HUB_OFFLINE=1``.
         arch: for local files, the open_clip architecture name to build instead of reading the config
             from the file or inferring it.
-        quick_gelu: QuickGELU activations; ``None``: True for local files unless their config says otherwise,
-            the pretrained tag's setting for open_clip tags.
+        quick_gelu: QuickGELU activations; ``None``: True for local files unless their config says otherwise
+            (a Hugging Face ``open_clip_config.json`` beside the file without the key: False, as for its
+            ``hf-hub:`` id), the pretrained tag's setting for open_clip tags.
 
     Raises:
         WeightsNotFoundError: nothing found (the message lists every place looked and how to get the weights).

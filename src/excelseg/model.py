@@ -247,11 +247,12 @@ class ExcelModel(nn.Module):
     def lvc_cams(self, out: ExcelOutput, fts: Tensor | None = None, *, shift: Tensor | None = None) -> Tensor:
         """(B, C, h, w) LVC CAMs: the SVC dual path re-run from the cache with the shift ``E`` (EXCEL_SPEC §4.2).
 
-        ``E`` comes from ``fts`` (default ``out.adapter_fts``; detached; batch-coupled mean), or is given as
-        ``shift`` (B, N, N).
+        ``E`` comes from ``fts`` (default ``out.adapter_fts``; detached; batch-coupled mean; at least fp32 when the
+        heads ran under autocast), or is given as ``shift`` (B, N, N).
         """
         if shift is None:
-            shift = lvc_shift(out.adapter_fts if fts is None else fts, self.config.heads.relation_gain)
+            fts = out.adapter_fts if fts is None else fts
+            shift = lvc_shift(fts.to(torch.promote_types(fts.dtype, torch.float32)), self.config.heads.relation_gain)
         features, _ = self.encoder.calibrate(out.cache, shift)
         return self.cams_from_features(features, out.grid)
 

@@ -4,7 +4,7 @@
 * Every test starts from the same torch RNG state and thread count and cannot leave a changed thread count,
   default dtype or grad mode behind, whatever order pytest-randomly picks (``make test`` runs a fixed seed).
 * Under pytest-xdist (``make test`` runs ``-n auto``) each worker gets its share of the cores as torch threads,
-  so workers do not oversubscribe the CPU; every tolerance holds for any thread count (docs/tests.md).
+  and so do the processes its tests start (``OMP_NUM_THREADS``), so workers do not oversubscribe the CPU; every tolerance holds for any thread count (docs/tests.md).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: the cores are shared by the N worker processes
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    # ... and by the processes a test starts (CLI runs, torchrun, forked workers): they inherit this share
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 _THREADS = torch.get_num_threads()
 
 

@@ -84,7 +84,7 @@ def iteration(model, opt, x, cls, setting: str, amp, timings: dict | None = None
         else:
             cams_out = out
         if timings is not None:  # split: CAMs + refinement (labels) vs losses, same code as training_losses
-            from excelseg.model import denormalize_uint8
+            from excelseg.preprocess import denormalize_uint8
             from excelseg.train.step import uses_lvc
 
             with torch.no_grad(), torch.autocast(dev.type, enabled=False):
@@ -98,7 +98,7 @@ def iteration(model, opt, x, cls, setting: str, amp, timings: dict | None = None
         else:
             if setting == "ref-equiv":
                 with torch.no_grad():
-                    from excelseg.model import denormalize_uint8
+                    from excelseg.preprocess import denormalize_uint8
 
                     cams = model.lvc_cams(out2).float()
                     trans, _, _ = model.transition(out, guided=True)

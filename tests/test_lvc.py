@@ -14,7 +14,9 @@ from excelseg.backbone import DenseEncoder, interpolate_pos_embed
 from excelseg.config import PAPER_VOC, CamConfig, HeadsConfig, RefineConfig
 from excelseg.losses import affinity_labels, affinity_loss, balanced_seg_loss, excel_loss, radius_mask
 from excelseg.lvc import learned_affinity, lvc_shift, p_guided_affinity, relation, relation_logits
-from excelseg.model import ExcelModel, denormalize_uint8, flip_max_cams
+from excelseg.model import ExcelModel
+from excelseg.preprocess import denormalize_uint8
+from excelseg.refine import flip_max_cams
 from numerics import F32_REL, F64_REL, assert_rel_close, rel_err
 from tiny_clip import tiny_model
 

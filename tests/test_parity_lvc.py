@@ -116,9 +116,8 @@ def check_labels(label: np.ndarray, ref: np.ndarray, what: str) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_lvc_image(kit, name):
     from excelseg.lvc import learned_affinity, p_guided_affinity, relation_logits, shift_from_logits
-    from excelseg.model import flip_max_cams
     from excelseg.pseudo import labels_from_cams
-    from excelseg.refine import box_mask, refine_cams, transition_matrix
+    from excelseg.refine import box_mask, flip_max_cams, refine_cams, transition_matrix
 
     model = kit
     g = golden(name)
@@ -218,7 +217,7 @@ def test_batch4(kit):
     """One training batch (README §4.3): R_mean, segs, static CAMs, pseudo labels, affinity labels, losses."""
     require_kit()
     from excelseg.losses import affinity_labels, affinity_loss, balanced_seg_loss, excel_loss
-    from excelseg.model import denormalize_uint8
+    from excelseg.preprocess import denormalize_uint8
 
     model = kit
     g = np.load(GOLDEN / "batch4.npz")

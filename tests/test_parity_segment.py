@@ -189,11 +189,11 @@ def _lvc_oracle(clip, ckpt, image: np.ndarray, size: int, cls_idx: np.ndarray) -
     from excelseg.config import PAPER_VOC
     from excelseg.io.checkpoint import load_checkpoint
     from excelseg.lvc import learned_affinity, p_guided_affinity
-    from excelseg.model import ExcelModel, flip_max_cams
+    from excelseg.model import ExcelModel
     from excelseg.predictor import CamPredictor
     from excelseg.preprocess import network_input
     from excelseg.pseudo import labels_from_cams
-    from excelseg.refine import box_mask, refine_cams, transition_matrix
+    from excelseg.refine import box_mask, flip_max_cams, refine_cams, transition_matrix
     from excelseg.vocab import Vocabulary
     from parity_kit import REF_BANK
 

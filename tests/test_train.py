@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from excelseg.cli import main
 from excelseg.config import PAPER_VOC, CamConfig, HeadsConfig, RefineConfig, TrainConfig, dump_config
 from excelseg.data import open_dataset
-from excelseg.model import ExcelModel, denormalize_uint8
+from excelseg.model import ExcelModel
+from excelseg.preprocess import denormalize_uint8
 from excelseg.pseudo import labels_from_cams
 from excelseg.refine import box_mask, refine_cams
 from excelseg.train import Trainer, TrainingError

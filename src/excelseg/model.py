@@ -28,17 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._deprecated import moved
 from .backbone import DenseEncoder, DenseOutput, SvcCache
 from .cam import surgery_cams
 from .config import ATTENTION_INPUTS, ATTENTION_MODES, PAPER_VOC, PipelineConfig
 from .heads import ExcelHeads
 from .lvc import affinity_from_attention, learned_affinity, lvc_shift, p_guided_affinity, reference_attention
-from .preprocess import Normalization, network_input, normalization_constants
+from .preprocess import network_input
 from .pseudo import PseudoLabels, par_settings, present_classes, pseudo_labels, select_classes
 from .refine import minmax_normalize, transition_matrix
 
-__all__ = ["PRECISIONS", "ExcelModel", "ExcelOutput", "ImageState", "denormalize_uint8", "flip_max_cams",
-           "model_attribute", "multiscale_views"]
+__all__ = ["PRECISIONS", "ExcelModel", "ExcelOutput", "ImageState", "model_attribute", "multiscale_views"]
 
 # mixed precision of the frozen CLIP forward: fp32 is the default and the parity setting
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,26 +74,6 @@ def multiscale_views(scales: Sequence[float], flip: bool, skip_flip_at_base: boo
     """``(scale, with_flip)`` per scale, in the given order: what every multi-scale + flip aggregation runs
     (CAMs and segmentation logits). ``skip_flip_at_base``: no flip at scale 1.0 (the reference's VOC ``segment``)."""
     return [(float(s), bool(flip) and not (skip_flip_at_base and s == 1.0)) for s in scales]
-
-
-def flip_max_cams(cams: Tensor, cams_flipped: Tensor) -> Tensor:
-    """Flip-augmented CAMs as the reference's LVC inference combines them (parity README §4.2 ``cam_lvc_flip``).
-
-    Args:
-        cams: (B, C, h, w) CAMs of the images; cams_flipped: (B, C, h, w) CAMs of the mirrored images.
-
-    Returns:
-        (B, C, h, w) ``max(cams, mirror(cams_flipped))``, then per map ``(m − min) / (max(m − min) + 1e-5)``.
-    """
-    return minmax_normalize(torch.maximum(cams, cams_flipped.flip(-1)), eps=1e-5)
-
-
-def denormalize_uint8(x: Tensor, normalization: Normalization = "imagenet") -> Tensor:
-    """(B, 3, H, W) normalised input → the training PAR image: ``uint8(x·std + mean) / 255`` (truncation, as the
-    reference's ``denormalize_img2``; parity README §3.3 "PAR image")."""
-    mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-                 for v in normalization_constants(normalization))
-    return (x * std + mean).clamp_(0, 255).floor_() / 255
 
 
 def model_attribute(path: str) -> property:
@@ -400,7 +380,7 @@ class ExcelModel(nn.Module):
                       size: tuple[int, int], box_threshold: float | None = None) -> Tensor:
         """(B, H, W) uint8 training pseudo-labels (EXCEL_SPEC §3.3–3.4): each image's present classes of the
         (B, C, h, w) ``cams`` (``cls_labels`` (B, C) multi-hot), box mask + refinement with ``trans`` (B, N, N),
-        PAR guided by ``par_images`` (training: :func:`denormalize_uint8` of the input), at ``size``; τ_box
+        PAR guided by ``par_images`` (training: :func:`excelseg.preprocess.denormalize_uint8` of the input), at ``size``; τ_box
         default ``heads.train_box_threshold``. An image without classes is all background."""
         tau = self.config.heads.train_box_threshold if box_threshold is None else box_threshold
         classes, valid = present_classes(cls_labels)
@@ -460,3 +440,6 @@ class ExcelModel(nn.Module):
 
     def trainable_parameters(self) -> Sequence[nn.Parameter]:
         return [p for p in self.heads.parameters() if p.requires_grad]
+
+
+__getattr__ = moved(__name__, {"denormalize_uint8": "excelseg.preprocess", "flip_max_cams": "excelseg.refine"})

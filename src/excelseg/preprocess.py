@@ -65,3 +65,11 @@ def network_input(rgb: np.ndarray, size: tuple[int, int], normalization: Normali
     x = x.float()
     x = normalize_pixels(x, normalization)
     return x[0].flip(-1) if flip else x[0]
+
+
+def denormalize_uint8(x: Tensor, normalization: Normalization = "imagenet") -> Tensor:
+    """(B, 3, H, W) normalised input → the training PAR image: ``uint8(x·std + mean) / 255`` (truncation, as the
+    reference's ``denormalize_img2``; parity README §3.3 "PAR image")."""
+    mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+                 for v in normalization_constants(normalization))
+    return (x * std + mean).clamp_(0, 255).floor_() / 255

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._deprecated import moved
 
-__all__ = ["box_mask", "minmax_normalize", "refine_cams", "transition_matrix"]
+__all__ = ["box_mask", "flip_max_cams", "minmax_normalize", "refine_cams", "transition_matrix"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # §3.3 affinity refinement
@@ -164,3 +164,15 @@ def minmax_normalize(maps: Tensor, eps: float = 1e-7) -> Tensor:
 # moved in 0.2: PAR to excelseg.par, refined CAMs → labels to excelseg.pseudo
 __getattr__ = moved(__name__, {"par": "excelseg.par", "PAR_DILATIONS": "excelseg.par",
                                "labels_from_cams": "excelseg.pseudo", "class_scores": "excelseg.pseudo"})
+
+
+def flip_max_cams(cams: Tensor, cams_flipped: Tensor) -> Tensor:
+    """Flip-augmented CAMs as the reference's LVC inference combines them (parity README §4.2 ``cam_lvc_flip``).
+
+    Args:
+        cams: (B, C, h, w) CAMs of the images; cams_flipped: (B, C, h, w) CAMs of the mirrored images.
+
+    Returns:
+        (B, C, h, w) ``max(cams, mirror(cams_flipped))``, then per map ``(m − min) / (max(m − min) + 1e-5)``.
+    """
+    return minmax_normalize(torch.maximum(cams, cams_flipped.flip(-1)), eps=1e-5)

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from ..config import TrainConfig
 from ..losses import affinity_labels, affinity_loss, balanced_seg_loss, excel_loss
-from ..model import ExcelModel, ExcelOutput, denormalize_uint8
+from ..model import ExcelModel, ExcelOutput
+from ..preprocess import denormalize_uint8
 
 __all__ = ["StepLosses", "check_batch", "training_losses", "uses_lvc", "uses_self_affinity"]
 

@@ -213,3 +213,56 @@ def test_count_ops_proxy_runs_and_leaves_nothing_patched(monkeypatch, capsys):
         tri, gat = got[("pseudo-label stage", "triton", 4)], got[("pseudo-label stage", "gather", 4)]
         assert tri["kernels_per_image"] < gat["kernels_per_image"]
     assert "kernels/img" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training-free CAMs of a batch (ExcelModel.image_cams)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def views_model():
+    """A tiny training-free model with three scales and flip (six views per image, two grids)."""
+    from dataclasses import replace
+
+    from excelseg import build_model
+    from excelseg.config import PAPER_VOC
+    from tiny_clip import tiny_clip
+
+    cfg = PAPER_VOC.with_(cam=replace(PAPER_VOC.cam, size=(32, 32), scales=(1.0, 0.5, 1.5), flip=True,
+                                      svc_last_blocks=2),
+                          refine=replace(PAPER_VOC.refine, affinity_layers=3, par_iters=3))
+    return build_model(clip=tiny_clip(0), vocabulary="voc", config=cfg, device="cpu")
+
+
+def _rgbs(n: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (20 + 7 * i, 30 + 5 * (i % 3), 3), dtype=np.uint8) for i in range(n)]
+
+
+def test_batched_cams_equal_image_by_image(views_model):
+    m = views_model
+    states = m.encode_images(_rgbs(4, seed=5))
+    text = m.own_text_features()
+    classes = [[3], [0, 7, 19], [], [5, 11]]  # different K per image, one image without classes
+    batched = m.image_cams(states, text, 20, classes)
+    for st, cls, got in zip(states, classes, batched):
+        alone = m.image_cams([st], text, 20, [cls])[0]
+        assert got.shape == (len(cls), *st.views[0][1]) == alone.shape
+        if cls:
+            assert rel_err(got, alone) <= F32_REL
+    # and the maps are each class's own: the batch's largest K does not leak padding into a smaller image
+    assert not torch.equal(batched[1][0], batched[1][1])
+
+
+def test_batched_cam_ops_do_not_grow_with_the_batch(views_model):
+    m = views_model
+    text = m.own_text_features()
+    two = m.encode_images(_rgbs(2, seed=6))
+    eight = two * 4
+    few = _count(m.image_cams, two, text, 20, [[1, 2]] * 2)
+    many = _count(m.image_cams, eight, text, 20, [[1, 2]] * 8)
+    # per image: a stacking view per view and the output slices; no kernel is per image
+    assert many.kernels - few.kernels <= 6 * 2 and many.kernels < few.kernels * 1.5

@@ -35,7 +35,7 @@ from .config import ATTENTION_INPUTS, ATTENTION_MODES, PAPER_VOC, PipelineConfig
 from .heads import ExcelHeads
 from .lvc import affinity_from_attention, learned_affinity, lvc_shift, p_guided_affinity, reference_attention
 from .preprocess import network_input
-from .pseudo import PseudoLabels, par_settings, present_classes, pseudo_labels, select_classes
+from .pseudo import PseudoLabels, pad_lists, par_settings, present_classes, pseudo_labels, select_classes
 from .refine import minmax_normalize, transition_matrix
 
 __all__ = ["PRECISIONS", "ExcelModel", "ExcelOutput", "ImageState", "model_attribute", "multiscale_views"]
@@ -325,28 +325,45 @@ class ExcelModel(nn.Module):
         return states
 
     @torch.no_grad()
-    def image_cams(self, state: ImageState, text: Tensor, num_classes: int, classes: Sequence[int]) -> Tensor:
-        """(K, h, w) CAMs of ``classes`` (vocabulary indices) for one image, its views aggregated: mean views are
-        summed (mirrors flipped back, other scales resized to the scale-1 grid) and min–max normalised when there
-        are several; LVC pairs are combined by ``max`` and min–max (eps 1e-5) (EXCEL_SPEC §3.2, §4.2)."""
-        idx = list(classes)
-        base_grid = state.views[0][1]
-        maps = []
-        for feats, grid, flipped in state.views:
-            cams = self.cams_from_features(feats[None], grid, text, num_classes)[0][idx]
-            if flipped:
-                cams = cams.flip(-1)
-            if grid != base_grid and state.combine != "max":
-                cams = F.interpolate(cams[None], size=base_grid, mode="bilinear", align_corners=False)[0]
-            maps.append(cams)
-        if state.combine == "max":
-            m = torch.stack(maps).amax(dim=0)
-            m = m - m.amin(dim=(-2, -1), keepdim=True)
-            return m / (m.amax(dim=(-2, -1), keepdim=True) + 1e-5)
-        agg = maps[0]
-        for cams in maps[1:]:
-            agg = agg + cams
-        return minmax_normalize(agg) if len(maps) > 1 else agg
+    def image_cams(self, states: Sequence[ImageState], text: Tensor, num_classes: int,
+                   classes: Sequence[Sequence[int]]) -> list[Tensor]:
+        """(K_i, h, w) CAMs of ``classes[i]`` (vocabulary indices) for ``states[i]``, its views aggregated: mean
+        views are summed (mirrors flipped back, other scales resized to the scale-1 grid) and min–max normalised
+        when there are several; LVC pairs are combined by ``max`` and min–max (eps 1e-5) (EXCEL_SPEC §3.2, §4.2).
+
+        Batched: the states whose views share grids (all of them for one ``cam.size``) run as one batch per view,
+        classes padded to the batch's largest K, so the operations do not grow with the number of images."""
+        out: list[Tensor | None] = [None] * len(states)
+        groups: dict[tuple, list[int]] = {}
+        for i, st in enumerate(states):
+            groups.setdefault((st.combine, tuple((grid, flipped) for _, grid, flipped in st.views)), []).append(i)
+        for (combine, views), idx in groups.items():
+            sel, _ = pad_lists([classes[i] for i in idx], text.device)  # (G, K), padded with class 0
+            if sel.shape[1] == 0:  # no classes asked: no maps
+                for i in idx:
+                    out[i] = text.new_zeros(0, *views[0][0])
+                continue
+            rows = torch.arange(len(idx), device=text.device)[:, None]
+            base_grid = views[0][0]
+            maps = []
+            for v, (grid, flipped) in enumerate(views):
+                feats = torch.stack([states[i].views[v][0] for i in idx])
+                cams = self.cams_from_features(feats, grid, text, num_classes)[rows, sel]  # (G, k, h, w)
+                if flipped:
+                    cams = cams.flip(-1)
+                if grid != base_grid and combine != "max":
+                    cams = F.interpolate(cams, size=base_grid, mode="bilinear", align_corners=False)
+                maps.append(cams)
+            if combine == "max":
+                agg = minmax_normalize(torch.stack(maps).amax(dim=0), eps=1e-5)
+            else:
+                agg = maps[0]
+                for cams in maps[1:]:
+                    agg = agg + cams
+                agg = minmax_normalize(agg) if len(maps) > 1 else agg
+            for j, i in enumerate(idx):
+                out[i] = agg[j, : len(classes[i])]
+        return out
 
     # ---- pseudo-labels (the one function, batched) ----------------------------------------------------------------
     def label_images(self, states: Sequence[ImageState], cams: Sequence[Tensor], values: Sequence[Sequence[int]],
@@ -356,16 +373,14 @@ class ExcelModel(nn.Module):
         refinement and PAR as ``config.refine`` says (τ_box default ``refine.box_threshold``)."""
         ref = self.config.refine
         tau = ref.box_threshold if box_threshold is None else box_threshold
-        k = max((c.shape[0] for c in cams), default=0)
         out = PseudoLabels([None] * len(states), [None] * len(states), [None] * len(states))
         groups: dict[tuple[int, int], list[int]] = {}
         for i, c in enumerate(cams):
             groups.setdefault(tuple(c.shape[-2:]), []).append(i)
         for idx in groups.values():
+            vals, valid = pad_lists([values[i] for i in idx], cams[idx[0]].device)
+            k = vals.shape[1]
             padded = torch.stack([F.pad(cams[i], (0, 0, 0, 0, 0, k - cams[i].shape[0])) for i in idx])
-            valid = torch.tensor([[j < cams[i].shape[0] for j in range(k)] for i in idx], device=padded.device)
-            vals = torch.tensor([list(values[i]) + [0] * (k - len(values[i])) for i in idx], dtype=torch.long,
-                                device=padded.device)
             use_trans = ref.refine and all(states[i].trans is not None for i in idx)
             trans = torch.stack([states[i].trans for i in idx]) if use_trans else None
             res = pseudo_labels(padded, vals, torch.stack([states[i].net_input for i in idx]),

@@ -155,8 +155,15 @@ class CamPredictor:
         if len(classes) != len(states):
             raise ValueError(f"{len(states)} images but {len(classes)} class lists")
         resolved = [self._resolve(c, vocabulary) for c in classes]
-        raws = [self.model.image_cams(st, self.text_features(vocab), vocab.num_classes, present)
-                for st, (vocab, present, _) in zip(states, resolved)]
+        raws: list = [None] * len(states)
+        by_vocab: dict[int, tuple] = {}  # one batched CAM call per vocabulary (one, unless calls name their own)
+        for i, (vocab, _, _) in enumerate(resolved):
+            by_vocab.setdefault(id(vocab), (vocab, []))[1].append(i)
+        for vocab, idx in by_vocab.values():
+            cams = self.model.image_cams([states[i] for i in idx], self.text_features(vocab), vocab.num_classes,
+                                         [resolved[i][1] for i in idx])
+            for i, c in zip(idx, cams):
+                raws[i] = c
         values = [[i + 1 for i in present] for _, present, _ in resolved]
         labels = self.model.label_images(states, raws, values)
         return [CamResult(names, vals, tuple(st.size), lab.cpu().numpy(), minmax_normalize(ref), raw.cpu().numpy(),

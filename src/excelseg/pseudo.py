@@ -20,7 +20,7 @@ from torch import Tensor
 from .par import PAR_DILATIONS, par
 from .refine import box_mask, minmax_normalize, refine_cams
 
-__all__ = ["PseudoLabels", "class_scores", "labels_from_cams", "present_classes", "pseudo_labels"]
+__all__ = ["PseudoLabels", "class_scores", "labels_from_cams", "pad_lists", "present_classes", "pseudo_labels"]
 
 
 def _working_size(out_size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -128,6 +128,15 @@ def present_classes(cls_labels: Tensor) -> tuple[Tensor, Tensor]:
     k = int(present.sum(dim=1).max()) if present.numel() else 0
     order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)[:, :k]
     return order, present.gather(1, order)
+
+
+def pad_lists(lists: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Per-image index lists of different lengths → ``(values, valid)``, each (B, K) with K the longest list:
+    each row its list, then padding 0 (``valid`` False)."""
+    k = max((len(v) for v in lists), default=0)
+    values = torch.tensor([list(v) + [0] * (k - len(v)) for v in lists], dtype=torch.long).view(len(lists), k)
+    valid = torch.arange(k)[None, :] < torch.tensor([len(v) for v in lists], dtype=torch.long)[:, None]
+    return values.to(device), valid.to(device)
 
 
 def select_classes(cams: Tensor, classes: Tensor, valid: Tensor) -> Tensor:

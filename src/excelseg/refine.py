@@ -160,12 +160,6 @@ def minmax_normalize(maps: Tensor, eps: float = 1e-7) -> Tensor:
     return shifted / (shifted.amax(dim=(-2, -1), keepdim=True) + eps)
 
 
-
-# moved in 0.2: PAR to excelseg.par, refined CAMs → labels to excelseg.pseudo
-__getattr__ = moved(__name__, {"par": "excelseg.par", "PAR_DILATIONS": "excelseg.par",
-                               "labels_from_cams": "excelseg.pseudo", "class_scores": "excelseg.pseudo"})
-
-
 def flip_max_cams(cams: Tensor, cams_flipped: Tensor) -> Tensor:
     """Flip-augmented CAMs as the reference's LVC inference combines them (parity README §4.2 ``cam_lvc_flip``).
 
@@ -176,3 +170,8 @@ def flip_max_cams(cams: Tensor, cams_flipped: Tensor) -> Tensor:
         (B, C, h, w) ``max(cams, mirror(cams_flipped))``, then per map ``(m − min) / (max(m − min) + 1e-5)``.
     """
     return minmax_normalize(torch.maximum(cams, cams_flipped.flip(-1)), eps=1e-5)
+
+
+# moved in 0.2: PAR to excelseg.par, refined CAMs → labels to excelseg.pseudo
+__getattr__ = moved(__name__, {"par": "excelseg.par", "PAR_DILATIONS": "excelseg.par",
+                               "labels_from_cams": "excelseg.pseudo", "class_scores": "excelseg.pseudo"})

@@ -249,8 +249,9 @@ static void wait_until(const _Atomic int64_t *counter, int64_t value)
 /* Before row y of iteration i + 1 in band t: wait until the other bands have finished the rows y ± dy_max of
  * iteration i. That covers what the row reads (iteration i's rows y + dy, clamped) and the write-after-read hazard:
  * the row overwrites iteration i − 1's row y in the other ping-pong buffer, which only iteration i's rows within
- * dy_max of y read. The key order is a topological order of these dependencies (neighbouring rows' positions differ
- * by at most their distance + 1 ≤ skew), and every band runs its rows in key order, so no wait can deadlock. */
+ * dy_max of y read. The key order is a topological order of these dependencies (band heights differ by at most 1,
+ * so the positions of rows within dy_max of each other differ by at most skew), and every band runs its rows in key
+ * order, so no wait can deadlock. */
 static void wait_inputs(const struct job *jb, int t, int i, int y, int dy_max)
 {
     const int lo = y - dy_max < 0 ? 0 : y - dy_max, hi = y + dy_max >= jb->h ? jb->h - 1 : y + dy_max;

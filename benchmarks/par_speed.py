@@ -1,6 +1,7 @@
 """PAR speed: the implementation before issue 13, the torch backend and the native (C) kernels, interleaved.
 
     python benchmarks/par_speed.py [--rounds 5] [--threads 1] [--images 19] [--backend native|auto|torch]
+    python benchmarks/par_speed.py --bands [--rounds 5] [--images 19]
 
 For every VOC sample image (``shared/data/voc_sample``; with the parity goldens the masks are the real
 ``[background, classes]`` score maps built from ``refined_static`` at the ground-truth size, otherwise random maps
@@ -11,6 +12,11 @@ image by image, so a drift in machine speed hits all alike. Prints per round eac
 ratios old/native and torch/native, then their median and spread (min–max) over the rounds, and checks the
 outputs against the native side: max |Δ| and the number of pixels whose argmax differs. Last line:
 ``par speed-up: <median old/native>``.
+
+``--bands``: the C kernels on one image at 1 vs 2 threads (with 2, par.c splits the iterations' rows into two bands),
+interleaved image by image: per round the time per image of PAR with 21 and with 1 iteration at each thread count,
+their difference (20 iterations) and the ratio of the iterations' times 1 thread / 2 threads; then its median and
+spread, and that the outputs are bit-identical. Last line: ``iterations 1/2 threads: <median>``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from excelseg.par import PAR_DILATIONS, par
+from excelseg import _native as native
+from excelseg.par import PAR_DILATIONS, _neighbour_offsets, _positional_affinity, par
 from excelseg.pseudo import labels_from_cams
 
 HERE = Path(__file__).resolve().parents[1]
@@ -117,6 +124,40 @@ def kit_inputs(limit: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     return out
 
 
+def compare_bands(inputs, rounds: int) -> None:
+    """The C kernels at 1 vs 2 threads on one image, interleaved; prints the iterations' times and their ratio."""
+    lib = native.par_library()
+    if lib is None:
+        raise SystemExit("the native PAR kernels are not available here")
+    offs = _neighbour_offsets(PAR_DILATIONS)
+    pos = _positional_affinity(offs, 0.3, 0.01, torch.float32)
+
+    def run(x, m, iters, threads):
+        img = F.interpolate(x, size=m.shape[-2:], mode="bilinear", align_corners=True)
+        return native.par_cpu(img, m, [(dy, dx) for dy, dx, _ in offs], pos, 0.3, iters, lib, threads=threads)
+
+    same = all(torch.equal(run(x, m, 20, 1), run(x, m, 20, 2)) for _, x, m in inputs)  # also the warm-up
+    settings = [(iters, threads) for threads in (1, 2) for iters in (21, 1)]
+    ratios = []
+    for r in range(rounds):
+        t = dict.fromkeys(settings, 0.0)
+        for _, x, m in inputs:
+            for key in settings:
+                t0 = time.perf_counter()
+                run(x, m, *key)
+                t[key] += time.perf_counter() - t0
+        ms = {key: v / len(inputs) * 1e3 for key, v in t.items()}
+        it1, it2 = ms[21, 1] - ms[1, 1], ms[21, 2] - ms[1, 2]
+        ratios.append(it1 / it2)
+        print(f"round {r}: 1 thread {ms[21, 1]:6.1f} ms/image (20 iterations {it1:5.1f})   2 threads "
+              f"{ms[21, 2]:6.1f} ms/image (20 iterations {it2:5.1f})   iterations 1/2 threads {ratios[-1]:.2f}",
+              flush=True)
+    print(f"outputs at 1 and 2 threads bit-identical: {same}")
+    print(f"iterations 1/2 threads over {rounds} rounds: median {statistics.median(ratios):.2f}, "
+          f"spread {min(ratios):.2f}-{max(ratios):.2f}")
+    print(f"iterations 1/2 threads: {statistics.median(ratios):.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -124,11 +165,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=19)
     ap.add_argument("--backend", default="native", choices=("native", "auto", "torch"),
                     help="backend of the 'native' side (default: the C kernels, failing if they cannot be built)")
+    ap.add_argument("--bands", action="store_true", help="the C kernels at 1 vs 2 threads on one image instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     inputs = kit_inputs(args.images)
     sizes = sorted({(tuple(m.shape[-2:]), m.shape[1]) for _, _, m in inputs})
     print(f"{len(inputs)} images, (H, W) × channels: {sizes}; torch threads {torch.get_num_threads()}")
+    if args.bands:
+        compare_bands(inputs, args.rounds)
+        return
 
     sides = {"old": old_par, "torch": lambda x, m: par(x, m, backend="torch"),
              "native": lambda x, m: par(x, m, backend=args.backend)}

@@ -37,10 +37,10 @@ def _inputs(b, c, h, w, seed, dtype=torch.float64):
     return image, masks
 
 
-def _par_cpu(lib, image, masks, iters, threads):
+def _par_cpu(lib, image, masks, iters, threads, dilations=PAR_DILATIONS):
     """``native.par_cpu`` called as ``par`` calls it (paper weights), with an explicit library and thread count."""
     img = torch.nn.functional.interpolate(image, size=masks.shape[-2:], mode="bilinear", align_corners=True)
-    offs = _neighbour_offsets(PAR_DILATIONS)
+    offs = _neighbour_offsets(dilations)
     pos = _positional_affinity(offs, 0.3, 0.01, torch.float32)
     return native.par_cpu(img, masks, [(dy, dx) for dy, dx, _ in offs], pos, 0.3, iters, lib, threads=threads)
 
@@ -79,17 +79,36 @@ def test_native_and_torch_backends_agree_on_a_label_sized_map(lib):
     assert torch.equal(a.argmax(1), b.argmax(1))
 
 
-def test_native_par_is_bit_identical_for_any_thread_count_and_wavefront_depth(lib, monkeypatch):
-    # channels are split between threads for the iterations and rows for the affinity, and the iterations run as
-    # wavefronts of GROUP: every output value is computed by the same operations whatever the split or schedule
-    image, masks = _inputs(2, 5, 33, 45, seed=7, dtype=torch.float32)
-    outs = [_par_cpu(lib, image, masks, 5, threads=t) for t in (1, 2, 3)]
-    for group in (1, 2, 5):
-        monkeypatch.setattr(native, "GROUP", group)
-        outs.append(_par_cpu(lib, image, masks, 5, threads=1))
-    assert all(torch.equal(outs[0], other) for other in outs[1:])
-    monkeypatch.undo()
-    torch.testing.assert_close(outs[0], par(image, masks, iters=5, backend="native"), rtol=0, atol=0)
+@pytest.mark.parametrize(
+    "b,h,dilations",
+    [
+        (1, 5, PAR_DILATIONS),  # fewer rows than the largest dilation: every row reads every band
+        (1, 37, PAR_DILATIONS),  # bands of 12–19 rows: rows read across one or two band boundaries
+        (1, 90, PAR_DILATIONS),  # bands of 30–45 rows around the dilation 24
+        (1, 90, (1, 2, 4)),  # bands much taller than the dilations: waits only near the boundaries
+        (2, 33, PAR_DILATIONS),  # a batch: images per thread (2 threads), each image in 3 bands (3 threads)
+    ],
+)
+def test_native_par_is_bit_identical_for_any_thread_count_and_wavefront_depth(lib, monkeypatch, b, h, dilations):
+    # the iterations of an image are split into bands of rows, one thread each, when there are fewer images than
+    # threads (else whole images per thread), run as wavefronts of GROUP iterations and synchronised at the band
+    # boundaries; the affinity is split by rows. Every output value is computed by the same operations from the
+    # same inputs whatever the split or schedule, so the bits must not change — and must be PAR (float64 oracle).
+    iters = 7  # GROUP 1: 7 wavefronts, 3: two and a partial one, 8: all iterations in one
+    for c in range(1, 6):
+        image, masks = _inputs(b, c, h, 45, seed=100 * h + c)
+        expected = _par_naive(image, masks, iters=iters, dilations=dilations)
+        image, masks = image.float(), masks.float()
+        first = _par_cpu(lib, image, masks, iters, 1, dilations)
+        assert_rel_close(first, expected, F32_REL, f"native PAR, {c} channels")
+        for group in (1, 3, 8):
+            monkeypatch.setattr(native, "GROUP", group)
+            for threads in (1, 2, 3):
+                out = _par_cpu(lib, image, masks, iters, threads, dilations)
+                assert torch.equal(out, first), f"{c} channels, GROUP {group}, {threads} threads"
+        monkeypatch.undo()
+    if dilations == PAR_DILATIONS:  # through par() with torch's thread count
+        torch.testing.assert_close(first, par(image, masks, iters=iters, backend="native"), rtol=0, atol=0)
 
 
 def test_native_par_leaves_inputs_alone_and_reuses_its_buffers(lib):
@@ -183,3 +202,38 @@ def test_native_par_works_in_a_forked_child(lib):
                           check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("child 0")
+
+
+THREADLESS_SCRIPT = """
+import threading, torch
+from excelseg import _native as native, par as refine
+torch.set_num_threads(1)
+try:  # a thread with the default stack size (what par.c starts) cannot start here
+    threading.Thread(target=print).start()
+    print("threads start")
+except RuntimeError:
+    print("threads fail")
+threading.stack_size(1 << 20)  # the affinity's Python thread pool still runs
+lib = native.par_library()
+img, m = torch.randn(1, 3, 40, 30), torch.rand(1, 4, 40, 30)
+offs = refine._neighbour_offsets(refine.PAR_DILATIONS)
+pos = refine._positional_affinity(offs, 0.3, 0.01, torch.float32)
+run = lambda t: native.par_cpu(img, m, [(dy, dx) for dy, dx, _ in offs], pos, 0.3, 5, lib, threads=t)
+print("same", torch.equal(run(1), run(3)))
+"""
+
+
+def test_native_par_runs_on_one_thread_when_band_threads_cannot_start(lib):
+    # the iterations' band threads wait for each other: if one cannot be started, the others must not wait for it
+    # forever, and the calling thread computes the whole image. A default thread stack as large as the address space
+    # (glibc takes it from RLIMIT_STACK) makes every pthread_create with default attributes fail in the child.
+    resource = pytest.importorskip("resource")
+
+    def huge_stacks():
+        resource.setrlimit(resource.RLIMIT_STACK, (1 << 47, resource.getrlimit(resource.RLIMIT_STACK)[1]))
+
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", THREADLESS_SCRIPT], capture_output=True, text=True, timeout=60,
+                          check=False, preexec_fn=huge_stacks, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["threads", "fail", "same", "True"]

@@ -37,7 +37,7 @@ _logger = logging.getLogger(__name__)
 ENV_CACHE = "EXCELSEG_CACHE"
 ENV_NATIVE = "EXCELSEG_NATIVE"
 SOURCE = Path(__file__).with_name("par.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-pthread", "-fPIC", "-shared")
 VL = 16  # floats per vector in par.c: rows are padded to a multiple of this
 # Wavefront depth: how many PAR iterations share one pass over the weights (par.c). The working set is about
 # GROUP × (largest dilation + 1) weight rows, ≈ 19 MB for a VOC-sized image with 8 (in L3). Measured at 375×500×4,
@@ -111,7 +111,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.excelseg_par_affinity.argtypes = [p, p, p, p, i, i, i, i, f, p, i, i, p]
     lib.excelseg_par_affinity.restype = None
-    lib.excelseg_par_iterate.argtypes = [p, p, p, p, p, i, i, i, i, i, i, i, i, i, p]
+    lib.excelseg_par_iterate.argtypes = [p, p, p, p, p, i, i, i, i, i, i, i, i, i]
     lib.excelseg_par_iterate.restype = None
     return lib
 
@@ -186,8 +186,9 @@ def par_cpu(img: Tensor, masks: Tensor, offsets: list[tuple[int, int]], pos_aff:
         offsets: the Nn neighbour offsets (dy, dx).
         pos_aff: the Nn positional terms ``w_pos · softmax(…)`` added to the colour softmax.
         iters: iterations (≥ 1).
-        threads: worker threads (default ``torch.get_num_threads()``); images or channels are split between them
-            for the iterations and rows for the affinity, which leaves every output bit-identical for any count.
+        threads: worker threads (default ``torch.get_num_threads()``). The affinity is split by rows; the iterations
+            by image when ``B ≥ threads``, else each image's rows are split into ``threads`` bands (par.c starts a
+            thread per band). Every output is bit-identical for any count.
 
     Returns:
         (B, C, H, W) float32 refined maps.
@@ -215,15 +216,17 @@ def par_cpu(img: Tensor, masks: Tensor, offsets: list[tuple[int, int]], pos_aff:
         lib.excelseg_par_affinity(ptr(image[i]), ptr(weights[i]), ptr(dys), ptr(dxs), nn_, h, wv, pad, w_color,
                                   ptr(pos), rows[0], rows[1], ptr(scratch))
 
-    def iterate(i: int, chans: tuple[int, int]) -> None:
-        scratch = torch.empty(nn_, dtype=torch.long)
+    def iterate(i: int, bands: int) -> None:
         lib.excelseg_par_iterate(ptr(weights[i]), ptr(maps[0][i]), ptr(maps[1][i]), ptr(dys), ptr(dxs), nn_, h, w,
-                                 wv, pad, chans[0], chans[1], iters, GROUP, ptr(scratch))
+                                 wv, pad, c, iters, GROUP, bands)
 
     _run([(affinity, i, r) for i in range(b) for r in _split(h, threads)], threads)
-    # iterations: whole images per thread when there are enough (each thread streams only its image's weights),
-    # else the channels of each image split between threads (each thread streams all the weights)
-    chans = [(0, c)] if b >= threads else _split(c, threads)
-    _run([(iterate, i, r) for i in range(b) for r in chans], threads)
+    # iterations: whole images per thread when there are enough, else one image after the other, its rows in bands
+    # (either way each thread streams only its own share of the weights)
+    if b >= threads:
+        _run([(iterate, i, 1) for i in range(b)], threads)
+    else:
+        for i in range(b):
+            iterate(i, threads)
     _give(buffer)
     return maps[iters % 2][..., pad : pad + w].clone()

@@ -225,6 +225,11 @@ def test_train_synthetic_writes_a_checkpoint_that_segments(scenes, tmp_path):
     image = Image.open(scenes / "s0.png")
     label = np.asarray(seg.predict(image).label)
     assert label.shape == (96, 96) and label.max() <= len(CLASS_NAMES)
+    # the checkpoint records the shipped CLIP by its file's sha256; Python finds it as the CLI does, unnamed
+    assert ckpt.clip_identity.startswith("sha256:")
+    unnamed = Segmenter.from_checkpoint(run / latest["heads"], device="cpu")
+    assert unnamed.clip.identity == seg.clip.identity
+    assert np.array_equal(np.asarray(unnamed.predict(image).label), label)
 
 
 def test_train_clip_writes_weights_that_load(tmp_path):

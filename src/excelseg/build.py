@@ -38,7 +38,8 @@ def build_model(clip: LoadedClip | str | Path | None = None, *, vocabulary=None,
     Args:
         clip: a :class:`~excelseg.weights.LoadedClip` or a spec for :func:`~excelseg.weights.load_clip` (open_clip
             tag, weight file, ``hf-hub:`` id, a shipped name such as ``"synthetic"``; ``None`` → ``EXCELSEG_CLIP``
-            → ``ViT-B-16``). With a checkpoint and no ``clip``: the CLIP the checkpoint records, when it is a tag.
+            → ``ViT-B-16``). With a checkpoint and no ``clip``: the CLIP the checkpoint records, when it is a tag
+            or weights shipped with excelseg.
         vocabulary: the model's default vocabulary (``"voc"``, ``"coco"``, names, a file); with a checkpoint,
             default its class list (another class list is refused).
         bank: TSE attribute bank (path or object); refused when it records another CLIP.
@@ -61,10 +62,12 @@ def build_model(clip: LoadedClip | str | Path | None = None, *, vocabulary=None,
     vocab = None if vocabulary is None else Vocabulary.from_spec(vocabulary)
     ckpt = None if checkpoint is None else _checkpoint(checkpoint)
     if clip is None and ckpt is not None:
-        if ckpt.clip_identity.startswith("sha256:"):
+        from .io.checkpoint import clip_spec_of
+
+        clip = clip_spec_of(ckpt.clip_identity)  # an open_clip tag, or the shipped weights it names
+        if clip is None:
             raise ValueError(f"{ckpt.path} was made with the CLIP weight file {ckpt.clip_identity}; give that file "
                              "(clip=... / --clip)")
-        clip = ckpt.clip_identity
     clip = clip if isinstance(clip, LoadedClip) else load_clip(clip, device=device)
     clip.model.to(device)
     heads = None

@@ -37,3 +37,11 @@ def _isolated_torch_state():
     torch.set_num_threads(_THREADS)
     torch.set_default_dtype(dtype)
     torch.set_grad_enabled(grad)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for this test (a module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models' ops run many times slower on two threads of a shared machine. Per test, because
+    :func:`_isolated_torch_state` resets the count before each test; it restores it afterwards."""
+    torch.set_num_threads(1)

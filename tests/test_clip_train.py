@@ -36,13 +36,7 @@ needs_asset = pytest.mark.skipif(not ASSET.is_file(), reason=f"shipped weights a
 MAX_BYTES = 10_000_000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -38,13 +38,7 @@ from tiny_clip import save_tiny
 SHIPPED_HEADS = Path(__file__).resolve().parents[1] / "src" / "excelseg" / "assets" / "synthetic_heads.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest and gives the same bits in every run of a test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

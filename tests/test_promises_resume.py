@@ -37,11 +37,7 @@ EPOCH_ITERS = 7  # batch 2 with drop_last: 15 // 2 iterations per epoch (one ima
 ACROSS = CFG.with_(train=replace(TRAIN, iterations=8, checkpoint_every=100))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread in each test (after conftest's reset): these tiny ops are many times slower on two threads
-    of a shared machine. conftest restores the count afterwards."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,11 +32,7 @@ from tiny_clip import save_tiny
 LABEL_TIES = 1e-3  # labels may differ from the float64 oracle's only at near-ties: ≤ 0.1 % of the pixels
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's ops are too small to share between threads on a loaded CPU (a CLI run took 40 s with 2
-    busy threads, 0.3 s with one). Per test: conftest resets the thread count before and after each test."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

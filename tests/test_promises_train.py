@@ -30,12 +30,7 @@ SMALL = ["train.batch_size=2", "train.crop_size=64", "train.val_every=0", "train
          "heads.decoder_depth=1", "heads.decoder_heads=2", "refine.par_iters=5", "cam.size=64"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

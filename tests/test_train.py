@@ -44,11 +44,7 @@ CFG = PAPER_VOC.with_(cam=replace(CamConfig(), size=(32, 32), svc_last_blocks=2)
                       heads=HeadsConfig(dim=16, decoder_heads=2, decoder_depth=1), train=TRAIN)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread in each test (after conftest's per-test reset, which a module-scoped fixture would not
-    survive): these tiny ops run many times slower on two threads of a shared machine. conftest restores it."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_excel(num_classes: int = 20, seed: int = 0, cfg=CFG) -> ExcelModel:

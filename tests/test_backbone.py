@@ -176,3 +176,25 @@ def test_return_tokens_false_gives_the_same_features(model, n_svc):
     assert lean.tokens == []
     for name in ("features", "pooled", "attn"):
         assert_rel_close(getattr(lean, name), getattr(full, name), F64_REL, name)
+
+
+def test_no_block_runs_nn_multihead_attention(model32):
+    """Every block's attention goes through ``F.scaled_dot_product_attention`` (or the explicit map where one is
+    asked for): none through ``nn.MultiheadAttention``, whose CPU path holds the B×H×T×T map (1024 px: +930 MB vs
+    +309 MB, docs/benchmarks.md). Checked with forward hooks on every block's ``attn`` module, for plain CLIP
+    tokens, SVC and a peer attention mode."""
+    calls = []
+    hooks = [b.attn.register_forward_hook(lambda *_: calls.append(1)) for b in model32.visual.transformer.resblocks]
+    try:
+        enc = DenseEncoder(model32.visual)
+        x = _randn(1, 3, 32, 32, seed=12, dtype=torch.float32)
+        model32.encode_image(x)
+        assert calls, "the hooks see open_clip's own forward"
+        calls.clear()
+        enc(x)
+        enc(x, svc_blocks=enc.last_blocks(2), attn_blocks=(1,))
+        enc(x, attention="sclip", return_tokens=False)
+        assert not calls, f"{len(calls)} block(s) ran nn.MultiheadAttention"
+    finally:
+        for h in hooks:
+            h.remove()

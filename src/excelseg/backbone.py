@@ -249,14 +249,11 @@ class DenseEncoder(nn.Module):
         for i, block in enumerate(vis.transformer.resblocks):
             # features need the original stream's last tokens only for plain CLIP (no SVC, mode none)
             cls_only = i == last and not return_tokens and (svc_features or attention not in ("svc", "none"))
-            need_qkv = i in want_attn or (svc and i >= svc[0]) or cls_only or (rerun and i == last)
             if mode is not None and i == last:
                 mode_start = h
-            if not need_qkv:
-                h = block(h)
-                if return_tokens:
-                    tokens.append(h)
-                continue
+            # every block through its own q, k, v: plain blocks too use F.scaled_dot_product_attention's fused
+            # kernels instead of nn.MultiheadAttention's, which hold the B×H×T×T map (1024 px: peak memory +309 MB
+            # instead of +930 MB; benchmarks/dense_forward.py)
             q, k, v = self._qkv(block, block.ln_1(h))
             if rerun and i == last:
                 mode_stream = self._mode_block(block, h, q, k, v, mode, grid, scale)

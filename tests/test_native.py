@@ -161,8 +161,9 @@ def test_build_goes_to_the_cache_and_a_failing_compiler_falls_back(lib, tmp_path
 
 
 def test_native_par_gives_the_same_bits_for_any_vector_isa(lib, tmp_path):
-    # no FMA contraction and only correctly rounded operations: a build for the x86-64 baseline (SSE2) gives the
-    # bits of the -march=native build (AVX2 or AVX-512 here), so results do not depend on the machine's CPU
+    # no FMA contraction and only correctly rounded operations: a build for the x86-64 baseline (SSE2, 4-float
+    # vectors) gives the bits of the -march=native build (8 floats with AVX2, 16 with AVX-512), so results depend
+    # on neither the machine's CPU nor the vector width
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86-64 only")
     flags = [f if f != "-march=native" else "-march=x86-64" for f in native.FLAGS]
@@ -170,10 +171,32 @@ def test_native_par_gives_the_same_bits_for_any_vector_isa(lib, tmp_path):
     subprocess.run([*native._compiler().split(), *flags, str(native.SOURCE), "-o", str(so), "-lm"], check=True,
                    capture_output=True)
     sse2 = native._bind(ctypes.CDLL(str(so)))
+    assert native.vector_length(sse2) == 4
     image, masks = _inputs(2, 5, 29, 37, seed=13, dtype=torch.float32)
     a = _par_cpu(lib, image, masks, 20, threads=1)
     b = _par_cpu(sse2, image, masks, 20, threads=1)
     assert torch.equal(a, b)
+
+
+def test_native_vectors_are_one_register_wide(lib, tmp_path):
+    """par.c's vectors are as wide as the CPU's registers: 16 floats with AVX-512, 8 with AVX2, 4 otherwise. Wider
+    ones are lowered piece by piece through memory: 16-float vectors on an AVX2 CPU made PAR ~3–4× slower
+    (docs/benchmarks.md). With GCC the build is also checked to have no operation that
+    -Wvector-operation-performance reports as expanded piecewise."""
+    flags = native._cpu_flags().split()
+    if platform.machine() in ("x86_64", "AMD64"):
+        expected = 16 if "avx512f" in flags else 8 if "avx" in flags else 4
+        assert native.vector_length(lib) == expected, (native.vector_length(lib), expected)
+    cc = native._compiler()
+    version = subprocess.run([*cc.split(), "--version"], capture_output=True, text=True, check=False).stdout
+    if "Free Software Foundation" not in version:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            pytest.skip("the width is checked on x86-64 and the piecewise-expansion report needs GCC")
+        return  # the report is GCC's; the width check above ran
+    proc = subprocess.run([*cc.split(), *native.FLAGS, "-Wvector-operation-performance", str(native.SOURCE), "-o",
+                           str(tmp_path / "par.so"), "-lm"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "expanded piecewise" not in proc.stderr, proc.stderr[-2000:]
 
 
 FORK_SCRIPT = """

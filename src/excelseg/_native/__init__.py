@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["default_cache_dir", "native_enabled", "par_cpu", "par_library"]
+__all__ = ["default_cache_dir", "native_enabled", "par_cpu", "par_library", "vector_length"]
 
 _logger = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ ENV_CACHE = "EXCELSEG_CACHE"
 ENV_NATIVE = "EXCELSEG_NATIVE"
 SOURCE = Path(__file__).with_name("par.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-std=c11", "-pthread", "-fPIC", "-shared")
-VL = 16  # floats per vector in par.c: rows are padded to a multiple of this
 # Wavefront depth: how many PAR iterations share one pass over the weights (par.c). The working set is about
 # GROUP × (largest dilation + 1) weight rows, ≈ 19 MB for a VOC-sized image with 8 (in L3). Measured at 375×500×4,
 # 1 thread: 1 → 8 takes the 20 iterations from 45 to 37 ms; 20 (all at once) 41 ms. Any value gives the same bits.
@@ -113,7 +112,15 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.excelseg_par_affinity.restype = None
     lib.excelseg_par_iterate.argtypes = [p, p, p, p, p, i, i, i, i, i, i, i, i, i]
     lib.excelseg_par_iterate.restype = None
+    lib.excelseg_par_vector_length.argtypes = []
+    lib.excelseg_par_vector_length.restype = i
     return lib
+
+
+def vector_length(lib: ctypes.CDLL) -> int:
+    """Floats per vector the library was built with (par.c's VL: 16 with AVX-512, 8 with AVX2, else 4); rows
+    are padded to a multiple of it."""
+    return int(lib.excelseg_par_vector_length())
 
 
 def par_library() -> ctypes.CDLL | None:
@@ -196,14 +203,15 @@ def par_cpu(img: Tensor, masks: Tensor, offsets: list[tuple[int, int]], pos_aff:
     b, c, h, w = masks.shape
     nn_ = len(offsets)
     pad = max(max(abs(dy), abs(dx)) for dy, dx in offsets)
-    wv = -(-w // VL) * VL
+    vl = vector_length(lib)
+    wv = -(-w // vl) * vl
     threads = torch.get_num_threads() if threads is None else threads
     dys = torch.tensor([o[0] for o in offsets], dtype=torch.long)
     dxs = torch.tensor([o[1] for o in offsets], dtype=torch.long)
     pos = torch.tensor(pos_aff, dtype=torch.float32)
     image = F.pad(img, (pad, pad + wv - w, pad, pad), mode="replicate").contiguous()
     buffer = _take(b * nn_ * h * wv)
-    weights = buffer[: b * nn_ * h * wv].view(b, h, wv // VL, nn_, VL)  # per row, per tile of VL pixels
+    weights = buffer[: b * nn_ * h * wv].view(b, h, wv // vl, nn_, vl)  # per row, per tile of vl pixels
     maps = [torch.empty(b, c, h, wv + 2 * pad) for _ in range(2)]
     maps[0][..., pad : pad + w] = masks
     maps[0][..., :pad] = masks[..., :1]

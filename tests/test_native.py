@@ -48,7 +48,7 @@ def _par_cpu(lib, image, masks, iters, threads, dilations=PAR_DILATIONS):
 @pytest.mark.parametrize(
     "b,c,h,w,iters,dilations",
     [
-        (1, 3, 37, 53, 20, PAR_DILATIONS),  # rows not a whole number of 16-pixel tiles; 20 iterations = 3 wavefronts
+        (1, 3, 37, 53, 20, PAR_DILATIONS),  # rows not a whole number of vector tiles (4, 8 or 16 px); 20 iterations = 3 wavefronts
         (2, 6, 20, 16, 3, PAR_DILATIONS),  # a batch; 6 channels = a block of 4 and one of 2; maps smaller than 24
         (1, 1, 1, 1, 2, PAR_DILATIONS),  # a single pixel: every neighbour is the pixel itself
         (1, 5, 9, 40, 1, (1, 3)),  # one iteration, other dilations; 5 channels = 4 + 1

@@ -168,7 +168,7 @@ class DenseEncoder(nn.Module):
         out = q.new_empty(b, h, rows, v.shape[-1])
         mean = q.new_zeros(b, t, t)
         for i, hs in head_chunks(b, h, t):
-            a = torch.softmax(torch.matmul(q[i, hs], k[i, hs].transpose(-1, -2)) * scale, dim=-1)
+            a = torch.softmax(torch.matmul(q[i, hs], k[i, hs].transpose(-1, -2)).mul_(scale), dim=-1)
             mean[i] += a.sum(dim=0)
             out[i, hs] = torch.matmul(a[:, :rows], v[i, hs])
         return out, mean.div_(h)

@@ -46,7 +46,7 @@ def intra_correlation(q: Tensor, k: Tensor, v: Tensor, scale: float, head_sum: b
     out = q.new_zeros(b, t, t)
     for i, hs in head_chunks(b, h, t):
         for z in (q[i, hs], k[i, hs], v[i, hs]):
-            out[i] += torch.softmax(torch.matmul(z, z.transpose(-1, -2)) * scale, dim=-1).sum(dim=0)
+            out[i] += torch.softmax(torch.matmul(z, z.transpose(-1, -2)).mul_(scale), dim=-1).sum(dim=0)
     return out.div_(3.0 if head_sum else 3.0 * h)
 
 
@@ -110,14 +110,14 @@ def mode_attention(mode: str, q: Tensor, k: Tensor, v: Tensor, scale: float, gri
         for i, hs in head_chunks(b, h, t):
             qi, ki = q[i, hs], k[i, hs]
             if kind == "qk":
-                a = torch.softmax(torch.matmul(qi, ki.transpose(-1, -2)) * scale, dim=-1)
+                a = torch.softmax(torch.matmul(qi, ki.transpose(-1, -2)).mul_(scale), dim=-1)
             elif kind == "qq":
-                a = torch.softmax(torch.matmul(qi, qi.transpose(-1, -2)) * scale, dim=-1)
+                a = torch.softmax(torch.matmul(qi, qi.transpose(-1, -2)).mul_(scale), dim=-1)
             elif kind == "qq+kk":
-                a = torch.softmax(torch.matmul(qi, qi.transpose(-1, -2)) * scale, dim=-1)
-                a += torch.softmax(torch.matmul(ki, ki.transpose(-1, -2)) * scale, dim=-1)
+                a = torch.softmax(torch.matmul(qi, qi.transpose(-1, -2)).mul_(scale), dim=-1)
+                a += torch.softmax(torch.matmul(ki, ki.transpose(-1, -2)).mul_(scale), dim=-1)
             else:  # kk+gauss
-                a = torch.softmax(torch.matmul(ki, ki.transpose(-1, -2)) * scale + omega, dim=-1)
+                a = torch.softmax(torch.matmul(ki, ki.transpose(-1, -2)).mul_(scale).add_(omega), dim=-1)
             out[i, hs] = torch.matmul(a, v[i, hs])
     if shift is not None:
         out[:, :, 1:] += torch.matmul(shift.unsqueeze(1).to(v.dtype), v[:, :, 1:])

@@ -266,3 +266,26 @@ def test_batched_cam_ops_do_not_grow_with_the_batch(views_model):
     many = _count(m.image_cams, eight, text, 20, [[1, 2]] * 8)
     # per image: a stacking view per view and the output slices; no kernel is per image
     assert many.kernels - few.kernels <= 6 * 2 and many.kernels < few.kernels * 1.5
+
+
+def test_per_image_results_are_normalised_and_copied_in_one_batch():
+    """CamPredictor's per-image results: the min–max normalisation runs once per grid shape over all images' maps
+    (bit-identical to image by image: each map is reduced on its own), and the host copies are one per dtype when
+    asked (what a GPU does; checked here on CPU tensors), each array equal to its own tensor."""
+    import numpy as np
+
+    from excelseg.predictor import _batched, _to_host
+    from excelseg.refine import minmax_normalize
+
+    g = torch.Generator().manual_seed(3)
+    maps = [torch.rand(k, 6, 7, generator=g) * 5 - 1 for k in (2, 0, 3, 1)] + [torch.rand(2, 4, 4, generator=g)]
+    got = _batched(minmax_normalize, maps)
+    for m, out in zip(maps, got):
+        assert out.shape == m.shape and torch.equal(out, minmax_normalize(m))
+    few, many = _count(_batched, minmax_normalize, maps[:2]), _count(_batched, minmax_normalize, maps[:2] * 8)
+    assert many.kernels == few.kernels  # one cat + one normalisation per shape, whatever the number of images
+    tensors = [*maps, torch.arange(12, dtype=torch.uint8).view(3, 4), torch.zeros(0, 5)]
+    for one_copy in (True, False):
+        for t, a in zip(tensors, _to_host(tensors, one_copy=one_copy)):
+            assert isinstance(a, np.ndarray) and a.shape == tuple(t.shape) and a.dtype == t.numpy().dtype
+            assert np.array_equal(a, t.numpy())

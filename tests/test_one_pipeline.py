@@ -75,6 +75,9 @@ def test_predict_batch_equals_one_by_one(world):
         assert got.pseudo_label.shape == img.shape[:2]
         assert (got.pseudo_label == one.pseudo_label).mean() >= 0.999
         torch.testing.assert_close(got.scores, one.scores, rtol=1e-4, atol=1e-5 * float(one.scores.abs().max()))
+        torch.testing.assert_close(got.grid_cams, one.grid_cams, rtol=1e-4, atol=1e-5)  # min–max normalised: [0, 1]
+        torch.testing.assert_close(torch.from_numpy(got.raw_cams), torch.from_numpy(one.raw_cams), rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_trainer_step_labels(world):

@@ -380,7 +380,12 @@ class ExcelModel(nn.Module):
         for idx in groups.values():
             vals, valid = pad_lists([values[i] for i in idx], cams[idx[0]].device)
             k = vals.shape[1]
-            padded = torch.stack([F.pad(cams[i], (0, 0, 0, 0, 0, k - cams[i].shape[0])) for i in idx])
+            # the maps of all images in one (G, K, h, w) tensor, padding maps zero: one scatter, not a pad per image
+            flat = torch.cat([cams[i] for i in idx])
+            rows = torch.tensor([j * k + c for j, i in enumerate(idx) for c in range(cams[i].shape[0])],
+                                dtype=torch.long, device=flat.device)
+            padded = flat.new_zeros(len(idx) * k, *flat.shape[1:]).index_copy_(0, rows, flat)
+            padded = padded.view(len(idx), k, *flat.shape[1:])
             use_trans = ref.refine and all(states[i].trans is not None for i in idx)
             trans = torch.stack([states[i].trans for i in idx]) if use_trans else None
             res = pseudo_labels(padded, vals, torch.stack([states[i].net_input for i in idx]),

@@ -59,6 +59,39 @@ class CamResult:
         return up[0].clamp_(0, 1).cpu().numpy()
 
 
+def _batched(fn, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``[fn(t) for t in tensors]`` for a per-map ``fn`` over (K_i, h, w) tensors, as one call per (h, w): the maps
+    of all images are concatenated, so the number of device operations does not grow with the batch (#22)."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((tuple(t.shape[1:]), t.dtype, t.device), []).append(i)
+    for idx in groups.values():
+        parts = fn(torch.cat([tensors[i] for i in idx])).split([tensors[i].shape[0] for i in idx])
+        for i, part in zip(idx, parts):
+            out[i] = part
+    return out
+
+
+def _to_host(tensors: Sequence[Tensor], one_copy: bool | None = None) -> list[np.ndarray]:
+    """The tensors as numpy arrays. ``one_copy`` (default: when any is not on the CPU): one device → host copy
+    for all of them (their flattened concatenation per dtype), not one per image; otherwise no copy."""
+    if one_copy is None:
+        one_copy = any(t.device.type != "cpu" for t in tensors)
+    if not one_copy:
+        return [t.numpy() for t in tensors]
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    out: list[np.ndarray | None] = [None] * len(tensors)
+    for idx in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx]).cpu().numpy()
+        bounds = np.cumsum([0] + [tensors[i].numel() for i in idx])
+        for i, a, b in zip(idx, bounds[:-1], bounds[1:]):
+            out[i] = flat[a:b].reshape(tuple(tensors[i].shape))
+    return out
+
+
 class CamPredictor:
     """Training-free ExCEL predictor: a façade over an :class:`~excelseg.model.ExcelModel`.
 
@@ -166,7 +199,7 @@ class CamPredictor:
                 raws[i] = c
         values = [[i + 1 for i in present] for _, present, _ in resolved]
         labels = self.model.label_images(states, raws, values)
-        return [CamResult(names, vals, tuple(st.size), lab.cpu().numpy(), minmax_normalize(ref), raw.cpu().numpy(),
-                          sc)
-                for st, (_, _, names), vals, raw, lab, ref, sc
-                in zip(states, resolved, values, raws, labels.labels, labels.refined, labels.scores)]
+        grid = _batched(minmax_normalize, labels.refined)
+        return [CamResult(names, vals, tuple(st.size), lab, g, raw, sc)
+                for st, (_, _, names), vals, raw, lab, g, sc
+                in zip(states, resolved, values, _to_host(raws), _to_host(labels.labels), grid, labels.scores)]

@@ -35,7 +35,15 @@ from .config import ATTENTION_INPUTS, ATTENTION_MODES, PAPER_VOC, PipelineConfig
 from .heads import ExcelHeads
 from .lvc import affinity_from_attention, learned_affinity, lvc_shift, p_guided_affinity, reference_attention
 from .preprocess import network_input
-from .pseudo import PseudoLabels, pad_lists, par_settings, present_classes, pseudo_labels, select_classes
+from .pseudo import (
+    PseudoLabels,
+    pad_lists,
+    pad_maps,
+    par_settings,
+    present_classes,
+    pseudo_labels,
+    select_classes,
+)
 from .refine import minmax_normalize, transition_matrix
 
 __all__ = ["PRECISIONS", "ExcelModel", "ExcelOutput", "ImageState", "model_attribute", "multiscale_views"]
@@ -380,12 +388,7 @@ class ExcelModel(nn.Module):
         for idx in groups.values():
             vals, valid = pad_lists([values[i] for i in idx], cams[idx[0]].device)
             k = vals.shape[1]
-            # the maps of all images in one (G, K, h, w) tensor, padding maps zero: one scatter, not a pad per image
-            flat = torch.cat([cams[i] for i in idx])
-            rows = torch.tensor([j * k + c for j, i in enumerate(idx) for c in range(cams[i].shape[0])],
-                                dtype=torch.long, device=flat.device)
-            padded = flat.new_zeros(len(idx) * k, *flat.shape[1:]).index_copy_(0, rows, flat)
-            padded = padded.view(len(idx), k, *flat.shape[1:])
+            padded = pad_maps([cams[i] for i in idx], k)
             use_trans = ref.refine and all(states[i].trans is not None for i in idx)
             trans = torch.stack([states[i].trans for i in idx]) if use_trans else None
             res = pseudo_labels(padded, vals, torch.stack([states[i].net_input for i in idx]),

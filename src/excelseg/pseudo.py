@@ -20,7 +20,8 @@ from torch import Tensor
 from .par import PAR_DILATIONS, par
 from .refine import box_mask, minmax_normalize, refine_cams
 
-__all__ = ["PseudoLabels", "class_scores", "labels_from_cams", "pad_lists", "present_classes", "pseudo_labels"]
+__all__ = ["PseudoLabels", "class_scores", "labels_from_cams", "pad_lists", "pad_maps", "present_classes",
+           "pseudo_labels"]
 
 
 def _working_size(out_size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -137,6 +138,16 @@ def pad_lists(lists: Sequence[Sequence[int]], device: torch.device | str = "cpu"
     values = torch.tensor([list(v) + [0] * (k - len(v)) for v in lists], dtype=torch.long).view(len(lists), k)
     valid = torch.arange(k)[None, :] < torch.tensor([len(v) for v in lists], dtype=torch.long)[:, None]
     return values.to(device), valid.to(device)
+
+
+def pad_maps(maps: Sequence[Tensor], k: int) -> Tensor:
+    """Per-image (K_i, h, w) maps → (B, k, h, w), each image's maps first, padding maps zero (k ≥ every K_i): one
+    concatenation and one scatter, not a pad per image."""
+    flat = torch.cat(list(maps))
+    rows = torch.tensor([j * k + c for j, m in enumerate(maps) for c in range(m.shape[0])], dtype=torch.long,
+                        device=flat.device)
+    return flat.new_zeros(len(maps) * k, *flat.shape[1:]).index_copy_(0, rows, flat).view(len(maps), k,
+                                                                                            *flat.shape[1:])
 
 
 def select_classes(cams: Tensor, classes: Tensor, valid: Tensor) -> Tensor:

@@ -143,11 +143,11 @@ def pad_lists(lists: Sequence[Sequence[int]], device: torch.device | str = "cpu"
 def pad_maps(maps: Sequence[Tensor], k: int) -> Tensor:
     """Per-image (K_i, h, w) maps → (B, k, h, w), each image's maps first, padding maps zero (k ≥ every K_i): one
     concatenation and one scatter, not a pad per image."""
-    flat = torch.cat(list(maps))
+    flat = torch.cat(list(maps))  # (ΣK_i, h, w)
     rows = torch.tensor([j * k + c for j, m in enumerate(maps) for c in range(m.shape[0])], dtype=torch.long,
-                        device=flat.device)
-    return flat.new_zeros(len(maps) * k, *flat.shape[1:]).index_copy_(0, rows, flat).view(len(maps), k,
-                                                                                            *flat.shape[1:])
+                        device=flat.device)  # where each map goes in the (B·k, h, w) output
+    padded = flat.new_zeros(len(maps) * k, *flat.shape[1:]).index_copy_(0, rows, flat)
+    return padded.view(len(maps), k, *flat.shape[1:])
 
 
 def select_classes(cams: Tensor, classes: Tensor, valid: Tensor) -> Tensor:

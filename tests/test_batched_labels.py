@@ -289,3 +289,16 @@ def test_per_image_results_are_normalised_and_copied_in_one_batch():
         for t, a in zip(tensors, _to_host(tensors, one_copy=one_copy)):
             assert isinstance(a, np.ndarray) and a.shape == tuple(t.shape) and a.dtype == t.numpy().dtype
             assert np.array_equal(a, t.numpy())
+
+
+def test_pad_maps_puts_each_images_maps_first_and_zeros_after():
+    from excelseg.pseudo import pad_maps
+
+    g = torch.Generator().manual_seed(4)
+    maps = [torch.rand(k, 3, 5, generator=g) + 0.5 for k in (2, 0, 3)]
+    out = pad_maps(maps, 4)
+    assert out.shape == (3, 4, 3, 5)
+    for m, row in zip(maps, out):
+        assert torch.equal(row[: m.shape[0]], m) and not row[m.shape[0]:].any()
+    few, many = _count(pad_maps, maps, 4), _count(pad_maps, maps * 8, 4)
+    assert many.kernels == few.kernels  # not one pad per image

@@ -158,8 +158,8 @@ class Segmenter:
         """A segmenter from an excelseg checkpoint (:func:`~excelseg.interop.save_checkpoint`).
 
         ``clip``: default the weights the checkpoint records when they are an open_clip tag or shipped with
-        excelseg (``synthetic``); a checkpoint made
-        with other CLIP weights, or for other ``class_names`` (when given), is refused saying which.
+        excelseg (``synthetic``); a checkpoint made with other CLIP weights, or for other ``class_names`` (when
+        given), is refused saying which.
         ``config``: default the settings stored in the checkpoint.
         """
         from .build import build_model

@@ -140,8 +140,7 @@ def test_backend_choice(lib, monkeypatch):
 
 
 def test_build_goes_to_the_cache_and_a_failing_compiler_falls_back(lib, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_libraries", {})
     monkeypatch.setenv("EXCELSEG_CACHE", str(tmp_path / "cache"))
     built = native.par_library()
     assert built is not None
@@ -149,8 +148,7 @@ def test_build_goes_to_the_cache_and_a_failing_compiler_falls_back(lib, tmp_path
     assert len(sos) == 1 and not list((tmp_path / "cache" / "native").glob("*.so.tmp*"))
     assert native._build(native._compiler()) == sos[0]  # built once per key: found again, not rebuilt
     # a compiler that fails: one warning, and PAR on torch
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_libraries", {})
     monkeypatch.setenv("EXCELSEG_CACHE", str(tmp_path / "other"))
     monkeypatch.setenv("CC", "false")
     with caplog.at_level(logging.WARNING, logger="excelseg._native"):
@@ -166,11 +164,11 @@ def test_native_par_gives_the_same_bits_for_any_vector_isa(lib, tmp_path):
     # on neither the machine's CPU nor the vector width
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86-64 only")
-    flags = [f if f != "-march=native" else "-march=x86-64" for f in native.FLAGS]
+    flags = [f if f != "-march=native" else "-march=x86-64" for f in native.PAR.flags]
     so = tmp_path / "par-sse2.so"
-    subprocess.run([*native._compiler().split(), *flags, str(native.SOURCE), "-o", str(so), "-lm"], check=True,
+    subprocess.run([*native._compiler().split(), *flags, str(native.PAR.source), "-o", str(so), "-lm"], check=True,
                    capture_output=True)
-    sse2 = native._bind(ctypes.CDLL(str(so)))
+    sse2 = native.PAR.bind(ctypes.CDLL(str(so)))
     assert native.vector_length(sse2) == 4
     image, masks = _inputs(2, 5, 29, 37, seed=13, dtype=torch.float32)
     a = _par_cpu(lib, image, masks, 20, threads=1)
@@ -179,9 +177,9 @@ def test_native_par_gives_the_same_bits_for_any_vector_isa(lib, tmp_path):
 
 
 def test_native_vectors_are_one_register_wide(lib, tmp_path):
-    """par.c's vectors are as wide as the CPU's registers: 16 floats with AVX-512, 8 with AVX2, 4 otherwise. Wider
-    ones are lowered piece by piece through memory: 16-float vectors on an AVX2 CPU made PAR ~3–4× slower
-    (docs/benchmarks.md). With GCC the build is also checked to have no operation that
+    """The native kernels' vectors (vec.h) are as wide as the CPU's registers: 16 floats with AVX-512, 8 with AVX2,
+    4 otherwise. Wider ones are lowered piece by piece through memory: 16-float vectors on an AVX2 CPU made PAR
+    ~3–4× slower (docs/benchmarks.md). With GCC both sources are also checked to have no operation that
     -Wvector-operation-performance reports as expanded piecewise."""
     flags = native._cpu_flags().split()
     if platform.machine() in ("x86_64", "AMD64"):
@@ -193,10 +191,12 @@ def test_native_vectors_are_one_register_wide(lib, tmp_path):
         if platform.machine() not in ("x86_64", "AMD64"):
             pytest.skip("the width is checked on x86-64 and the piecewise-expansion report needs GCC")
         return  # the report is GCC's; the width check above ran
-    proc = subprocess.run([*cc.split(), *native.FLAGS, "-Wvector-operation-performance", str(native.SOURCE), "-o",
-                           str(tmp_path / "par.so"), "-lm"], capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "expanded piecewise" not in proc.stderr, proc.stderr[-2000:]
+    for kernels in (native.PAR, native.ATTENTION):  # attention.c shares the vector types (vec.h)
+        proc = subprocess.run([*cc.split(), *kernels.flags, "-Wvector-operation-performance", str(kernels.source),
+                               "-o", str(tmp_path / f"{kernels.name}.so"), "-lm"], capture_output=True, text=True,
+                              check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "expanded piecewise" not in proc.stderr, proc.stderr[-2000:]
 
 
 FORK_SCRIPT = """

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _native as native
 from .calibration import KEEPS_RESIDUAL, LAST_BLOCK_ATTENTION, head_chunks, intra_correlation, mode_attention
 from .weights import check_supported
 
@@ -165,6 +166,10 @@ class DenseEncoder(nn.Module):
         """softmax(q kᵀ) attention output for the first ``rows`` queries, (B, H, rows, d), and the head-mean
         map (B, T, T); built a few heads at a time (see :data:`excelseg.calibration.CHUNK_ELEMENTS`)."""
         b, h, t, _ = q.shape
+        lib = native.attention_library_for(q)
+        if lib is not None:  # fused C kernels: no per-head T×T map in memory
+            out, maps = native.attention_cpu(q, k, v, scale, rows, lib)
+            return out, maps.div_(h)
         out = q.new_empty(b, h, rows, v.shape[-1])
         mean = q.new_zeros(b, t, t)
         for i, hs in head_chunks(b, h, t):

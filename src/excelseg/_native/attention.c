@@ -1,0 +1,252 @@
+/* Dense-CLIP attention maps on the CPU with the softmax fused into the matrix products (paper §3.3, EXCEL_SPEC §3.1
+ * and §3.3 step 1): the SVC map Σ_m softmax(s·z_m z_mᵀ) and the plain attention with its head-summed map.
+ *
+ * Built on first use by excelseg/_native/__init__.py (like par.c, but with FMA contraction: the products are
+ * ordinary float32 matrix products, whose summation order torch does not fix either) and called through ctypes;
+ * excelseg.calibration / excelseg.backbone use torch ops when it is not available. Rows of a T × T map are made
+ * R at a time — their logits, softmax and use happen while the R × Tp block is in L1 — so no per-head T × T map is
+ * ever written to memory: torch writes, re-reads and sums 36 such maps per calibrated block (7.7 MB each set of
+ * 12 at 320 px), and that traffic, not the arithmetic, was most of its time (docs/benchmarks.md).
+ *
+ * Layouts (float32): per map m a row-major T × d operand ``a[m]`` (row stride lda, unit column stride), and the
+ * transposed operand ``bt`` (nm × d × Tp, Tp = T rounded up to a multiple of excelseg_attn_tile(), zero padded).
+ * Outputs are accumulated into ``out`` (T × T, row-major, rows [r0, r1) only, so threads split rows).
+ * Accuracy: float32 products (FMA) and exp_nonpos (relative error ≤ 1.1e-7); tests hold both functions to float64.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "vec.h"
+
+#define R 6  /* rows per register tile: R × 2 accumulators + 2 operand vectors + 1 broadcast ≤ 16 registers */
+#define TILE (2 * VL)  /* columns per register tile */
+#define PANEL 48  /* rows whose outputs stay in L2 while every map's transposed operand streams past them */
+
+int excelseg_attn_tile(void) { return TILE; }
+
+/* 1 when built with OpenMP. Its threads are then torch's own: the library needs libgomp.so.1, which in a process
+ * that has loaded torch (built with GNU OpenMP) is torch's, so these loops run on the threads that torch's loops
+ * just left spinning instead of competing with them for the cores (threads of our own lost up to half their
+ * speed that way on 2 cores). */
+int excelseg_attn_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Thread `id` of `n`: rows [lo, hi) of t. */
+static void share(int t, int *lo, int *hi)
+{
+    int id = 0, n = 1;
+#ifdef _OPENMP
+    id = omp_get_thread_num();
+    n = omp_get_num_threads();
+#endif
+    *lo = (int)((int64_t)t * id / n);
+    *hi = (int)((int64_t)t * (id + 1) / n);
+}
+
+static inline vf vmax(vf a, vf b)
+{
+    const vi gt = a > b;
+    return (vf)(((vi)a & gt) | ((vi)b & ~gt));
+}
+
+static inline vi iota(void)
+{
+    vi lane;
+    for (int l = 0; l < VL; l++) lane[l] = l;
+    return lane;
+}
+
+/* c[r][0 … n) = Σ_k a[r][k] · b[k·ldb + 0 … n) for the R rows a[0 … R), n a multiple of TILE. With mx (softmax
+ * logits): the sums are multiplied by s (as torch's `mul_(s)` after the product), the columns ≥ valid set to −∞,
+ * and mx[r] becomes the running maximum of row r — the logits need no separate pass before their exp. */
+static void mm_tile(const float *const a[R], int k, const float *b, size_t ldb, int n, float *c, size_t ldc,
+                    float s, int valid, vf *mx)
+{
+    const vf sv = bc(s), ninf = bc(-INFINITY);
+    for (int j = 0; j < n; j += TILE) {
+        vf acc[R][2];
+#pragma GCC unroll 6
+        for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = (vf){0};
+        const float *bk = b + j;
+        for (int kk = 0; kk < k; kk++, bk += ldb) {
+            const vf b0 = ld(bk), b1 = ld(bk + VL);
+#pragma GCC unroll 6
+            for (int r = 0; r < R; r++) {
+                const vf av = bc(a[r][kk]);
+                acc[r][0] += av * b0;
+                acc[r][1] += av * b1;
+            }
+        }
+        if (mx != NULL) {
+            const vi in0 = iota() + j < valid, in1 = iota() + (j + VL) < valid;
+#pragma GCC unroll 6
+            for (int r = 0; r < R; r++) {
+                acc[r][0] = (vf)(((vi)(acc[r][0] * sv) & in0) | ((vi)ninf & ~in0));
+                acc[r][1] = (vf)(((vi)(acc[r][1] * sv) & in1) | ((vi)ninf & ~in1));
+                mx[r] = vmax(mx[r], vmax(acc[r][0], acc[r][1]));
+            }
+        }
+#pragma GCC unroll 6
+        for (int r = 0; r < R; r++) {
+            st(c + (size_t)r * ldc + j, acc[r][0]);
+            st(c + (size_t)r * ldc + j + VL, acc[r][1]);
+        }
+    }
+}
+
+/* The R logit rows lg (R × tp) of rows a[0 … R) against bt: s · a bt, columns ≥ t at −∞, and each row's maximum. */
+static void logits(const float *const a[R], const float *bt, int t, int tp, int d, float s, float *lg, float mx[R])
+{
+    vf m[R];
+    for (int r = 0; r < R; r++) m[r] = bc(-INFINITY);
+    mm_tile(a, d, bt, tp, tp, lg, tp, s, t, m);
+    for (int r = 0; r < R; r++) {
+        mx[r] = m[r][0];
+        for (int l = 1; l < VL; l++) mx[r] = m[r][l] > mx[r] ? m[r][l] : mx[r];
+    }
+}
+
+/* x[0 … t) ← exp(x − mx) (x: logits from `logits`, mx their maximum); returns 1 / Σ. The lanes of the last vector
+ * past t (−∞) become 0. */
+static float softmax_exp(float *x, int t, float mx)
+{
+    const int nv = (t + VL - 1) / VL;
+    const vi in_last = iota() + (nv - 1) * VL < t;
+    const vf mv = bc(mx);
+    vf sum = {0};
+    for (int v = 0; v < nv; v++) {
+        vf e = exp_nonpos(ld(x + v * VL) - mv);
+        if (v == nv - 1) e = (vf)((vi)e & in_last);
+        st(x + v * VL, e);
+        sum += e;
+    }
+    float total = 0.0f;
+    for (int l = 0; l < VL; l++) total += sum[l];
+    return 1.0f / total;
+}
+
+/* o[0 … t) += x[0 … t) · g */
+static void add_scaled(float *o, const float *x, float g, int t)
+{
+    const vf gv = bc(g);
+    int j = 0;
+    for (; j + VL <= t; j += VL) st(o + j, ld(o + j) + ld(x + j) * gv);
+    for (; j < t; j++) o[j] += x[j] * g;
+}
+
+/* The R operand rows from row i0 on, clamped to the last row (the extra rows are computed and not used). */
+static void rows_from(const float *a, size_t lda, int i0, int t, const float *rows[R])
+{
+    for (int r = 0; r < R; r++) rows[r] = a + (size_t)(i0 + r < t ? i0 + r : t - 1) * lda;
+}
+
+/* SVC map rows [r0, r1): out[i, ·] += Σ_m softmax_j(s · a[m][i] · bt[m][·, j]) over the nm maps (for SVC a = the
+ * 3H per-head q, k and v; bt their transposes). scratch: R · Tp floats. */
+static void svc_rows(const float *const *a, size_t lda, const float *bt, int nm, int t, int tp, int d, float s,
+                     float *out, int r0, int r1, float *scratch)
+{
+    const float *rows[R];
+    float mx[R];
+    for (int p0 = r0; p0 < r1; p0 += PANEL) {
+        const int p1 = p0 + PANEL < r1 ? p0 + PANEL : r1;
+        for (int m = 0; m < nm; m++) {
+            const float *btm = bt + (size_t)m * d * tp;
+            for (int i0 = p0; i0 < p1; i0 += R) {
+                rows_from(a[m], lda, i0, t, rows);
+                logits(rows, btm, t, tp, d, s, scratch, mx);
+                for (int r = 0; r < R && i0 + r < p1; r++) {
+                    float *x = scratch + (size_t)r * tp;
+                    add_scaled(out + (size_t)(i0 + r) * t, x, softmax_exp(x, t, mx[r]), t);
+                }
+            }
+        }
+    }
+}
+
+/* Plain attention rows [r0, r1) of H heads: per head h, P = softmax(s · q[h] kt[h]) row by row, map[i, ·] += P[i, ·]
+ * (the head sum) and, for rows i < rows_out, o[h] row i = P[i, ·] · v[h] (v rows of stride ldv, d a multiple of
+ * TILE; o rows of stride ldo). scratch: R · Tp + R · d floats. */
+static void attention_rows(const float *const *q, size_t ldq, const float *kt, const float *const *v, size_t ldv,
+                           float *const *o, size_t ldo, int heads, int t, int tp, int d, float s, float *map,
+                           int rows_out, int r0, int r1, float *scratch)
+{
+    const float *rows[R], *prob[R];
+    float *pv = scratch + (size_t)R * tp, mx[R];
+    for (int p0 = r0; p0 < r1; p0 += PANEL) {
+        const int p1 = p0 + PANEL < r1 ? p0 + PANEL : r1;
+        for (int h = 0; h < heads; h++) {
+            const float *kth = kt + (size_t)h * d * tp;
+            for (int i0 = p0; i0 < p1; i0 += R) {
+                rows_from(q[h], ldq, i0, t, rows);
+                logits(rows, kth, t, tp, d, s, scratch, mx);
+                int n = 0;
+                for (; n < R && i0 + n < p1; n++) {
+                    float *x = scratch + (size_t)n * tp;
+                    const vf g = bc(softmax_exp(x, t, mx[n]));
+                    for (int j = 0; j < tp; j += VL) st(x + j, ld(x + j) * g);
+                    add_scaled(map + (size_t)(i0 + n) * t, x, 1.0f, t);
+                }
+                if (i0 >= rows_out) continue;
+                for (int r = 0; r < R; r++) prob[r] = scratch + (size_t)(r < n ? r : n - 1) * tp;
+                mm_tile(prob, t, v[h], ldv, d, pv, d, 1.0f, d, NULL);
+                for (int r = 0; r < n && i0 + r < rows_out; r++)
+                    memcpy(o[h] + (size_t)(i0 + r) * ldo, pv + (size_t)r * d, (size_t)d * sizeof(float));
+            }
+        }
+    }
+}
+
+/* One image's SVC map (svc_rows over all T rows, split over `threads` threads); out (T × T) must be zero or hold
+ * maps to add to. Returns 0, or −1 when scratch memory could not be allocated (out is then incomplete). */
+int excelseg_svc_map(const float *const *a, size_t lda, const float *bt, int nm, int t, int tp, int d, float s,
+                     float *out, int threads)
+{
+    int failed = 0;
+    (void)threads;  /* without OpenMP: one thread */
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int r0, r1;
+        share(t, &r0, &r1);
+        float *scratch = malloc((size_t)R * tp * sizeof(float));
+        if (scratch == NULL)
+            failed = 1;
+        else
+            svc_rows(a, lda, bt, nm, t, tp, d, s, out, r0, r1, scratch);
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}
+
+/* One image's attention (attention_rows over all T rows, split over `threads` threads); map (T × T) must be zero or
+ * hold maps to add to. Returns 0, or −1 when scratch memory could not be allocated. */
+int excelseg_attention(const float *const *q, size_t ldq, const float *kt, const float *const *v, size_t ldv,
+                       float *const *o, size_t ldo, int heads, int t, int tp, int d, float s, float *map,
+                       int rows_out, int threads)
+{
+    int failed = 0;
+    (void)threads;  /* without OpenMP: one thread */
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int r0, r1;
+        share(t, &r0, &r1);
+        float *scratch = malloc(((size_t)R * tp + (size_t)R * d) * sizeof(float));
+        if (scratch == NULL)
+            failed = 1;
+        else
+            attention_rows(q, ldq, kt, v, ldv, o, ldo, heads, t, tp, d, s, map, rows_out, r0, r1, scratch);
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}

@@ -114,7 +114,7 @@ def forward(size: int, batch: int, rounds: int) -> None:
         times = interleaved(variants, rounds)
     ms = "   ".join(f"{name} {statistics.median(v) * 1e3 / batch:.1f} ms/img" for name, v in times.items())
     print(f"size {size} batch {batch}: {ms}")
-    nat, tor, bar = (times[n] for n in variants)
+    bar, nat, tor = (times[n] for n in variants)
     print(f"  torch maps / native maps {spread([t / n for t, n in zip(tor, nat)])}   "
           f"bare / calibrated: native {spread([b / n for b, n in zip(bar, nat)])}, "
           f"torch {spread([b / t for b, t in zip(bar, tor)])}   features max|Δ| / max {err:.1e}")

@@ -104,10 +104,8 @@ def _bind_attention(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name in ("excelseg_attn_tile", "excelseg_attn_openmp"):
         getattr(lib, name).argtypes = []
         getattr(lib, name).restype = i
-    lib.excelseg_svc_map.argtypes = [pp, z, p, i, i, i, i, f, p, i]
-    lib.excelseg_svc_map.restype = i
-    lib.excelseg_attention.argtypes = [pp, z, p, pp, z, pp, z, i, i, i, i, f, p, i, i]
-    lib.excelseg_attention.restype = i
+    lib.excelseg_softmax_maps.argtypes = [pp, z, p, i, i, i, i, f, p, pp, z, pp, z, i, i]
+    lib.excelseg_softmax_maps.restype = i
     return lib
 
 
@@ -359,8 +357,8 @@ def svc_map_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float, lib: ctypes.CDLL)
     for i in range(b):
         bt = _padded_transpose(zs, i, tp)
         ptrs = _pointers([z[i, j] for z in zs for j in range(h)])
-        _check(lib.excelseg_svc_map(ptrs, lda, bt.data_ptr(), 3 * h, t, tp, d, scale, out[i].data_ptr(),
-                                    torch.get_num_threads()))
+        _check(lib.excelseg_softmax_maps(ptrs, lda, bt.data_ptr(), 3 * h, t, tp, d, scale, out[i].data_ptr(), None,
+                                         0, None, 0, 0, torch.get_num_threads()))
     return out
 
 
@@ -380,6 +378,6 @@ def attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float, rows: int, lib:
     for i in range(b):
         kt = _padded_transpose([kc], i, tp)
         qp, vp, op = (_pointers([z[i, j] for j in range(h)]) for z in (qc, vc, out))
-        _check(lib.excelseg_attention(qp, ldq, kt.data_ptr(), vp, d, op, d, h, t, tp, d, scale, maps[i].data_ptr(),
-                                      rows, torch.get_num_threads()))
+        _check(lib.excelseg_softmax_maps(qp, ldq, kt.data_ptr(), h, t, tp, d, scale, maps[i].data_ptr(), vp, d, op,
+                                         d, rows, torch.get_num_threads()))
     return out, maps

@@ -8,10 +8,11 @@
  * ever written to memory: torch writes, re-reads and sums 36 such maps per calibrated block (7.7 MB each set of
  * 12 at 320 px), and that traffic, not the arithmetic, was most of its time (docs/benchmarks.md).
  *
- * Layouts (float32): per map m a row-major T × d operand ``a[m]`` (row stride lda, unit column stride), and the
- * transposed operand ``bt`` (nm × d × Tp, Tp = T rounded up to a multiple of excelseg_attn_tile(), zero padded).
- * Outputs are accumulated into ``out`` (T × T, row-major, rows [r0, r1) only, so threads split rows).
- * Accuracy: float32 products (FMA) and exp_nonpos (relative error ≤ 1.1e-7); tests hold both functions to float64.
+ * One entry point, excelseg_softmax_maps, serves both. Layouts (float32): per map m a row-major T × d operand a[m]
+ * (row stride lda, unit column stride) and the transposed operand bt (nm × d × Tp, Tp = T rounded up to a multiple
+ * of excelseg_attn_tile(), zero padded); the map sum is added to a T × T row-major output whose rows the threads
+ * split. Accuracy: float32 products (FMA) and exp_nonpos (relative error ≤ 1.1e-7); tests/test_native_attention.py
+ * holds both uses to float64.
  */
 #include <math.h>
 #include <stddef.h>
@@ -152,88 +153,52 @@ static void rows_from(const float *a, size_t lda, int i0, int t, const float *ro
     for (int r = 0; r < R; r++) rows[r] = a + (size_t)(i0 + r < t ? i0 + r : t - 1) * lda;
 }
 
-/* SVC map rows [r0, r1): out[i, ·] += Σ_m softmax_j(s · a[m][i] · bt[m][·, j]) over the nm maps (for SVC a = the
- * 3H per-head q, k and v; bt their transposes). scratch: R · Tp floats. */
-static void svc_rows(const float *const *a, size_t lda, const float *bt, int nm, int t, int tp, int d, float s,
-                     float *out, int r0, int r1, float *scratch)
+/* Rows [r0, r1) of Σ_m P_m, P_m = softmax_j(s · a[m][i] · bt[m][·, j]) over nm maps, added to map (T × T): for
+ * SVC a = the 3H per-head q, k and v and bt their transposes; for the plain attention a = q[h], bt = k[h]ᵀ. When
+ * v is given (attention), also o[m] row i = P_m[i, ·] · v[m] for rows i < rows_out (v rows of stride ldv, d a
+ * multiple of TILE; o rows of stride ldo). scratch: R · Tp + R · d floats. */
+static void maps_rows(const float *const *a, size_t lda, const float *bt, int nm, int t, int tp, int d, float s,
+                      float *map, const float *const *v, size_t ldv, float *const *o, size_t ldo, int rows_out,
+                      int r0, int r1, float *scratch)
 {
-    const float *rows[R];
-    float mx[R];
-    for (int p0 = r0; p0 < r1; p0 += PANEL) {
+    const float *rows[R], *prob[R];
+    float *pv = scratch + (size_t)R * tp, mx[R];
+    for (int p0 = r0; p0 < r1; p0 += PANEL) {  /* a panel's map rows stay in L2 while every bt[m] streams past */
         const int p1 = p0 + PANEL < r1 ? p0 + PANEL : r1;
         for (int m = 0; m < nm; m++) {
             const float *btm = bt + (size_t)m * d * tp;
             for (int i0 = p0; i0 < p1; i0 += R) {
+                const int values = v != NULL && i0 < rows_out;  /* this block's P rows are multiplied by v */
                 rows_from(a[m], lda, i0, t, rows);
                 logits(rows, btm, t, tp, d, s, scratch, mx);
-                for (int r = 0; r < R && i0 + r < p1; r++) {
-                    float *x = scratch + (size_t)r * tp;
-                    add_scaled(out + (size_t)(i0 + r) * t, x, softmax_exp(x, t, mx[r]), t);
-                }
-            }
-        }
-    }
-}
-
-/* Plain attention rows [r0, r1) of H heads: per head h, P = softmax(s · q[h] kt[h]) row by row, map[i, ·] += P[i, ·]
- * (the head sum) and, for rows i < rows_out, o[h] row i = P[i, ·] · v[h] (v rows of stride ldv, d a multiple of
- * TILE; o rows of stride ldo). scratch: R · Tp + R · d floats. */
-static void attention_rows(const float *const *q, size_t ldq, const float *kt, const float *const *v, size_t ldv,
-                           float *const *o, size_t ldo, int heads, int t, int tp, int d, float s, float *map,
-                           int rows_out, int r0, int r1, float *scratch)
-{
-    const float *rows[R], *prob[R];
-    float *pv = scratch + (size_t)R * tp, mx[R];
-    for (int p0 = r0; p0 < r1; p0 += PANEL) {
-        const int p1 = p0 + PANEL < r1 ? p0 + PANEL : r1;
-        for (int h = 0; h < heads; h++) {
-            const float *kth = kt + (size_t)h * d * tp;
-            for (int i0 = p0; i0 < p1; i0 += R) {
-                rows_from(q[h], ldq, i0, t, rows);
-                logits(rows, kth, t, tp, d, s, scratch, mx);
                 int n = 0;
                 for (; n < R && i0 + n < p1; n++) {
                     float *x = scratch + (size_t)n * tp;
-                    const vf g = bc(softmax_exp(x, t, mx[n]));
-                    for (int j = 0; j < tp; j += VL) st(x + j, ld(x + j) * g);
-                    add_scaled(map + (size_t)(i0 + n) * t, x, 1.0f, t);
+                    const float inv = softmax_exp(x, t, mx[n]);
+                    if (values) {  /* normalise in place for P v, then add */
+                        const vf g = bc(inv);
+                        for (int j = 0; j < tp; j += VL) st(x + j, ld(x + j) * g);
+                        add_scaled(map + (size_t)(i0 + n) * t, x, 1.0f, t);
+                    } else {
+                        add_scaled(map + (size_t)(i0 + n) * t, x, inv, t);
+                    }
                 }
-                if (i0 >= rows_out) continue;
+                if (!values) continue;
                 for (int r = 0; r < R; r++) prob[r] = scratch + (size_t)(r < n ? r : n - 1) * tp;
-                mm_tile(prob, t, v[h], ldv, d, pv, d, 1.0f, d, NULL);
+                mm_tile(prob, t, v[m], ldv, d, pv, d, 1.0f, d, NULL);
                 for (int r = 0; r < n && i0 + r < rows_out; r++)
-                    memcpy(o[h] + (size_t)(i0 + r) * ldo, pv + (size_t)r * d, (size_t)d * sizeof(float));
+                    memcpy(o[m] + (size_t)(i0 + r) * ldo, pv + (size_t)r * d, (size_t)d * sizeof(float));
             }
         }
     }
 }
 
-/* One image's SVC map (svc_rows over all T rows, split over `threads` threads); out (T × T) must be zero or hold
- * maps to add to. Returns 0, or −1 when scratch memory could not be allocated (out is then incomplete). */
-int excelseg_svc_map(const float *const *a, size_t lda, const float *bt, int nm, int t, int tp, int d, float s,
-                     float *out, int threads)
-{
-    int failed = 0;
-    (void)threads;  /* without OpenMP: one thread */
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        int r0, r1;
-        share(t, &r0, &r1);
-        float *scratch = malloc((size_t)R * tp * sizeof(float));
-        if (scratch == NULL)
-            failed = 1;
-        else
-            svc_rows(a, lda, bt, nm, t, tp, d, s, out, r0, r1, scratch);
-        free(scratch);
-    }
-    return failed ? -1 : 0;
-}
-
-/* One image's attention (attention_rows over all T rows, split over `threads` threads); map (T × T) must be zero or
- * hold maps to add to. Returns 0, or −1 when scratch memory could not be allocated. */
-int excelseg_attention(const float *const *q, size_t ldq, const float *kt, const float *const *v, size_t ldv,
-                       float *const *o, size_t ldo, int heads, int t, int tp, int d, float s, float *map,
-                       int rows_out, int threads)
+/* One image's maps_rows over all T rows, split over `threads` threads (map: zero, or maps to add to; v, o: NULL
+ * for the map alone). Returns 0, or −1 when scratch memory could not be allocated (the outputs are then
+ * incomplete). */
+int excelseg_softmax_maps(const float *const *a, size_t lda, const float *bt, int nm, int t, int tp, int d, float s,
+                          float *map, const float *const *v, size_t ldv, float *const *o, size_t ldo, int rows_out,
+                          int threads)
 {
     int failed = 0;
     (void)threads;  /* without OpenMP: one thread */
@@ -245,7 +210,7 @@ int excelseg_attention(const float *const *q, size_t ldq, const float *kt, const
         if (scratch == NULL)
             failed = 1;
         else
-            attention_rows(q, ldq, kt, v, ldv, o, ldo, heads, t, tp, d, s, map, rows_out, r0, r1, scratch);
+            maps_rows(a, lda, bt, nm, t, tp, d, s, map, v, ldv, o, ldo, rows_out, r0, r1, scratch);
         free(scratch);
     }
     return failed ? -1 : 0;

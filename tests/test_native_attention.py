@@ -190,3 +190,29 @@ def test_kernels_run_on_torchs_openmp_threads(lib):
     assert flag == "1"
     loaded = ast.literal_eval(libs)
     assert len(loaded) == 1 and os.path.dirname(torch.__file__) in loaded[0], loaded
+
+
+FORK_SCRIPT = """
+import os, torch
+from excelseg import _native as native
+torch.set_num_threads(2)
+lib = native.attention_library()
+q, k, v = torch.randn(3, 1, 2, 97, 64).unbind(0)
+a = native.svc_map_cpu(q, k, v, 0.125, lib)  # the parent's OpenMP threads now exist
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(1)  # as torch's DataLoader workers do: GNU OpenMP's threads do not survive fork()
+    os._exit(0 if torch.equal(native.svc_map_cpu(q, k, v, 0.125, lib), a) else 3)
+print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_kernels_run_in_a_forked_child_on_one_thread(lib):
+    # like torch's own threaded ops, the kernels use the OpenMP threads of the process; a forked child that runs
+    # one thread (DataLoader workers do) computes the same bits without waiting for threads it does not have
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork() on this platform")
+    proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("child 0")

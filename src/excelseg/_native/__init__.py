@@ -11,8 +11,12 @@ build goes to a temporary file renamed into place, so concurrent processes do no
 Without a working compiler, or with ``EXCELSEG_NATIVE=0``, :func:`par_library` and :func:`attention_library` return
 ``None`` (logging why, once) and their callers use torch ops: :func:`excelseg.par.par` its torch implementation
 (the same operations in the same order; tests/test_refine.py holds both to a float64 oracle and to each other),
-:func:`excelseg.calibration.intra_correlation` and the dense encoder their matmul/softmax loops (tests/test_native.py
-holds both to float64).
+:func:`excelseg.calibration.intra_correlation` and the dense encoder their matmul/softmax loops
+(tests/test_native_attention.py holds both to float64).
+
+The attention kernels run on the process's OpenMP threads (torch's, see ``attention.c``), so they share torch's
+rule for ``fork()``: a forked child must call ``torch.set_num_threads(1)`` before threaded work (torch's
+DataLoader workers do), or GNU OpenMP waits for threads the child does not have.
 """
 
 from __future__ import annotations

@@ -37,12 +37,20 @@ def _inputs(b, c, h, w, seed, dtype=torch.float64):
     return image, masks
 
 
-def _par_cpu(lib, image, masks, iters, threads, dilations=PAR_DILATIONS):
-    """``native.par_cpu`` called as ``par`` calls it (paper weights), with an explicit library and thread count."""
+def _par_cpu(lib, image, masks, iters, threads, dilations=PAR_DILATIONS, torch_threads=None):
+    """``native.par_cpu`` called as ``par`` calls it (paper weights), with an explicit library and thread count
+    (and torch's thread count during the call: the kernels use torch's OpenMP threads when it has enough). The
+    guidance image is resized first, at the test's thread count: torch's float32 bilinear resize itself differs in
+    the last bit between thread counts."""
     img = torch.nn.functional.interpolate(image, size=masks.shape[-2:], mode="bilinear", align_corners=True)
     offs = _neighbour_offsets(dilations)
     pos = _positional_affinity(offs, 0.3, 0.01, torch.float32)
-    return native.par_cpu(img, masks, [(dy, dx) for dy, dx, _ in offs], pos, 0.3, iters, lib, threads=threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_threads or before)
+    try:
+        return native.par_cpu(img, masks, [(dy, dx) for dy, dx, _ in offs], pos, 0.3, iters, lib, threads=threads)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(
@@ -92,8 +100,10 @@ def test_native_and_torch_backends_agree_on_a_label_sized_map(lib):
 def test_native_par_is_bit_identical_for_any_thread_count_and_wavefront_depth(lib, monkeypatch, b, h, dilations):
     # the iterations of an image are split into bands of rows, one thread each, when there are fewer images than
     # threads (else whole images per thread), run as wavefronts of GROUP iterations and synchronised at the band
-    # boundaries; the affinity is split by rows. Every output value is computed by the same operations from the
-    # same inputs whatever the split or schedule, so the bits must not change — and must be PAR (float64 oracle).
+    # boundaries; the affinity is split by rows. On torch's OpenMP threads (an OpenMP build, no more threads than
+    # torch runs) every image runs in bands. Every output value is computed by the same operations from the same
+    # inputs whatever the split, schedule or kind of thread, so the bits must not change — and must be PAR (float64
+    # oracle).
     iters = 7  # GROUP 1: 7 wavefronts, 3: two and a partial one, 8: all iterations in one
     for c in range(1, 6):
         image, masks = _inputs(b, c, h, 45, seed=100 * h + c)
@@ -104,8 +114,10 @@ def test_native_par_is_bit_identical_for_any_thread_count_and_wavefront_depth(li
         for group in (1, 3, 8):
             monkeypatch.setattr(native, "GROUP", group)
             for threads in (1, 2, 3):
-                out = _par_cpu(lib, image, masks, iters, threads, dilations)
-                assert torch.equal(out, first), f"{c} channels, GROUP {group}, {threads} threads"
+                # torch on 1 thread: threads of our own; on 3: torch's OpenMP threads (when the build has OpenMP)
+                for torch_threads in (1, 3):
+                    out = _par_cpu(lib, image, masks, iters, threads, dilations, torch_threads)
+                    assert torch.equal(out, first), f"{c} channels, GROUP {group}, {threads}/{torch_threads} threads"
         monkeypatch.undo()
     if dilations == PAR_DILATIONS:  # through par() with torch's thread count
         torch.testing.assert_close(first, par(image, masks, iters=iters, backend="native"), rtol=0, atol=0)

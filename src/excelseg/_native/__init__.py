@@ -96,10 +96,13 @@ def _bind_par(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.excelseg_par_affinity.argtypes = [p, p, p, p, i, i, i, i, f, p, i, i, p]
     lib.excelseg_par_affinity.restype = None
-    lib.excelseg_par_iterate.argtypes = [p, p, p, p, p, i, i, i, i, i, i, i, i, i]
+    lib.excelseg_par_iterate.argtypes = [p, p, p, p, p, i, i, i, i, i, i, i, i, i, i]
     lib.excelseg_par_iterate.restype = None
-    lib.excelseg_par_vector_length.argtypes = []
-    lib.excelseg_par_vector_length.restype = i
+    lib.excelseg_par_affinity_all.argtypes = [p, p, p, p, i, i, i, i, f, p, i]
+    lib.excelseg_par_affinity_all.restype = i
+    for name in ("excelseg_par_vector_length", "excelseg_par_openmp"):
+        getattr(lib, name).argtypes = []
+        getattr(lib, name).restype = i
     return lib
 
 
@@ -129,7 +132,7 @@ class Kernels:
 _COMMON = ("-fno-math-errno", "-std=c11", "-pthread", "-fPIC", "-shared")
 # PAR: no FMA contraction, so that the kernels compute exactly the torch implementation's operations
 PAR = Kernels("par", Path(__file__).with_name("par.c"), ("-O3", "-march=native", "-ffp-contract=off", *_COMMON),
-              _bind_par, "PAR", "PAR runs on torch ops")
+              _bind_par, "PAR", "PAR runs on torch ops", optional=("-fopenmp",))
 # attention: matrix products, whose summation order no implementation fixes: FMA (twice the arithmetic rate)
 # (and OpenMP, to run on torch's own threads: attention.c)
 ATTENTION = Kernels("attention", Path(__file__).with_name("attention.c"),
@@ -259,9 +262,11 @@ def par_cpu(img: Tensor, masks: Tensor, offsets: list[tuple[int, int]], pos_aff:
         offsets: the Nn neighbour offsets (dy, dx).
         pos_aff: the Nn positional terms ``w_pos · softmax(…)`` added to the colour softmax.
         iters: iterations (≥ 1).
-        threads: worker threads (default ``torch.get_num_threads()``). The affinity is split by rows; the iterations
-            by image when ``B ≥ threads``, else each image's rows are split into ``threads`` bands (par.c starts a
-            thread per band). Every output is bit-identical for any count.
+        threads: worker threads (default ``torch.get_num_threads()``). With an OpenMP build and no more threads
+            than torch runs, on torch's OpenMP threads: each image's affinity split by rows, its iterations by
+            bands of rows. Otherwise on threads of our own: the affinity split by rows, the iterations by image when
+            ``B ≥ threads``, else each image's rows in ``threads`` bands (par.c starts a thread per band). Every
+            output is bit-identical for any count and either kind of thread.
 
     Returns:
         (B, C, H, W) float32 refined maps.
@@ -290,18 +295,31 @@ def par_cpu(img: Tensor, masks: Tensor, offsets: list[tuple[int, int]], pos_aff:
         lib.excelseg_par_affinity(ptr(image[i]), ptr(weights[i]), ptr(dys), ptr(dxs), nn_, h, wv, pad, w_color,
                                   ptr(pos), rows[0], rows[1], ptr(scratch))
 
+    # torch's OpenMP threads (par.c, vec.h) when the build has OpenMP: threads of our own competed with them right
+    # after torch's ops (in the pipeline the affinity took longer on 2 threads than on 1). Only as many as torch
+    # has, so that OpenMP never has to start a thread here (where it cannot, it would abort the process).
+    openmp = threads > 1 and bool(lib.excelseg_par_openmp()) and threads <= torch.get_num_threads()
+
     def iterate(i: int, bands: int) -> None:
         lib.excelseg_par_iterate(ptr(weights[i]), ptr(maps[0][i]), ptr(maps[1][i]), ptr(dys), ptr(dxs), nn_, h, w,
-                                 wv, pad, c, iters, GROUP, bands)
+                                 wv, pad, c, iters, GROUP, bands, int(openmp))
 
-    _run([(affinity, i, r) for i in range(b) for r in _split(h, threads)], threads)
-    # iterations: whole images per thread when there are enough, else one image after the other, its rows in bands
-    # (either way each thread streams only its own share of the weights)
-    if b >= threads:
-        _run([(iterate, i, 1) for i in range(b)], threads)
-    else:
+    if openmp:
         for i in range(b):
+            if lib.excelseg_par_affinity_all(ptr(image[i]), ptr(weights[i]), ptr(dys), ptr(dxs), nn_, h, wv, pad,
+                                             w_color, ptr(pos), threads) != 0:
+                raise MemoryError("the native PAR kernels could not allocate their scratch rows")
+        for i in range(b):  # one image after the other, its rows in bands (batch 2: as fast as an image per thread)
             iterate(i, threads)
+    else:
+        _run([(affinity, i, r) for i in range(b) for r in _split(h, threads)], threads)
+        # iterations: whole images per thread when there are enough, else one image after the other, its rows in
+        # bands (either way each thread streams only its own share of the weights)
+        if b >= threads:
+            _run([(iterate, i, 1) for i in range(b)], threads)
+        else:
+            for i in range(b):
+                iterate(i, threads)
     _give(buffer)
     return maps[iters % 2][..., pad : pad + w].clone()
 

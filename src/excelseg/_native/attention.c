@@ -19,9 +19,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "vec.h"
 
@@ -31,30 +28,8 @@
 
 int excelseg_attn_tile(void) { return TILE; }
 
-/* 1 when built with OpenMP. Its threads are then torch's own: the library needs libgomp.so.1, which in a process
- * that has loaded torch (built with GNU OpenMP) is torch's, so these loops run on the threads that torch's loops
- * just left spinning instead of competing with them for the cores (threads of our own lost up to half their
- * speed that way on 2 cores). */
-int excelseg_attn_openmp(void)
-{
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-/* Thread `id` of `n`: rows [lo, hi) of t. */
-static void share(int t, int *lo, int *hi)
-{
-    int id = 0, n = 1;
-#ifdef _OPENMP
-    id = omp_get_thread_num();
-    n = omp_get_num_threads();
-#endif
-    *lo = (int)((int64_t)t * id / n);
-    *hi = (int)((int64_t)t * (id + 1) / n);
-}
+/* 1 when built with OpenMP: the rows then run on the process's OpenMP threads (torch's; vec.h) */
+int excelseg_attn_openmp(void) { return built_with_openmp(); }
 
 static inline vf vmax(vf a, vf b)
 {
@@ -205,7 +180,7 @@ int excelseg_softmax_maps(const float *const *a, size_t lda, const float *bt, in
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         int r0, r1;
-        share(t, &r0, &r1);
+        thread_rows(t, &r0, &r1);
         float *scratch = malloc(((size_t)R * tp + (size_t)R * d) * sizeof(float));
         if (scratch == NULL)
             failed = 1;

@@ -26,6 +26,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "vec.h"
@@ -94,10 +95,35 @@ static void affinity_row(const float *image, float *w, const int64_t *dys, const
 
 int excelseg_par_vector_length(void) { return VL; }
 
+/* 1 when built with OpenMP (excelseg_par_affinity_all then runs on the process's OpenMP threads; vec.h) */
+int excelseg_par_openmp(void) { return built_with_openmp(); }
+
 void excelseg_par_affinity(const float *image, float *w, const int64_t *dys, const int64_t *dxs, int nn, int h,
                            int wv, int pad, float w_color, const float *pos, int y0, int y1, float *scratch)
 {
     for (int y = y0; y < y1; y++) affinity_row(image, w, dys, dxs, nn, h, wv, pad, y, w_color, pos, scratch);
+}
+
+/* The weights of all h rows, split over `threads` OpenMP threads (one thread without OpenMP); every row is computed
+ * alone, so the bits do not depend on the split. Returns 0, or −1 when a thread's scratch could not be allocated
+ * (the weights are then incomplete). */
+int excelseg_par_affinity_all(const float *image, float *w, const int64_t *dys, const int64_t *dxs, int nn, int h,
+                              int wv, int pad, float w_color, const float *pos, int threads)
+{
+    int failed = 0;
+    (void)threads;  /* without OpenMP: one thread */
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        int y0, y1;
+        thread_rows(h, &y0, &y1);
+        float *scratch = malloc(4 * (size_t)wv * sizeof(float));
+        if (scratch == NULL)
+            failed = 1;
+        else
+            excelseg_par_affinity(image, w, dys, dxs, nn, h, wv, pad, w_color, pos, y0, y1, scratch);
+        free(scratch);
+    }
+    return failed ? -1 : 0;
 }
 
 /* dst row y ← Σ_n w[y, ·, n] · (src row clamp(y + dy_n) shifted by dx_n), for `nc` (1…4) channels: per tile of VL
@@ -283,7 +309,7 @@ static void *worker_main(void *arg)
  * inputs whatever the bands and `group`, so the result is bit-identical for any of them. If a thread cannot be
  * started, those already started return without work and the calling thread runs the whole image as one band. */
 void excelseg_par_iterate(const float *w, float *maps0, float *maps1, const int64_t *dys, const int64_t *dxs, int nn,
-                          int h, int width, int wv, int pad, int c, int iters, int group, int bands)
+                          int h, int width, int wv, int pad, int c, int iters, int group, int bands, int openmp)
 {
     int dy_max = 0;
     for (int n = 0; n < nn; n++) {
@@ -295,6 +321,23 @@ void excelseg_par_iterate(const float *w, float *maps0, float *maps1, const int6
     struct job jb = {w, maps0, maps1, dys, dxs, nn, h, width, wv, pad, c, iters, group, bands, dy_max + 1,
                      done, 0};
     for (int t = 0; t < bands; t++) atomic_init(&done[t * SLOT], 0);
+#ifdef _OPENMP
+    if (openmp && bands > 1) {  /* the bands on the process's OpenMP threads (vec.h); fewer than asked: one band */
+#pragma omp parallel num_threads(bands)
+        {
+#pragma omp single
+            if (omp_get_num_threads() != bands) jb.bands = 1;
+            /* (the end of `single` is a barrier: every thread sees the final band count) */
+            if (jb.bands == bands)
+                run_band(&jb, omp_get_thread_num());
+            else if (omp_get_thread_num() == 0)
+                run_band(&jb, 0);
+        }
+        return;
+    }
+#else
+    (void)openmp;
+#endif
     pthread_t tids[bands];
     struct worker workers[bands];
     int started = 1;

@@ -1,9 +1,13 @@
 /* Vector types and helpers shared by the native kernels (par.c, attention.c): GCC/Clang generic vectors one
- * register wide, unaligned loads and stores, a broadcast and exp for non-positive arguments. */
+ * register wide, unaligned loads and stores, a broadcast, exp for non-positive arguments, and the rows of an
+ * OpenMP thread. */
 #ifndef EXCELSEG_VEC_H
 #define EXCELSEG_VEC_H
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* VL: floats per vector, one native register. GCC lowers generic vectors wider than the target's registers piece
  * by piece (-Wvector-operation-performance), through memory: 16-float vectors on an AVX2 CPU made every kernel ~8×
@@ -48,6 +52,31 @@ static inline vf exp_nonpos(vf x)
     p = p * r + 1.0f;
     const vi e = ((vi)t - (vi)magic + 127) << 23;
     return p * (vf)e;
+}
+
+/* Rows [lo, hi) of n for the calling thread of an OpenMP team (all n without OpenMP). Built with OpenMP, the kernels
+ * need libgomp.so.1, which in a process that has loaded torch (built with GNU OpenMP) is torch's own copy: their
+ * loops run on the threads that torch's loops just left spinning instead of competing with them for the cores
+ * (threads of our own lost up to half their speed that way on 2 cores). */
+static inline void thread_rows(int n, int *lo, int *hi)
+{
+    int id = 0, team = 1;
+#ifdef _OPENMP
+    id = omp_get_thread_num();
+    team = omp_get_num_threads();
+#endif
+    *lo = (int)((int64_t)n * id / team);
+    *hi = (int)((int64_t)n * (id + 1) / team);
+}
+
+/* 1 when built with OpenMP */
+static inline int built_with_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 #endif

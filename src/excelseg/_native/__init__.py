@@ -3,7 +3,8 @@ the dense-CLIP attention maps with a fused softmax (``attention.c``: the SVC map
 head-summed map).
 
 Each source is compiled once per machine with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``;
-``-O3 -march=native``, PAR without FMA contraction) into ``<cache>/native/<name>-<key>.so``, where ``<cache>`` is
+``-O3 -march=native``, PAR without FMA contraction, both with ``-fopenmp`` when the compiler takes it) into
+``<cache>/native/<name>-<key>.so``, where ``<cache>`` is
 ``$EXCELSEG_CACHE`` or ``~/.cache/excelseg`` and the key hashes the sources, the flags, the compiler's version and
 the CPU's feature flags (a cache shared between machines never hands one CPU a binary built for another). The
 build goes to a temporary file renamed into place, so concurrent processes do not see half-written libraries.
@@ -14,9 +15,10 @@ Without a working compiler, or with ``EXCELSEG_NATIVE=0``, :func:`par_library` a
 :func:`excelseg.calibration.intra_correlation` and the dense encoder their matmul/softmax loops
 (tests/test_native_attention.py holds both to float64).
 
-The attention kernels run on the process's OpenMP threads (torch's, see ``attention.c``), so they share torch's
+Built with OpenMP, the kernels run on the process's OpenMP threads — torch's (see ``vec.h``) — so they share torch's
 rule for ``fork()``: a forked child must call ``torch.set_num_threads(1)`` before threaded work (torch's
-DataLoader workers do), or GNU OpenMP waits for threads the child does not have.
+DataLoader workers do), or GNU OpenMP waits for threads the child does not have. PAR uses them only up to torch's
+thread count (else threads of its own, which also serve a forked child).
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ head-summed map).
 
 Each source is compiled once per machine with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``;
 ``-O3 -march=native``, PAR without FMA contraction, both with ``-fopenmp`` when the compiler takes it) into
-``<cache>/native/<name>-<key>.so``, where ``<cache>`` is
-``$EXCELSEG_CACHE`` or ``~/.cache/excelseg`` and the key hashes the sources, the flags, the compiler's version and
-the CPU's feature flags (a cache shared between machines never hands one CPU a binary built for another). The
-build goes to a temporary file renamed into place, so concurrent processes do not see half-written libraries.
+``<cache>/native/<name>-<key>.so``, where ``<cache>`` is ``$EXCELSEG_CACHE`` or ``~/.cache/excelseg`` and the key
+hashes the sources, the flags, the compiler's version and the CPU's feature flags (a cache shared between machines
+never hands one CPU a binary built for another). The build goes to a temporary file renamed into place, so
+concurrent processes do not see half-written libraries.
 
 Without a working compiler, or with ``EXCELSEG_NATIVE=0``, :func:`par_library` and :func:`attention_library` return
 ``None`` (logging why, once) and their callers use torch ops: :func:`excelseg.par.par` its torch implementation

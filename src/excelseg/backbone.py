@@ -164,7 +164,8 @@ class DenseEncoder(nn.Module):
     @staticmethod
     def _attention_with_map(q: Tensor, k: Tensor, v: Tensor, scale: float, rows: int) -> tuple[Tensor, Tensor]:
         """softmax(q kᵀ) attention output for the first ``rows`` queries, (B, H, rows, d), and the head-mean
-        map (B, T, T); built a few heads at a time (see :data:`excelseg.calibration.CHUNK_ELEMENTS`)."""
+        map (B, T, T). Float32 CPU tensors go to the native kernels (``_native/attention.c``: no per-head map in
+        memory); otherwise the maps are built a few heads at a time (:data:`excelseg.calibration.CHUNK_ELEMENTS`)."""
         b, h, t, _ = q.shape
         lib = native.attention_library_for(q)
         if lib is not None:  # fused C kernels: no per-head T×T map in memory

@@ -43,6 +43,8 @@ def intra_correlation(q: Tensor, k: Tensor, v: Tensor, scale: float, head_sum: b
 
     Returns:
         (B, T, T) map ``Σ_h (softmax(s q qᵀ) + softmax(s k kᵀ) + softmax(s v vᵀ)) / 3`` (rows sum to H, or 1).
+        Float32 CPU tensors outside autograd go to the native kernels (``_native/attention.c``, the same map to
+        float rounding); otherwise torch ops, a few heads at a time (:data:`CHUNK_ELEMENTS`).
     """
     b, h, t, _ = q.shape
     lib = native.attention_library_for(q)

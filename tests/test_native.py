@@ -19,15 +19,20 @@ from numerics import F32_REL, GUARD_MARGIN, assert_rel_close, rel_err
 from test_refine import _par_naive
 
 
-@pytest.fixture(scope="module")
-def lib():
-    built = native.par_library()
-    if built is None:
-        why = "the native PAR kernels could not be built here (no C compiler? see the warning); torch PAR is tested"
-        if os.environ.get("CI"):  # the CI machine has a compiler: not building there is a failure, not a skip
+def built(library, why: str):
+    """``library`` (a loaded kernel library or None): None skips the test with ``why``, except under CI, whose
+    machine has a compiler: not building there is a failure, not a skip."""
+    if library is None:
+        if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(why)
-    return built
+    return library
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return built(native.par_library(),
+                 "the native PAR kernels could not be built here (no C compiler? see the warning); torch PAR is tested")
 
 
 def _inputs(b, c, h, w, seed, dtype=torch.float64):
@@ -228,15 +233,20 @@ print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """
 
 
+def assert_forked_child_agrees(script: str) -> None:
+    """Run ``script`` (which forks and prints ``child <exit code>``) in a fresh interpreter: the child must have
+    finished (no hang) with exit code 0 (its result equal to the parent's)."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork() on this platform")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("child 0")
+
+
 def test_native_par_works_in_a_forked_child(lib):
     # a ThreadPoolExecutor inherited through fork() has no threads in the child: without a fresh pool there, the
     # child's first multi-threaded PAR call waits forever
-    if not hasattr(os, "fork"):
-        pytest.skip("no fork() on this platform")
-    proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=60,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().endswith("child 0")
+    assert_forked_child_agrees(FORK_SCRIPT)
 
 
 THREADLESS_SCRIPT = """

@@ -17,6 +17,7 @@ from excelseg import _native as native
 from excelseg.backbone import DenseEncoder
 from excelseg.calibration import intra_correlation
 from numerics import F64_REL, assert_rel_close, rel_err
+from test_native import assert_forked_child_agrees, built
 
 # float32 kernels vs float64: the logits' rounding moves the probabilities by ~1e-6 of the largest map value
 # (measured ≤ 2.4e-6 for these inputs, torch's float32 ops alike); 2e-5 leaves an 8× margin, and a map missing one
@@ -26,13 +27,8 @@ KERNEL_REL = 2e-5
 
 @pytest.fixture(scope="module")
 def lib():
-    built = native.attention_library()
-    if built is None:
-        why = "the native attention kernels could not be built here (no C compiler? see the warning)"
-        if os.environ.get("CI"):  # the CI machine has a compiler: not building there is a failure, not a skip
-            pytest.fail(why)
-        pytest.skip(why)
-    return built
+    return built(native.attention_library(),
+                 "the native attention kernels could not be built here (no C compiler? see the warning)")
 
 
 def _qkv(b, t, h, d, seed):
@@ -210,9 +206,4 @@ print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 def test_kernels_run_in_a_forked_child_on_one_thread(lib):
     # like torch's own threaded ops, the kernels use the OpenMP threads of the process; a forked child that runs
     # one thread (DataLoader workers do) computes the same bits without waiting for threads it does not have
-    if not hasattr(os, "fork"):
-        pytest.skip("no fork() on this platform")
-    proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().endswith("child 0")
+    assert_forked_child_agrees(FORK_SCRIPT)

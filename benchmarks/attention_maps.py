@@ -12,13 +12,14 @@ torch / native (> 1: native faster) as median and spread (min–max), plus the l
 to the map's magnitude.
 
 ``--forward``: the whole calibrated dense forward of the training-free path (SVC on the last 5 blocks, attention
-maps of the last 6) with the native kernels vs with torch ops (``EXCELSEG_NATIVE``'s choice for these maps only),
+maps of the last 6) with the native kernels vs with torch ops (``EXCELSEG_NATIVE=0`` on that side),
 and a bare open_clip ``encode_image`` at the same size, interleaved per round; ratios per round.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -36,14 +37,17 @@ def spread(values: list[float]) -> str:
 
 
 class TorchOnly:
-    """Within the block, the dispatch sees no native kernels (torch ops run)."""
+    """Within the block ``EXCELSEG_NATIVE=0``: the dispatch finds no native kernels and torch ops run."""
 
     def __enter__(self):
-        self.saved = native.attention_library_for
-        native.attention_library_for = lambda q: None
+        self.saved = os.environ.get(native.ENV_NATIVE)
+        os.environ[native.ENV_NATIVE] = "0"
 
     def __exit__(self, *exc):
-        native.attention_library_for = self.saved
+        if self.saved is None:
+            del os.environ[native.ENV_NATIVE]
+        else:
+            os.environ[native.ENV_NATIVE] = self.saved
 
 
 def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:

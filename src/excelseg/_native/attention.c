@@ -150,12 +150,10 @@ static void maps_rows(const float *const *a, size_t lda, const float *bt, int nm
                 for (; n < R && i0 + n < p1; n++) {
                     float *x = scratch + (size_t)n * tp;
                     const float inv = softmax_exp(x, t, mx[n]);
-                    if (values) {  /* normalise in place for P v, then add */
+                    add_scaled(map + (size_t)(i0 + n) * t, x, inv, t);
+                    if (values) {  /* the same normalised row, in place, for P v */
                         const vf g = bc(inv);
                         for (int j = 0; j < tp; j += VL) st(x + j, ld(x + j) * g);
-                        add_scaled(map + (size_t)(i0 + n) * t, x, 1.0f, t);
-                    } else {
-                        add_scaled(map + (size_t)(i0 + n) * t, x, inv, t);
                     }
                 }
                 if (!values) continue;
